@@ -1,0 +1,86 @@
+"""Every command-line flag, defined in one place, and their conversion to a Config.
+
+Only `main` (and launch entry points) import this module; the library takes a
+`Config`.
+"""
+
+import dataclasses
+
+from absl import flags
+
+from dist_train import config as config_lib
+
+flags.DEFINE_string(
+    "model_dir", None,
+    "Directory for checkpoints and TensorBoard events; rerunning with the same "
+    "directory resumes from its latest checkpoint.")
+flags.DEFINE_enum(
+    "dataset", "mnist_sample", config_lib.DATASETS,
+    "mnist: the full data set (mnist.npz in --data_dir, else the Keras cache, "
+    "else a download). mnist_sample: 5,000 real digits shipped with the "
+    "package. synthetic: deterministic random data of the same shapes.")
+flags.DEFINE_string(
+    "data_dir", None, "Directory holding mnist.npz for --dataset=mnist.")
+flags.DEFINE_integer(
+    "num_validation_examples", 10000,
+    "How many examples at the end of the training split are held out for "
+    "validation.")
+flags.DEFINE_integer(
+    "num_train_examples", None,
+    "Use only the first N training examples (after the validation hold-out); "
+    "for synthetic data, how many to generate. Default: all.")
+flags.DEFINE_integer(
+    "global_batch_size", 64,
+    "Examples per optimizer step, summed over all replicas.")
+flags.DEFINE_integer("epochs", 3, "Passes over the training data.")
+flags.DEFINE_float("learning_rate", 1e-3, "Learning rate.")
+flags.DEFINE_enum(
+    "optimizer", "sgd", config_lib.OPTIMIZERS, "Optimizer.")
+flags.DEFINE_integer(
+    "shuffle_buffer", 1024, "Size of the training shuffle buffer.")
+flags.DEFINE_integer(
+    "seed", 0, "Seed for weight initialisation, shuffling and synthetic data.")
+flags.DEFINE_integer(
+    "log_every_steps", 200,
+    "Log the loss, examples seen and throughput every N optimizer steps.")
+flags.DEFINE_integer(
+    "steps_per_loop", 100,
+    "Optimizer steps run inside one compiled call; loops also end at log "
+    "intervals and epoch ends.")
+flags.DEFINE_integer(
+    "keep_checkpoints", 5, "How many recent checkpoints to keep.")
+flags.DEFINE_integer(
+    "hidden_units", 64, "Width of the two hidden Dense layers.")
+flags.DEFINE_float(
+    "activity_regularization", 0.0,
+    "C > 0 inserts, after dense_1, a layer that calls "
+    "add_loss(C * sum(inputs)). 0 leaves it out.")
+flags.DEFINE_enum(
+    "add_loss_reduction", "mean", config_lib.ADD_LOSS_REDUCTIONS,
+    "How add_loss terms computed from a replica's inputs are combined: mean "
+    "(each term is a mean over the replica's examples, like Keras activity "
+    "regularizers) or sum (each term is a sum over the replica's examples).")
+_KERNEL_L2 = flags.DEFINE_float(
+    "kernel_l2", 0.0, "L2 kernel regularization factor on every Dense layer.")
+flags.DEFINE_enum(
+    "strategy", "auto", config_lib.STRATEGIES,
+    "auto: mirrored over all local devices. mirrored: MirroredStrategy. "
+    "one_device: a single device (first GPU, else CPU).")
+flags.DEFINE_integer(
+    "num_gpus", None, "Use at most this many local GPUs. Default: all.")
+flags.DEFINE_integer(
+    "cpu_replicas", None,
+    "Hide GPUs and split the CPU into N logical devices, one replica each: "
+    "the distributed code paths on any machine.")
+
+flags.mark_flag_as_required("model_dir")
+
+
+def config_from_flags() -> config_lib.Config:
+  """Returns the typed Config for the parsed flags; raises ConfigError.
+
+  Every Config field has a flag of the same name, so the mapping is by name.
+  """
+  values = {field.name: flags.FLAGS[field.name].value
+            for field in dataclasses.fields(config_lib.Config)}
+  return config_lib.Config(**values)

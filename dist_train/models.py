@@ -1,0 +1,45 @@
+"""Plain Keras models. Nothing here knows about distribution."""
+
+import keras
+
+from dist_train import config as config_lib
+from dist_train import data
+
+
+@keras.saving.register_keras_serializable(package="dist_train")
+class ActivitySumLoss(keras.layers.Layer):
+  """Adds `coefficient * sum(inputs)` with add_loss and returns its input.
+
+  This is the reference example of an extra loss added with `add_loss`. The
+  term is a *sum* over the batch, so it belongs with --add_loss_reduction=sum.
+  """
+
+  def __init__(self, coefficient, **kwargs):
+    super().__init__(**kwargs)
+    self.coefficient = coefficient
+
+  def call(self, inputs):
+    self.add_loss(self.coefficient * keras.ops.sum(inputs))
+    return inputs
+
+  def get_config(self):
+    return {**super().get_config(), "coefficient": self.coefficient}
+
+
+def create_model(config: config_lib.Config) -> keras.Model:
+  """The reference MLP: dense_1 -> [activity loss] -> dense_2 -> predictions.
+
+  Returns logits; the loss applies the softmax.
+  """
+  regularizer = (keras.regularizers.L2(config.kernel_l2)
+                 if config.kernel_l2 > 0 else None)
+  inputs = keras.Input(shape=(data.NUM_FEATURES,), name="digits")
+  x = keras.layers.Dense(config.hidden_units, activation="relu",
+                         kernel_regularizer=regularizer, name="dense_1")(inputs)
+  if config.activity_regularization > 0:
+    x = ActivitySumLoss(config.activity_regularization, name="activity_loss")(x)
+  x = keras.layers.Dense(config.hidden_units, activation="relu",
+                         kernel_regularizer=regularizer, name="dense_2")(x)
+  outputs = keras.layers.Dense(data.NUM_CLASSES, kernel_regularizer=regularizer,
+                               name="predictions")(x)
+  return keras.Model(inputs=inputs, outputs=outputs, name="mnist_mlp")

@@ -1,0 +1,136 @@
+"""The per-replica step and the compiled multi-step loops that drive it.
+
+Three tiers, kept apart:
+  * `_replica_train_step`: one replica's GradientTape step on its slice of a
+    global batch (runs inside `strategy.run`);
+  * `_train_loop`: a `tf.function` running `num_steps` global steps with a
+    `tf.range` loop over the distributed iterator; `num_steps` is a tensor, so
+    a loop of another length does not retrace;
+  * the eager outer loop, which lives in `controller.py`.
+"""
+
+import keras
+import tensorflow as tf
+
+from dist_train import losses
+
+
+class Trainer:
+  """Owns the model, optimizer and metrics of one run, and its compiled loops.
+
+  The model and optimizer must have been created under `strategy.scope()`;
+  the metrics are created under it here.
+  """
+
+  def __init__(self, *, strategy: tf.distribute.Strategy, model: keras.Model,
+               optimizer: keras.optimizers.Optimizer, add_loss_reduction: str):
+    self.strategy = strategy
+    self.model = model
+    self.optimizer = optimizer
+    self._add_loss_reduction = add_loss_reduction
+    with strategy.scope():
+      self.train_metrics = {
+          "loss": keras.metrics.Mean(name="loss"),
+          "accuracy": keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+      }
+      self.eval_metrics = {
+          "loss": keras.metrics.Mean(name="loss"),
+          "accuracy": keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+      }
+    self._train_loop = tf.function(self._train_loop_fn)
+    self._eval_loop = tf.function(self._eval_loop_fn)
+
+  # Tier 1: one replica, one step.
+
+  def _replica_train_step(self, features, labels):
+    replica_context = tf.distribute.get_replica_context()
+    # The examples actually in this global step, counted across replicas, so
+    # that a partial last batch is scaled exactly.
+    global_num_examples = replica_context.all_reduce(
+        tf.distribute.ReduceOp.SUM, tf.cast(tf.shape(labels)[0], tf.float32))
+    with tf.GradientTape() as tape:
+      logits, add_losses = losses.call_collecting_add_losses(
+          self.model, features, training=True)
+      per_example_loss = keras.losses.sparse_categorical_crossentropy(
+          labels, logits, from_logits=True)
+      loss = losses.replica_loss(
+          per_example_loss=per_example_loss,
+          global_num_examples=global_num_examples,
+          add_losses=add_losses,
+          weight_regularization=losses.regularization_losses(self.model),
+          num_replicas=self.strategy.num_replicas_in_sync,
+          add_loss_reduction=self._add_loss_reduction)
+      total_loss = loss.total  # Inside the tape, so that it is recorded.
+    variables = self.model.trainable_variables
+    gradients = tape.gradient(total_loss, variables)
+    # The optimizer all-reduces (sums) the gradients across replicas.
+    self.optimizer.apply_gradients(zip(gradients, variables))
+    self.train_metrics["loss"].update_state(per_example_loss)
+    self.train_metrics["accuracy"].update_state(labels, logits)
+    return tf.stack([total_loss, loss.cross_entropy, loss.regularization,
+                     loss.add_loss])
+
+  def _replica_eval_step(self, features, labels):
+    logits = self.model(features, training=False)
+    per_example_loss = keras.losses.sparse_categorical_crossentropy(
+        labels, logits, from_logits=True)
+    self.eval_metrics["loss"].update_state(per_example_loss)
+    self.eval_metrics["accuracy"].update_state(labels, logits)
+
+  # Tier 2: many global steps in one compiled call.
+
+  def _train_loop_fn(self, iterator, num_steps):
+    """Runs `num_steps` global steps; returns the mean of each loss term."""
+    loss_sums = tf.zeros([4])
+    for _ in tf.range(num_steps):
+      per_replica = self.strategy.run(self._replica_train_step,
+                                      args=next(iterator))
+      loss_sums += self.strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                        per_replica, axis=None)
+    return loss_sums / tf.cast(num_steps, tf.float32)
+
+  def _eval_loop_fn(self, iterator, num_steps):
+    for _ in tf.range(num_steps):
+      self.strategy.run(self._replica_eval_step, args=next(iterator))
+
+  # The interface the outer loop uses.
+
+  def train(self, iterator, num_steps: int) -> dict:
+    """Runs `num_steps` global steps from `iterator`.
+
+    Returns:
+      The mean over those steps of the global-batch loss (`loss`) and of its
+      terms (`cross_entropy`, `regularization`, `add_loss`), as floats.
+    """
+    means = self._train_loop(iterator, tf.constant(num_steps, tf.int32))
+    total, cross_entropy, regularization, add_loss = means.numpy().tolist()
+    return {"loss": total, "cross_entropy": cross_entropy,
+            "regularization": regularization, "add_loss": add_loss}
+
+  def evaluate(self, dataset: tf.data.Dataset, num_steps: int) -> dict:
+    """One pass over a dataset of global batches; returns the metric values."""
+    for metric in self.eval_metrics.values():
+      metric.reset_state()
+    iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
+    self._eval_loop(iterator, tf.constant(num_steps, tf.int32))
+    return metric_results(self.eval_metrics)
+
+  @property
+  def train_traces(self) -> int:
+    """How often the training loop was traced; 0 before its first call."""
+    return self._train_loop.experimental_get_tracing_count()
+
+  def learning_rate(self) -> float:
+    return float(self.optimizer.learning_rate.numpy())
+
+  def reset_train_metrics(self):
+    for metric in self.train_metrics.values():
+      metric.reset_state()
+
+  def train_metric_results(self) -> dict:
+    return metric_results(self.train_metrics)
+
+
+def metric_results(metrics: dict) -> dict:
+  """Reads metrics in cross-replica context, which aggregates all replicas."""
+  return {name: float(metric.result()) for name, metric in metrics.items()}
