@@ -4,6 +4,7 @@ import dataclasses
 import time
 
 from absl import logging
+import keras
 import tensorflow as tf
 
 from dist_train import checkpoints
@@ -49,8 +50,9 @@ class _Throughput:
 
 @dataclasses.dataclass(frozen=True)
 class RunResult:
-  """What a run reports: the last epoch's metrics and where it stopped."""
+  """What a run reports: the trained model, last metrics and where it stopped."""
 
+  model: keras.Model
   global_step: int
   epochs_completed: int
   train_metrics: dict
@@ -187,7 +189,7 @@ class Controller:
     if not history:
       self._log("Already trained for %d epochs; nothing to do", config.epochs)
       validation_metrics = self._validate()
-    return RunResult(global_step=self.global_step, epochs_completed=epoch,
+    return RunResult(model=self._trainer.model, global_step=self.global_step, epochs_completed=epoch,
                      train_metrics=train_metrics,
                      validation_metrics=validation_metrics, history=history)
 

@@ -1,0 +1,44 @@
+"""Shared test helpers: running the CLI and helper scripts as real processes."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS_DIR = os.path.join(REPO_ROOT, "launch", "flags")
+
+# TensorFlow's C++ start-up banner hides the lines tests assert on; errors
+# (level 3) still print.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def subprocess_env():
+  env = dict(os.environ)
+  env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  return env
+
+
+def run_python(args, *, timeout=300, check=False):
+  """Runs `python ARGS` from the repository root; returns CompletedProcess."""
+  result = subprocess.run(
+      [sys.executable, *args], cwd=REPO_ROOT, env=subprocess_env(),
+      capture_output=True, text=True, timeout=timeout)
+  if check and result.returncode != 0:
+    raise AssertionError(
+        f"python {' '.join(args)} exited {result.returncode}:\n"
+        f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+  return result
+
+
+def run_cli(*flags, timeout=300, check=False):
+  """Runs `python -m dist_train.main FLAGS`."""
+  return run_python(["-m", "dist_train.main", *flags], timeout=timeout,
+                    check=check)
+
+
+@pytest.fixture
+def cli():
+  return run_cli
