@@ -10,9 +10,18 @@ TensorFlow is imported, so a bad flag costs well under a second.
 import sys
 
 from absl import app
+from absl import flags
 
 from dist_train import config as config_lib
 from dist_train import flags as flags_lib
+
+
+def parse_flags(argv):
+  """Parses flags; a bad flag or flagfile exits 1 with one line on stderr."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"dist_train: error: {e}")
 
 
 def main(argv):
@@ -33,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

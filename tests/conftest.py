@@ -14,17 +14,19 @@ FLAGS_DIR = os.path.join(REPO_ROOT, "launch", "flags")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def subprocess_env():
+def subprocess_env(overrides=None):
   env = dict(os.environ)
+  env.update(overrides or {})
   env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   return env
 
 
-def run_python(args, *, timeout=300, check=False):
+def run_python(args, *, timeout=300, check=False, env_overrides=None):
   """Runs `python ARGS` from the repository root; returns CompletedProcess."""
   result = subprocess.run(
-      [sys.executable, *args], cwd=REPO_ROOT, env=subprocess_env(),
+      [sys.executable, *args], cwd=REPO_ROOT,
+      env=subprocess_env(env_overrides),
       capture_output=True, text=True, timeout=timeout)
   if check and result.returncode != 0:
     raise AssertionError(

@@ -1,0 +1,116 @@
+"""Data loading from real files and the pipelines' batching."""
+
+import gzip
+
+import keras
+import numpy as np
+import pytest
+
+from dist_train import config as config_lib
+from dist_train import data
+
+
+def _config(tmp_path, **changes):
+  return config_lib.Config(model_dir=str(tmp_path / "run"), **changes)
+
+
+def _write_mnist_npz(path, num_examples=120):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, size=(num_examples, 28, 28), dtype=np.uint8)
+  labels = rng.integers(0, 10, size=num_examples).astype(np.uint8)
+  np.savez(path, x_train=images, y_train=labels, x_test=images[:10],
+           y_test=labels[:10])
+  return images, labels
+
+
+def test_mnist_npz_in_data_dir(tmp_path):
+  images, labels = _write_mnist_npz(tmp_path / "mnist.npz")
+  splits = data.load_splits(_config(tmp_path, dataset="mnist",
+                                    data_dir=str(tmp_path),
+                                    num_validation_examples=20))
+  assert len(splits.train) == 100 and len(splits.validation) == 20
+  np.testing.assert_array_equal(splits.train.images, images[:100])
+  np.testing.assert_array_equal(splits.validation.labels, labels[100:])
+
+
+def test_mnist_keras_cache(tmp_path, monkeypatch):
+  cache = tmp_path / "keras_home" / "datasets"
+  cache.mkdir(parents=True)
+  _write_mnist_npz(cache / "mnist.npz", num_examples=50)
+  monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+  splits = data.load_splits(_config(tmp_path, dataset="mnist",
+                                    num_validation_examples=10))
+  assert len(splits.train) == 40
+
+
+def test_mnist_missing_names_both_remedies(tmp_path, monkeypatch):
+  monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty_keras_home"))
+
+  def no_network(*args, **kwargs):
+    raise OSError("no network")
+
+  # Stands in for a machine with no network, whatever this one has.
+  monkeypatch.setattr(keras.datasets.mnist, "load_data", no_network)
+  with pytest.raises(data.DataError) as error:
+    data.load_splits(_config(tmp_path, dataset="mnist",
+                             data_dir=str(tmp_path)))
+  message = str(error.value)
+  assert "put mnist.npz in --data_dir" in message
+  assert "--dataset=mnist_sample" in message
+  assert "\n" not in message
+
+
+def test_corrupt_mnist_file_is_named(tmp_path):
+  path = tmp_path / "mnist.npz"
+  path.write_bytes(gzip.compress(b"not an npz"))
+  with pytest.raises(data.DataError, match="mnist.npz"):
+    data.load_splits(_config(tmp_path, dataset="mnist",
+                             data_dir=str(tmp_path)))
+
+
+def test_mnist_sample_holds_out_every_class(tmp_path):
+  splits = data.load_splits(_config(tmp_path, dataset="mnist_sample",
+                                    num_validation_examples=1000))
+  assert len(splits.train) == 4000
+  assert splits.train.images.dtype == np.uint8
+  assert splits.train.images.shape[1:] == (28, 28)
+  counts = np.bincount(splits.validation.labels, minlength=10)
+  assert counts.min() >= 50, counts
+
+
+def test_validation_larger_than_data_is_refused(tmp_path):
+  with pytest.raises(data.DataError, match="leaves no training examples"):
+    data.load_splits(_config(tmp_path, dataset="mnist_sample",
+                             num_validation_examples=5000))
+
+
+def test_synthetic_is_deterministic_and_learnable(tmp_path):
+  config = _config(tmp_path, dataset="synthetic", num_train_examples=300,
+                   num_validation_examples=50)
+  a, b = data.load_splits(config), data.load_splits(config)
+  np.testing.assert_array_equal(a.train.images, b.train.images)
+  assert len(a.train) == 300 and len(a.validation) == 50
+  assert len(np.unique(a.train.labels)) > 5
+
+
+def test_train_dataset_batches_and_scales(tmp_path):
+  splits = data.load_splits(_config(tmp_path, dataset="synthetic",
+                                    num_train_examples=100,
+                                    num_validation_examples=0))
+  batches = list(data.make_train_dataset(
+      splits.train, global_batch_size=32, shuffle_buffer=100, seed=1,
+      epoch=0))
+  assert [len(y) for _, y in batches] == [32, 32, 32, 4]
+  assert len(batches) == data.num_batches(100, 32)
+  features = np.concatenate([x.numpy() for x, _ in batches])
+  assert features.shape == (100, 784)
+  assert 0.0 <= features.min() and features.max() <= 1.0
+  # Same (seed, epoch): same order; another epoch: another order.
+  again = list(data.make_train_dataset(
+      splits.train, global_batch_size=32, shuffle_buffer=100, seed=1,
+      epoch=0))
+  other = list(data.make_train_dataset(
+      splits.train, global_batch_size=32, shuffle_buffer=100, seed=1,
+      epoch=1))
+  np.testing.assert_array_equal(batches[0][1], again[0][1])
+  assert not np.array_equal(batches[0][1], other[0][1])
