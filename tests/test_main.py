@@ -164,3 +164,29 @@ def test_missing_mnist_fails_at_once_naming_both_remedies(tmp_path):
   [line] = [l for l in result.stderr.splitlines() if "dist_train: error" in l]
   assert "put mnist.npz in --data_dir" in line
   assert "--dataset=mnist_sample" in line
+
+
+def test_quickstart_reaches_90_percent(tmp_path):
+  model_dir = tmp_path / "quickstart"
+  conftest.run_cli(f"--flagfile={conftest.FLAGS_DIR}/quickstart.cfg",
+                   f"--model_dir={model_dir}", check=True)
+  validation = read_scalars(str(model_dir / "validation"))
+  final_step, final_accuracy = validation["accuracy"][-1]
+  assert final_step == 10 * 63  # 10 epochs of 4,000 digits in batches of 64.
+  assert final_accuracy >= 0.90
+
+
+def test_reference_flagfile_trains_on_an_mnist_file(tmp_path):
+  """mnist.cfg through the real loader, on a small file in the Keras format."""
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, size=(300, 28, 28), dtype=np.uint8)
+  labels = rng.integers(0, 10, size=300).astype(np.uint8)
+  np.savez(tmp_path / "mnist.npz", x_train=images, y_train=labels,
+           x_test=images[:10], y_test=labels[:10])
+  model_dir = tmp_path / "run"
+  result = conftest.run_cli(
+      f"--flagfile={conftest.FLAGS_DIR}/mnist.cfg", f"--data_dir={tmp_path}",
+      f"--model_dir={model_dir}", "--num_validation_examples=100",
+      "--epochs=1", "--cpu_replicas=2", check=True)
+  assert "Training 200 examples, validating 100" in result.stderr
+  assert "epoch 1/1 done at step 4" in result.stderr
