@@ -23,6 +23,7 @@ class RunCheckpoint:
     self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False,
                                      name="step_in_epoch")
     self.directory = directory
+    self._step_counter = optimizer.iterations
     self._checkpoint = tf.train.Checkpoint(
         model=model, optimizer=optimizer, epoch=self.epoch,
         step_in_epoch=self.step_in_epoch)
@@ -47,13 +48,34 @@ class RunCheckpoint:
                  int(self.epoch), int(self.step_in_epoch))
     return True
 
+  def restore_latest_model(self) -> bool:
+    """Restores only the model's weights from the newest checkpoint.
+
+    For evaluation: the optimizer's state is not needed, and the evaluating
+    run need not be given the training run's optimizer flags.
+    """
+    path = self.latest
+    if path is None:
+      return False
+    model_only = tf.train.Checkpoint(model=self._checkpoint.model)
+    model_only.restore(path).expect_partial().assert_existing_objects_matched()
+    logging.info("Restored the model from %s", path)
+    return True
+
   def save(self, *, epoch: int, step_in_epoch: int) -> str:
     """Records the position and writes a checkpoint; returns its path."""
     self.epoch.assign(epoch)
     self.step_in_epoch.assign(step_in_epoch)
-    path = self._manager.save()
+    # Named by global step (ckpt-<step>), which is what a reader looks for.
+    path = self._manager.save(
+        checkpoint_number=int(self._step_counter.numpy()))
     logging.info("Saved checkpoint %s", path)
     return path
+
+
+def step_of(path: str) -> int:
+  """The global step of a checkpoint path prefix `.../ckpt-<step>`."""
+  return int(path.rsplit("-", 1)[-1])
 
 
 def checkpoint_dir(model_dir: str) -> str:

@@ -9,7 +9,10 @@ import os
 from typing import Optional
 
 DATASETS = ("mnist", "mnist_sample", "synthetic")
-OPTIMIZERS = ("sgd", "adam")
+MODELS = ("mlp", "cnn")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+LR_SCHEDULES = ("constant", "cosine", "step")
+MODES = ("train", "evaluate", "train_and_evaluate")
 STRATEGIES = ("auto", "mirrored", "one_device")
 ADD_LOSS_REDUCTIONS = ("mean", "sum")
 
@@ -26,6 +29,7 @@ class Config:
   """
 
   model_dir: str
+  mode: str = "train_and_evaluate"
   # Data.
   dataset: str = "mnist_sample"
   data_dir: Optional[str] = None
@@ -38,7 +42,15 @@ class Config:
   epochs: int = 3
   learning_rate: float = 1e-3
   optimizer: str = "sgd"
+  momentum: float = 0.9
+  weight_decay: float = 0.004
+  lr_schedule: str = "constant"
+  warmup_steps: int = 0
+  lr_boundaries: tuple = ()
+  lr_decay_factor: float = 0.1
+  clip_norm: Optional[float] = None
   # Model and extra losses.
+  model: str = "mlp"
   hidden_units: int = 64
   activity_regularization: float = 0.0
   add_loss_reduction: str = "mean"
@@ -47,16 +59,43 @@ class Config:
   log_every_steps: int = 200
   steps_per_loop: int = 100
   keep_checkpoints: int = 5
+  export_saved_model: bool = False
   # Distribution.
   strategy: str = "auto"
   num_gpus: Optional[int] = None
   cpu_replicas: Optional[int] = None
 
   def __post_init__(self):
+    # Flags give lists of strings; keep an immutable tuple of ints.
+    object.__setattr__(self, "lr_boundaries", _int_tuple(
+        "lr_boundaries", self.lr_boundaries))
     validate(self)
 
   def replace(self, **changes) -> "Config":
     return dataclasses.replace(self, **changes)
+
+
+def _int_tuple(name, values):
+  try:
+    return tuple(int(v) for v in (values or ()))
+  except (TypeError, ValueError):
+    raise ConfigError(
+        f"--{name} must be a comma-separated list of integers, got {values!r}"
+    ) from None
+
+
+def is_import_path(value: str) -> bool:
+  """True for a user plug-in given as `package.module:function`."""
+  module, _, attribute = value.partition(":")
+  return bool(module) and bool(attribute)
+
+
+def _check_choice_or_import_path(name, value, choices):
+  if value in choices or is_import_path(value):
+    return
+  raise ConfigError(
+      f"--{name} must be one of {'|'.join(choices)} or package.module:function, "
+      f"got {value!r}")
 
 
 def _check_choice(name, value, choices):
@@ -82,8 +121,11 @@ def validate(config: Config) -> None:
   if os.path.exists(config.model_dir) and not os.path.isdir(config.model_dir):
     raise ConfigError(
         f"--model_dir must be a directory, got the file {config.model_dir}")
-  _check_choice("dataset", config.dataset, DATASETS)
+  _check_choice("mode", config.mode, MODES)
+  _check_choice_or_import_path("dataset", config.dataset, DATASETS)
+  _check_choice_or_import_path("model", config.model, MODELS)
   _check_choice("optimizer", config.optimizer, OPTIMIZERS)
+  _check_choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
   _check_choice("strategy", config.strategy, STRATEGIES)
   _check_choice("add_loss_reduction", config.add_loss_reduction,
                 ADD_LOSS_REDUCTIONS)
@@ -95,8 +137,15 @@ def validate(config: Config) -> None:
     raise ConfigError(
         f"--learning_rate must be positive, got {config.learning_rate}")
   for name in ("num_validation_examples", "activity_regularization",
-               "kernel_l2"):
+               "kernel_l2", "momentum", "weight_decay", "warmup_steps",
+               "lr_decay_factor"):
     _check_non_negative(name, getattr(config, name))
+  if config.clip_norm is not None and not config.clip_norm > 0:
+    raise ConfigError(f"--clip_norm must be positive, got {config.clip_norm}")
+  if any(b <= 0 for b in config.lr_boundaries) or list(
+      config.lr_boundaries) != sorted(set(config.lr_boundaries)):
+    raise ConfigError("--lr_boundaries must be increasing positive steps, got "
+                      f"{','.join(map(str, config.lr_boundaries))}")
   if config.num_train_examples is not None:
     _check_positive("num_train_examples", config.num_train_examples)
   if config.num_gpus is not None:

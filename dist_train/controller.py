@@ -140,7 +140,8 @@ class Controller:
       scalars["examples_per_second"] = examples_per_second
     self._summaries.write_scalars("train", scalars, self.global_step)
 
-  def _validate(self):
+  def evaluate(self) -> dict:
+    """One pass over the validation split; {} when there is none."""
     if not len(self._splits.validation):
       return {}
     dataset = data.make_eval_dataset(
@@ -150,8 +151,12 @@ class Controller:
         dataset, data.num_batches(len(self._splits.validation),
                                   self._config.global_batch_size))
 
-  def run(self) -> RunResult:
-    """Trains from the latest checkpoint (if any) to the last epoch."""
+  def run(self, *, validate: bool = True) -> RunResult:
+    """Trains from the latest checkpoint (if any) to the last epoch.
+
+    Args:
+      validate: run a validation pass after every epoch.
+    """
     config = self._config
     if self._checkpoint.restore_latest():
       epoch = int(self._checkpoint.epoch)
@@ -173,11 +178,12 @@ class Controller:
     while epoch < config.epochs:
       self._train_epoch(epoch, step_in_epoch, throughput)
       train_metrics = self._trainer.train_metric_results()
-      validation_metrics = self._validate()
+      validation_metrics = self.evaluate() if validate else {}
       epoch, step_in_epoch = epoch + 1, 0
       self._checkpoint.save(epoch=epoch, step_in_epoch=0)
-      self._summaries.write_scalars("validation", validation_metrics,
-                                    self.global_step)
+      if validation_metrics:
+        self._summaries.write_scalars("validation", validation_metrics,
+                                      self.global_step)
       self._log("epoch %d/%d done at step %d | train loss %.4f accuracy %.4f | "
                 "validation loss %s accuracy %s", epoch, config.epochs,
                 self.global_step, train_metrics["loss"],
@@ -188,7 +194,7 @@ class Controller:
                       "validation": validation_metrics})
     if not history:
       self._log("Already trained for %d epochs; nothing to do", config.epochs)
-      validation_metrics = self._validate()
+      validation_metrics = self.evaluate() if validate else {}
     return RunResult(model=self._trainer.model, global_step=self.global_step, epochs_completed=epoch,
                      train_metrics=train_metrics,
                      validation_metrics=validation_metrics, history=history)

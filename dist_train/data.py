@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from dist_train import config as config_lib
+from dist_train import mnist_files
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28)
@@ -59,12 +60,19 @@ def _first_line(error):
 def load_mnist(data_dir):
   """Returns (images, labels) of the 60,000 MNIST training digits.
 
-  Looks for mnist.npz in `data_dir`, then in the Keras cache, then downloads it
-  with the Keras loader.
+  Looks in `data_dir` for the IDX files (train-images-idx3-ubyte and
+  train-labels-idx1-ubyte, plain or .gz) or mnist.npz, then for mnist.npz in
+  the Keras cache, then downloads it with the Keras loader.
 
   Raises:
-    DataError: when no file is found and the download fails.
+    DataError: a file is unreadable, or none is found and the download fails.
   """
+  idx_pair = mnist_files.find_idx_pair(data_dir) if data_dir else None
+  if idx_pair:
+    try:
+      return mnist_files.read_idx_pair(*idx_pair)
+    except mnist_files.MnistFileError as e:
+      raise DataError(str(e)) from e
   path = _mnist_path(data_dir)
   if path is None:
     import keras  # pylint: disable=import-outside-toplevel
@@ -77,10 +85,9 @@ def load_mnist(data_dir):
           f"download failed ({_first_line(e)}): put mnist.npz in --data_dir, "
           "or use --dataset=mnist_sample") from e
   try:
-    with np.load(path) as f:
-      return f["x_train"], f["y_train"]
-  except Exception as e:
-    raise DataError(f"cannot read MNIST from {path}: {_first_line(e)}") from e
+    return mnist_files.read_npz(path)
+  except mnist_files.MnistFileError as e:
+    raise DataError(str(e)) from e
 
 
 def load_mnist_sample():

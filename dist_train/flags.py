@@ -15,10 +15,20 @@ flags.DEFINE_string(
     "Directory for checkpoints and TensorBoard events; rerunning with the same "
     "directory resumes from its latest checkpoint.")
 flags.DEFINE_enum(
-    "dataset", "mnist_sample", config_lib.DATASETS,
-    "mnist: the full data set (mnist.npz in --data_dir, else the Keras cache, "
-    "else a download). mnist_sample: 5,000 real digits shipped with the "
-    "package. synthetic: deterministic random data of the same shapes.")
+    "mode", "train_and_evaluate", config_lib.MODES,
+    "train: train only. evaluate: restore the latest checkpoint, evaluate the "
+    "validation split, write <model_dir>/eval_results.json. "
+    "train_and_evaluate: train with a validation pass every epoch.")
+flags.DEFINE_string(
+    "dataset", "mnist_sample",
+    "mnist: the full data set (mnist.npz or the IDX files in --data_dir, else "
+    "the Keras cache, else a download). mnist_sample: 5,000 real digits "
+    "shipped with the package. synthetic: deterministic random data of the "
+    "same shapes. package.module:function: a user dataset_fn (see README).")
+flags.DEFINE_string(
+    "model", "mlp",
+    "mlp: the reference MLP. cnn: a small convolutional net on 28x28x1. "
+    "package.module:function: a user model_fn(config) -> keras.Model.")
 flags.DEFINE_string(
     "data_dir", None, "Directory holding mnist.npz for --dataset=mnist.")
 flags.DEFINE_integer(
@@ -35,7 +45,28 @@ flags.DEFINE_integer(
 flags.DEFINE_integer("epochs", 3, "Passes over the training data.")
 flags.DEFINE_float("learning_rate", 1e-3, "Learning rate.")
 flags.DEFINE_enum(
-    "optimizer", "sgd", config_lib.OPTIMIZERS, "Optimizer.")
+    "optimizer", "sgd", config_lib.OPTIMIZERS,
+    "sgd, momentum (SGD with --momentum), adam, adamw (Adam with decoupled "
+    "--weight_decay).")
+flags.DEFINE_float("momentum", 0.9, "Momentum of --optimizer=momentum.")
+flags.DEFINE_float("weight_decay", 0.004,
+                   "Decoupled weight decay of --optimizer=adamw.")
+flags.DEFINE_enum(
+    "lr_schedule", "constant", config_lib.LR_SCHEDULES,
+    "constant; cosine (to 0 at the last step); step (times "
+    "--lr_decay_factor at each of --lr_boundaries).")
+flags.DEFINE_integer(
+    "warmup_steps", 0,
+    "Linear warmup: the rate of step s < N is learning_rate * (s + 1) / N.")
+flags.DEFINE_list(
+    "lr_boundaries", [],
+    "Global steps where --lr_schedule=step decays the rate. Default: at 50% "
+    "and 75% of the run.")
+flags.DEFINE_float("lr_decay_factor", 0.1,
+                   "Factor of --lr_schedule=step at each boundary.")
+flags.DEFINE_float(
+    "clip_norm", None,
+    "Clip the global norm of the gradient summed over all replicas to this.")
 flags.DEFINE_integer(
     "shuffle_buffer", 1024, "Size of the training shuffle buffer.")
 flags.DEFINE_integer(
@@ -49,6 +80,10 @@ flags.DEFINE_integer(
     "intervals and epoch ends.")
 flags.DEFINE_integer(
     "keep_checkpoints", 5, "How many recent checkpoints to keep.")
+flags.DEFINE_bool(
+    "export_saved_model", False,
+    "Besides <model_dir>/export/model.keras, write a TensorFlow SavedModel to "
+    "<model_dir>/export/saved_model.")
 flags.DEFINE_integer(
     "hidden_units", 64, "Width of the two hidden Dense layers.")
 flags.DEFINE_float(

@@ -34,10 +34,11 @@ def main(argv):
 
   # Imported here so that flag errors are reported before TensorFlow loads.
   from dist_train import data  # pylint: disable=import-outside-toplevel
+  from dist_train import plugins  # pylint: disable=import-outside-toplevel
   from dist_train import train  # pylint: disable=import-outside-toplevel
   try:
-    train.train_and_evaluate(config)
-  except data.DataError as e:
+    train.run(config)
+  except (data.DataError, plugins.PluginError, train.NoCheckpointError) as e:
     sys.exit(f"dist_train: error: {e}")
 
 

@@ -4,6 +4,7 @@ import keras
 
 from dist_train import config as config_lib
 from dist_train import data
+from dist_train import plugins
 
 
 @keras.saving.register_keras_serializable(package="dist_train")
@@ -27,6 +28,40 @@ class ActivitySumLoss(keras.layers.Layer):
 
 
 def create_model(config: config_lib.Config) -> keras.Model:
+  """The model named by `config.model`: a built-in or a user model_fn.
+
+  Raises:
+    plugins.PluginError: a user model_fn cannot be loaded or does not return
+      a keras.Model.
+  """
+  if config.model == "mlp":
+    return create_mlp(config)
+  if config.model == "cnn":
+    return create_cnn(config)
+  model_fn = plugins.load_function("model", config.model)
+  return plugins.check_returns("model", config.model, model_fn(config),
+                               keras.Model, "a keras.Model")
+
+
+def create_cnn(config: config_lib.Config) -> keras.Model:
+  """A small convolutional net on 28x28x1 images, fed the same flat pixels."""
+  regularizer = (keras.regularizers.L2(config.kernel_l2)
+                 if config.kernel_l2 > 0 else None)
+  inputs = keras.Input(shape=(data.NUM_FEATURES,), name="digits")
+  x = keras.layers.Reshape(data.IMAGE_SHAPE + (1,))(inputs)
+  for i, filters in enumerate((16, 32), start=1):
+    x = keras.layers.Conv2D(filters, 3, activation="relu",
+                            kernel_regularizer=regularizer, name=f"conv_{i}")(x)
+    x = keras.layers.MaxPooling2D(2)(x)
+  x = keras.layers.Flatten()(x)
+  x = keras.layers.Dense(config.hidden_units, activation="relu",
+                         kernel_regularizer=regularizer, name="dense_1")(x)
+  outputs = keras.layers.Dense(data.NUM_CLASSES, kernel_regularizer=regularizer,
+                               name="predictions")(x)
+  return keras.Model(inputs=inputs, outputs=outputs, name="mnist_cnn")
+
+
+def create_mlp(config: config_lib.Config) -> keras.Model:
   """The reference MLP: dense_1 -> [activity loss] -> dense_2 -> predictions.
 
   Returns logits; the loss applies the softmax.

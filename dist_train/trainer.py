@@ -9,6 +9,8 @@ Three tiers, kept apart:
   * the eager outer loop, which lives in `controller.py`.
 """
 
+from typing import Optional
+
 import keras
 import tensorflow as tf
 
@@ -23,11 +25,13 @@ class Trainer:
   """
 
   def __init__(self, *, strategy: tf.distribute.Strategy, model: keras.Model,
-               optimizer: keras.optimizers.Optimizer, add_loss_reduction: str):
+               optimizer: keras.optimizers.Optimizer, add_loss_reduction: str,
+               clip_norm: Optional[float] = None):
     self.strategy = strategy
     self.model = model
     self.optimizer = optimizer
     self._add_loss_reduction = add_loss_reduction
+    self._clip_norm = clip_norm
     with strategy.scope():
       self.train_metrics = {
           "loss": keras.metrics.Mean(name="loss"),
@@ -63,12 +67,28 @@ class Trainer:
       total_loss = loss.total  # Inside the tape, so that it is recorded.
     variables = self.model.trainable_variables
     gradients = tape.gradient(total_loss, variables)
+    if self._clip_norm is not None:
+      gradients = self._clip_summed_gradients(gradients)
     # The optimizer all-reduces (sums) the gradients across replicas.
     self.optimizer.apply_gradients(zip(gradients, variables))
     self.train_metrics["loss"].update_state(per_example_loss)
     self.train_metrics["accuracy"].update_state(labels, logits)
     return tf.stack([total_loss, loss.cross_entropy, loss.regularization,
                      loss.add_loss])
+
+  def _clip_summed_gradients(self, gradients):
+    """Scales this replica's gradients so that their cross-replica sum is
+    clipped to `clip_norm` by global norm, as one device would clip it.
+
+    The optimizer sums the replicas' gradients; scaling each replica's
+    gradients by the same factor scales the sum by it. The factor needs the
+    sum's norm, hence a second all-reduce, paid only when clipping is on.
+    """
+    summed = tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, [g for g in gradients if g is not None])
+    norm = tf.linalg.global_norm(summed)
+    scale = self._clip_norm / tf.maximum(norm, self._clip_norm)
+    return [None if g is None else g * scale for g in gradients]
 
   def _replica_eval_step(self, features, labels):
     logits = self.model(features, training=False)

@@ -39,6 +39,10 @@ CASES = {
                           add_loss_reduction="sum", model="reference"),
     # A Keras activity_regularizer (a mean over the batch).
     "keras_mean": dict(add_loss_reduction="mean", model="keras_activity"),
+    # Global-norm clipping of the cross-replica gradient sum.
+    "reference_clip": dict(activity_regularization=1e-4,
+                           add_loss_reduction="sum", clip_norm=0.05,
+                           model="reference"),
     # The reference sum layer wrongly declared a mean: replicas must diverge,
     # which shows the parity test can fail.
     "reference_declared_mean": dict(activity_regularization=1e-4,

@@ -80,7 +80,7 @@ def test_console_reports_steps_and_epochs(trained_dir):
 def test_writes_checkpoints_that_restore(trained_dir):
   model_dir, _ = trained_dir
   path, values = read_checkpoint(model_dir)
-  assert path.endswith("ckpt-2")
+  assert path.endswith("ckpt-38")
   assert values["epoch/.ATTRIBUTES/VARIABLE_VALUE"] == 2
   iterations = [v for k, v in values.items()
                 if k.startswith("optimizer/") and "iteration" in k]
@@ -94,12 +94,12 @@ def test_rerun_resumes_from_the_latest_checkpoint(trained_dir, tmp_path):
   model_dir, _ = trained_dir
   result = conftest.run_cli(CPU_TEST_FLAGS, f"--model_dir={model_dir}",
                             "--epochs=3", check=True)
-  assert "Restored " in result.stderr and "ckpt-2" in result.stderr
+  assert "Restored " in result.stderr and "ckpt-38" in result.stderr
   assert "Resuming at step 38 (epoch 3, step 0 of 19)" in result.stderr
   assert "epoch 1/3 done" not in result.stderr  # Not restarted.
   assert "epoch 3/3 done at step 57" in result.stderr
   path, resumed = read_checkpoint(model_dir)
-  assert path.endswith("ckpt-3")
+  assert path.endswith("ckpt-57")
   assert resumed["epoch/.ATTRIBUTES/VARIABLE_VALUE"] == 3
 
   # 2 epochs + 1 resumed epoch end with the weights of 3 epochs in one go.
@@ -115,7 +115,7 @@ def test_rerun_resumes_from_the_latest_checkpoint(trained_dir, tmp_path):
   again = conftest.run_cli(CPU_TEST_FLAGS, f"--model_dir={model_dir}",
                            "--epochs=3", check=True)
   assert "Already trained for 3 epochs" in again.stderr
-  assert read_checkpoint(model_dir)[0].endswith("ckpt-3")
+  assert read_checkpoint(model_dir)[0].endswith("ckpt-57")
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -4,6 +4,7 @@ Each replica count runs in its own process (a process can form only one
 collective group size). The data leave a partial last batch every epoch.
 """
 
+import concurrent.futures
 import os
 
 import numpy as np
@@ -23,17 +24,22 @@ def _train(tmp_dir, case, replicas):
     return dict(f)
 
 
+RUNS = [("reference_sum", 1), ("reference_sum", 2), ("reference_sum", 4),
+        ("keras_mean", 1), ("keras_mean", 2), ("keras_mean", 4),
+        ("reference_clip", 1), ("reference_clip", 2),
+        ("reference_declared_mean", 1), ("reference_declared_mean", 2)]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """{(case, replicas): saved result}, trained once for the whole module."""
+  """{(case, replicas): saved result}, trained once for the whole module.
+
+  Two processes at a time: one per core of a small CI machine.
+  """
   tmp_dir = str(tmp_path_factory.mktemp("parity"))
-  results = {}
-  for case, replica_counts in (("reference_sum", (1, 2, 4)),
-                               ("keras_mean", (1, 2, 4)),
-                               ("reference_declared_mean", (1, 2))):
-    for replicas in replica_counts:
-      results[(case, replicas)] = _train(tmp_dir, case, replicas)
-  return results
+  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+    futures = {run: pool.submit(_train, tmp_dir, *run) for run in RUNS}
+    return {run: future.result() for run, future in futures.items()}
 
 
 def _weights(result):
@@ -47,14 +53,21 @@ def _max_weight_difference(a, b):
              for x, y in zip(_weights(a), _weights(b)))
 
 
-@pytest.mark.parametrize("case", ["reference_sum", "keras_mean"])
-@pytest.mark.parametrize("replicas", [2, 4])
+@pytest.mark.parametrize("case, replicas", [
+    ("reference_sum", 2), ("reference_sum", 4), ("keras_mean", 2),
+    ("keras_mean", 4), ("reference_clip", 2)])
 def test_replicas_match_one_device(runs, case, replicas):
   one, many = runs[(case, 1)], runs[(case, replicas)]
   assert int(one["global_step"]) == int(many["global_step"]) == 22
   difference = _max_weight_difference(one, many)
   assert difference < TOLERANCE, (
       f"{case}: {replicas} replicas differ from 1 device by {difference:.2e}")
+
+
+def test_clipping_is_active_in_the_clip_case(runs):
+  """Otherwise the clip parity test would only repeat reference_sum."""
+  clipped, unclipped = runs[("reference_clip", 1)], runs[("reference_sum", 1)]
+  assert _max_weight_difference(clipped, unclipped) > 100 * TOLERANCE
 
 
 def test_wrongly_scaled_add_loss_breaks_parity(runs):

@@ -1,0 +1,90 @@
+"""Optimizers and learning-rate schedules, built from the Config."""
+
+import math
+
+import keras
+from keras import ops
+
+from dist_train import config as config_lib
+
+
+@keras.saving.register_keras_serializable(package="dist_train")
+class LearningRateSchedule(keras.optimizers.schedules.LearningRateSchedule):
+  """Linear warmup, then a constant, cosine or step-decayed learning rate.
+
+  The optimizer calls it with the number of updates already applied, so
+  `schedule(s)` is the rate of update s + 1.
+
+  * warmup: for s < warmup_steps the rate is base * (s + 1) / warmup_steps, so
+    the first update is not wasted at a rate of 0;
+  * constant: base;
+  * cosine: base * (1 + cos(pi * p)) / 2, with p the fraction of the
+    post-warmup steps done, reaching 0 at total_steps;
+  * step: base * decay_factor ** (number of boundaries <= s).
+  """
+
+  def __init__(self, kind, base_learning_rate, *, total_steps, warmup_steps=0,
+               boundaries=(), decay_factor=0.1):
+    if kind not in config_lib.LR_SCHEDULES:
+      raise ValueError(f"unknown learning-rate schedule {kind!r}")
+    self.kind = kind
+    self.base_learning_rate = float(base_learning_rate)
+    self.total_steps = int(total_steps)
+    self.warmup_steps = int(warmup_steps)
+    self.boundaries = tuple(int(b) for b in boundaries)
+    self.decay_factor = float(decay_factor)
+
+  def __call__(self, step):
+    step = ops.cast(step, "float32")
+    base = self.base_learning_rate
+    if self.kind == "cosine":
+      decay_steps = max(1, self.total_steps - self.warmup_steps)
+      progress = ops.clip((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
+      rate = base * 0.5 * (1.0 + ops.cos(math.pi * progress))
+    elif self.kind == "step":
+      passed = sum(ops.cast(step >= b, "float32") for b in self.boundaries)
+      rate = base * ops.power(self.decay_factor, passed)
+    else:
+      rate = base * ops.ones_like(step)
+    if self.warmup_steps > 0:
+      warmup = base * (step + 1.0) / self.warmup_steps
+      rate = ops.where(step < self.warmup_steps, warmup, rate)
+    return rate
+
+  def get_config(self):
+    return {"kind": self.kind, "base_learning_rate": self.base_learning_rate,
+            "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+            "boundaries": list(self.boundaries),
+            "decay_factor": self.decay_factor}
+
+
+def create_learning_rate(config: config_lib.Config,
+                         total_steps: int) -> LearningRateSchedule:
+  """The schedule of the run.
+
+  A schedule even for a constant rate: the optimizer then saves the same
+  objects whatever the schedule, so checkpoints match across schedules.
+  """
+  boundaries = config.lr_boundaries or (total_steps // 2,
+                                        (3 * total_steps) // 4)
+  return LearningRateSchedule(
+      config.lr_schedule, config.learning_rate, total_steps=total_steps,
+      warmup_steps=config.warmup_steps, boundaries=boundaries,
+      decay_factor=config.lr_decay_factor)
+
+
+def create_optimizer(config: config_lib.Config,
+                     total_steps: int) -> keras.optimizers.Optimizer:
+  """The optimizer of `config`, with its learning-rate schedule."""
+  learning_rate = create_learning_rate(config, total_steps)
+  if config.optimizer == "sgd":
+    return keras.optimizers.SGD(learning_rate=learning_rate)
+  if config.optimizer == "momentum":
+    return keras.optimizers.SGD(learning_rate=learning_rate,
+                                momentum=config.momentum)
+  if config.optimizer == "adam":
+    return keras.optimizers.Adam(learning_rate=learning_rate)
+  if config.optimizer == "adamw":
+    return keras.optimizers.AdamW(learning_rate=learning_rate,
+                                  weight_decay=config.weight_decay)
+  raise ValueError(f"unknown optimizer {config.optimizer!r}")

@@ -1,0 +1,63 @@
+"""User models by import path, and a clear error for each malformed one."""
+
+import pytest
+
+from dist_train import config as config_lib
+from dist_train import data
+from dist_train import models
+from dist_train import plugins
+from tests import conftest
+
+CPU_TEST_FLAGS = f"--flagfile={conftest.FLAGS_DIR}/cpu_test.cfg"
+
+
+def test_user_model_trains_with_two_replicas(tmp_path):
+  result = conftest.run_cli(
+      CPU_TEST_FLAGS, f"--model_dir={tmp_path / 'run'}",
+      "--model=tests.plugin_fixtures:small_model", "--hidden_units=16",
+      "--activity_regularization=0", check=True)
+  assert "with 2 replica(s)" in result.stderr
+  assert "epoch 2/2 done at step 38" in result.stderr
+  assert (tmp_path / "run" / "export" / "model.keras").exists()
+
+
+MALFORMED = [
+    ("no_such_package.models:build",
+     "cannot import module 'no_such_package.models'"),
+    ("tests.plugin_fixtures:missing",
+     "module 'tests.plugin_fixtures' has no attribute 'missing'"),
+    ("tests.plugin_fixtures:NOT_CALLABLE", "'NOT_CALLABLE' is a int"),
+    ("tests.plugin_fixtures:returns_none",
+     "must return a keras.Model, got NoneType"),
+    ("tests.plugin_fixtures:wrong_input_shape",
+     "the model takes inputs of shape (100,) per example, but the data has "
+     "features of shape (784,)"),
+]
+
+
+@pytest.mark.parametrize("model, message", MALFORMED)
+def test_malformed_model_plugins_fail_clearly(tmp_path, model, message):
+  config = config_lib.Config(model_dir=str(tmp_path), model=model)
+  with pytest.raises(plugins.PluginError) as error:
+    plugins.check_model_fits("model", model, models.create_model(config),
+                             (data.NUM_FEATURES,))
+  assert f"--model={model}" in str(error.value)
+  assert message in str(error.value)
+
+
+def test_malformed_plugin_exits_with_one_line_before_training(tmp_path):
+  model, message = MALFORMED[-1]
+  result = conftest.run_cli(CPU_TEST_FLAGS, f"--model_dir={tmp_path / 'run'}",
+                            f"--model={model}")
+  assert result.returncode == 1
+  [line] = [l for l in result.stderr.splitlines()
+            if l.startswith("dist_train: error:")]
+  assert f"--model={model}" in line and message in line, line
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_model_flag_without_function_is_refused_at_once(tmp_path):
+  with pytest.raises(config_lib.ConfigError,
+                     match="--model must be one of mlp|cnn or package"):
+    config_lib.Config(model_dir=str(tmp_path),
+                      model="tests.plugin_fixtures")
