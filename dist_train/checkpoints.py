@@ -6,30 +6,125 @@ next batch exactly.
 """
 
 import os
+import re
+import shutil
+import tempfile
+from typing import Optional
 
 from absl import logging
 import keras
 import tensorflow as tf
 
+from dist_train import guards
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint cannot be used; the message names the file and why."""
+
+
+class CorruptCheckpointError(CheckpointError):
+  """A checkpoint's files are missing, truncated or unreadable."""
+
+
+class CheckpointMismatchError(CheckpointError):
+  """A checkpoint was written by a different model (a variable's shape)."""
+
+
+_SHAPE_MISMATCH = re.compile(
+    r"variable\.shape=(?P<model>\([^)]*\)), Received: "
+    r"value\.shape=(?P<checkpoint>\([^)]*\)).*?path=(?P<name>[^,>]+)", re.S)
+
+
+def _mismatch_error(path, error):
+  """A CheckpointMismatchError naming the variable and both shapes, if the
+  restore error says them (Keras' shape check does)."""
+  match = _SHAPE_MISMATCH.search(str(error))
+  if match:
+    return CheckpointMismatchError(
+        f"{path} does not fit the model: variable {match['name']} has shape "
+        f"{match['checkpoint']} in the checkpoint and {match['model']} in the "
+        "model; use another --model_dir or the model that wrote it")
+  first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return CheckpointMismatchError(
+      f"{path} does not fit the model: {first_line}")
+
+
+def _missing_files(path):
+  """The files a checkpoint prefix needs that are not there."""
+  index = path + ".index"
+  if not tf.io.gfile.exists(index):
+    return [index]
+  return [] if tf.io.gfile.glob(path + ".data-*") else [path + ".data-*"]
+
 
 class RunCheckpoint:
-  """A tf.train.Checkpoint of a run, and the manager that writes and finds it."""
+  """A tf.train.Checkpoint of a run, and the manager that writes and finds it.
+
+  In a multi-worker run every worker saves, because saving distributed
+  variables may run collectives that need all workers; only the chief
+  (`is_chief`) writes to `directory`, the others write to a temporary
+  directory that they remove. Every worker restores from `directory`, so on
+  several hosts it must be on storage they all read.
+  """
 
   def __init__(self, directory: str, *, model: keras.Model,
-               optimizer: keras.optimizers.Optimizer, max_to_keep: int):
+               optimizer: keras.optimizers.Optimizer, max_to_keep: int,
+               is_chief: bool = True, on_corrupt: str = "fail"):
     # Plain (non-distributed) variables: they are read and assigned only by
     # the eager outer loop.
     self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False,
                                      name="step_in_epoch")
     self.directory = directory
+    self._is_chief = is_chief
+    self._on_corrupt = on_corrupt
+    self._model = model
     self._step_counter = optimizer.iterations
     self._checkpoint = tf.train.Checkpoint(
         model=model, optimizer=optimizer, epoch=self.epoch,
         step_in_epoch=self.step_in_epoch)
-    self._manager = tf.train.CheckpointManager(
-        self._checkpoint, directory, max_to_keep=max_to_keep,
-        step_counter=optimizer.iterations)
+    try:
+      self._manager = tf.train.CheckpointManager(
+          self._checkpoint, directory, max_to_keep=max_to_keep,
+          step_counter=optimizer.iterations)
+    except Exception as e:  # A garbled state file raises a parse error.
+      raise CorruptCheckpointError(
+          f"cannot read the checkpoint state file "
+          f"{os.path.join(directory, 'checkpoint')}: "
+          f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from e
+    self._check_state_file()
+    if is_chief:
+      self._remove_interrupted_saves()
+
+  def _check_state_file(self):
+    """Refuses checkpoints that the state file does not lead to.
+
+    TensorFlow treats an unparsable or missing `checkpoint` state file as "no
+    checkpoint", which would silently restart the run from step 0.
+    """
+    state_file = os.path.join(self.directory, "checkpoint")
+    has_checkpoints = bool(tf.io.gfile.glob(
+        os.path.join(self.directory, "ckpt-*.index")))
+    if not tf.io.gfile.exists(state_file):
+      if has_checkpoints:
+        raise CorruptCheckpointError(
+            f"{self.directory} holds checkpoints but no state file "
+            f"{state_file}; restore it or move the checkpoints away")
+      return
+    if self._manager.latest_checkpoint is None:
+      raise CorruptCheckpointError(
+          f"cannot read the checkpoint state file {state_file}: it names no "
+          "checkpoint")
+
+  def _remove_interrupted_saves(self):
+    """Removes what a save killed half-way left: TensorFlow writes a
+    checkpoint into `<prefix>_temp*` and renames it only when complete."""
+    for path in tf.io.gfile.glob(os.path.join(self.directory, "*_temp*")):
+      logging.warning("Removing %s, left by an interrupted save", path)
+      if tf.io.gfile.isdir(path):
+        tf.io.gfile.rmtree(path)
+      else:
+        tf.io.gfile.remove(path)
 
   @property
   def latest(self):
@@ -37,35 +132,102 @@ class RunCheckpoint:
     return self._manager.latest_checkpoint
 
   def restore_latest(self) -> bool:
-    """Restores the newest checkpoint if there is one; returns whether it did."""
-    path = self.latest
-    if path is None:
-      return False
-    # assert_existing_objects_matched: every variable of this run that the
-    # checkpoint names must be restored, so a changed model fails loudly.
-    self._checkpoint.restore(path).assert_existing_objects_matched()
-    logging.info("Restored %s (epoch %d, step in epoch %d)", path,
-                 int(self.epoch), int(self.step_in_epoch))
-    return True
+    """Restores the newest usable checkpoint; returns whether there was one.
+
+    A checkpoint that cannot be read never leads to a silent restart from
+    step 0: it raises CorruptCheckpointError naming the file, or, with
+    on_corrupt="previous", the next older intact checkpoint is restored with
+    a warning.
+
+    Raises:
+      CorruptCheckpointError: the newest (or, falling back, every)
+        checkpoint is unreadable.
+      CheckpointMismatchError: a checkpoint was written by another model.
+    """
+    return self._restore(self._checkpoint, "")
 
   def restore_latest_model(self) -> bool:
-    """Restores only the model's weights from the newest checkpoint.
+    """Restores only the model's weights from the newest usable checkpoint.
 
     For evaluation: the optimizer's state is not needed, and the evaluating
     run need not be given the training run's optimizer flags.
     """
-    path = self.latest
-    if path is None:
-      return False
-    model_only = tf.train.Checkpoint(model=self._checkpoint.model)
-    model_only.restore(path).expect_partial().assert_existing_objects_matched()
-    logging.info("Restored the model from %s", path)
-    return True
+    return self._restore(tf.train.Checkpoint(model=self._model), "the model ")
 
-  def save(self, *, epoch: int, step_in_epoch: int) -> str:
-    """Records the position and writes a checkpoint; returns its path."""
+  def _candidates(self):
+    """Checkpoint prefixes to try, newest first."""
+    state = tf.train.get_checkpoint_state(self.directory)
+    if state is None or not state.model_checkpoint_path:
+      return []
+    paths = list(state.all_model_checkpoint_paths) or [
+        state.model_checkpoint_path]
+    if state.model_checkpoint_path not in paths:
+      paths.append(state.model_checkpoint_path)
+    resolve = lambda p: p if os.path.isabs(p) else os.path.join(
+        self.directory, p)
+    return [resolve(p) for p in reversed(paths)]
+
+  def _restore(self, checkpoint, what) -> bool:
+    candidates = self._candidates()
+    for i, path in enumerate(candidates):
+      try:
+        missing = _missing_files(path)
+        if missing:
+          raise CorruptCheckpointError(
+              f"checkpoint {path} is incomplete: {', '.join(missing)} is "
+              "missing")
+        try:
+          status = checkpoint.restore(path)
+          if what:
+            status.expect_partial()
+          # Every variable of this run that the checkpoint names must be
+          # restored, so a changed model fails loudly.
+          status.assert_existing_objects_matched()
+        except Exception as e:  # Readers raise many types for bad files.
+          if isinstance(e, AssertionError) or _SHAPE_MISMATCH.search(str(e)):
+            raise _mismatch_error(path, e) from e
+          files = [path + ".index"] + tf.io.gfile.glob(path + ".data-*")
+          reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+          raise CorruptCheckpointError(
+              f"checkpoint {', '.join(files)} is unreadable: {reason}") from e
+      except CorruptCheckpointError as e:
+        older = candidates[i + 1:]
+        if self._on_corrupt != "previous":
+          raise CorruptCheckpointError(
+              f"{e}; pass --on_corrupt_checkpoint=previous to resume from an "
+              "older checkpoint") from e
+        if not older:
+          raise CorruptCheckpointError(
+              f"{e}, and no older checkpoint is intact") from e
+        logging.warning("%s; falling back to %s", e, older[0])
+        continue
+      logging.info("Restored %sfrom %s (epoch %d, step in epoch %d)", what,
+                   path, int(self.epoch), int(self.step_in_epoch))
+      return True
+    return False
+
+  def save(self, *, epoch: int, step_in_epoch: int) -> Optional[str]:
+    """Records the position and writes a checkpoint.
+
+    Returns:
+      The checkpoint's path; None on a worker other than the chief, whose
+      copy is written to a temporary directory and removed.
+    """
+    # Never write NaN or Inf over good work.
+    guards.check_variables(self._model.variables)
     self.epoch.assign(epoch)
     self.step_in_epoch.assign(step_in_epoch)
+    if not self._is_chief:
+      temp_dir = tempfile.mkdtemp(prefix="dist_train_worker_checkpoint_")
+      try:
+        tf.train.CheckpointManager(self._checkpoint, temp_dir,
+                                   max_to_keep=1).save(
+            checkpoint_number=int(self._step_counter.numpy()))
+      finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+      logging.info("Saved this worker's copy of the checkpoint to %s and "
+                   "removed it; the chief writes %s", temp_dir, self.directory)
+      return None
     # Named by global step (ckpt-<step>), which is what a reader looks for.
     path = self._manager.save(
         checkpoint_number=int(self._step_counter.numpy()))

@@ -13,8 +13,12 @@ MODELS = ("mlp", "cnn")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "step")
 MODES = ("train", "evaluate", "train_and_evaluate")
-STRATEGIES = ("auto", "mirrored", "one_device")
+STRATEGIES = ("auto", "mirrored", "one_device", "multi_worker")
+CLUSTERS = ("auto", "tf_config", "slurm")
+COLLECTIVES = ("auto", "ring", "nccl")
 ADD_LOSS_REDUCTIONS = ("mean", "sum")
+ON_CORRUPT_CHECKPOINT = ("fail", "previous")
+MIXED_PRECISION_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 class ConfigError(ValueError):
@@ -59,11 +63,21 @@ class Config:
   log_every_steps: int = 200
   steps_per_loop: int = 100
   keep_checkpoints: int = 5
+  checkpoint_every_steps: Optional[int] = None
+  on_corrupt_checkpoint: str = "fail"
   export_saved_model: bool = False
+  # Speed (see precision.py and trainer.py).
+  mixed_precision: str = "float32"
+  jit_compile: bool = False
   # Distribution.
   strategy: str = "auto"
   num_gpus: Optional[int] = None
   cpu_replicas: Optional[int] = None
+  # Multi-worker (see cluster.py).
+  cluster: str = "auto"
+  collective: str = "auto"
+  collective_timeout_s: float = 300.0
+  slurm_port_base: int = 8888
 
   def __post_init__(self):
     # Flags give lists of strings; keep an immutable tuple of ints.
@@ -126,9 +140,15 @@ def validate(config: Config) -> None:
   _check_choice_or_import_path("model", config.model, MODELS)
   _check_choice("optimizer", config.optimizer, OPTIMIZERS)
   _check_choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
+  _check_choice("on_corrupt_checkpoint", config.on_corrupt_checkpoint,
+                ON_CORRUPT_CHECKPOINT)
+  if config.checkpoint_every_steps is not None:
+    _check_positive("checkpoint_every_steps", config.checkpoint_every_steps)
   _check_choice("strategy", config.strategy, STRATEGIES)
   _check_choice("add_loss_reduction", config.add_loss_reduction,
                 ADD_LOSS_REDUCTIONS)
+  _check_choice("mixed_precision", config.mixed_precision,
+                MIXED_PRECISION_POLICIES)
   for name in ("global_batch_size", "epochs", "log_every_steps",
                "steps_per_loop", "keep_checkpoints", "hidden_units",
                "shuffle_buffer"):
@@ -161,3 +181,28 @@ def validate(config: Config) -> None:
       raise ConfigError(
           "--cpu_replicas hides all GPUs and cannot be combined with "
           f"--num_gpus={config.num_gpus}")
+  _validate_multi_worker(config)
+
+
+def _validate_multi_worker(config: Config) -> None:
+  """The multi-worker flags; the environment is checked by `cluster`."""
+  _check_choice("cluster", config.cluster, CLUSTERS)
+  _check_choice("collective", config.collective, COLLECTIVES)
+  if not config.collective_timeout_s > 0:
+    raise ConfigError("--collective_timeout_s must be positive, got "
+                      f"{config.collective_timeout_s}")
+  if not 0 < config.slurm_port_base < 65536:
+    raise ConfigError("--slurm_port_base must be a port number, got "
+                      f"{config.slurm_port_base}")
+  if config.strategy == "multi_worker" and config.cpu_replicas is not None:
+    # On CPU, MultiWorkerMirroredStrategy places one replica on each worker
+    # and ignores logical CPU devices.
+    raise ConfigError(
+        "--cpu_replicas cannot be combined with --strategy=multi_worker: on "
+        "CPU each worker is one replica, so start more workers instead "
+        f"(got --cpu_replicas={config.cpu_replicas})")
+  if config.collective != "auto" and config.strategy in ("mirrored",
+                                                          "one_device"):
+    raise ConfigError(
+        f"--collective={config.collective} applies to --strategy=multi_worker "
+        f"(or auto on a cluster), not --strategy={config.strategy}")

@@ -2,6 +2,7 @@
 
 import dataclasses
 import time
+from typing import Optional
 
 from absl import logging
 import keras
@@ -10,6 +11,9 @@ import tensorflow as tf
 from dist_train import checkpoints
 from dist_train import config as config_lib
 from dist_train import data
+from dist_train import guards
+from dist_train import preemption
+from dist_train import strategy as strategy_lib
 from dist_train import summaries
 from dist_train import trainer as trainer_lib
 
@@ -20,32 +24,42 @@ logging.ABSLLogger.register_frame_to_skip(__file__, "_log")
 
 def next_loop_length(*, global_step: int, step_in_epoch: int,
                      steps_per_epoch: int, steps_per_loop: int,
-                     log_every_steps: int) -> int:
+                     log_every_steps: int,
+                     checkpoint_every_steps: Optional[int] = None) -> int:
   """Steps to run in the next compiled call.
 
-  A loop never crosses a log boundary (a multiple of `log_every_steps`) or the
-  end of the epoch, so logging and epoch ends happen between calls.
+  A loop never crosses a log or checkpoint boundary (a multiple of
+  `log_every_steps` or `checkpoint_every_steps`) or the end of the epoch, so
+  logging, checkpoints and epoch ends happen between calls.
   """
   to_log = log_every_steps - global_step % log_every_steps
   to_epoch_end = steps_per_epoch - step_in_epoch
-  return max(1, min(steps_per_loop, to_log, to_epoch_end))
+  to_checkpoint = (checkpoint_every_steps -
+                   global_step % checkpoint_every_steps
+                   if checkpoint_every_steps else to_epoch_end)
+  return max(1, min(steps_per_loop, to_log, to_epoch_end, to_checkpoint))
 
 
 @dataclasses.dataclass
 class _Throughput:
-  """Examples and seconds since the last log, leaving out compiling loops."""
+  """Examples, steps and seconds since the last log, leaving out compiling
+  loops."""
 
   examples: int = 0
+  steps: int = 0
   seconds: float = 0.0
 
-  def add(self, examples, seconds):
+  def add(self, examples, steps, seconds):
     self.examples += examples
+    self.steps += steps
     self.seconds += seconds
 
   def take(self):
-    rate = self.examples / self.seconds if self.seconds > 0 else None
-    self.examples, self.seconds = 0, 0.0
-    return rate
+    """Returns (examples per second, steps per second), or (None, None)."""
+    rates = ((self.examples / self.seconds, self.steps / self.seconds)
+             if self.seconds > 0 else (None, None))
+    self.examples, self.steps, self.seconds = 0, 0, 0.0
+    return rates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +72,8 @@ class RunResult:
   train_metrics: dict
   validation_metrics: dict
   history: list  # One dict per epoch run in this process.
+  # time.time() when the first training loop of this process returned.
+  first_loop_end_time: Optional[float] = None
 
 
 class Controller:
@@ -76,6 +92,16 @@ class Controller:
     self._is_chief = is_chief
     self._steps_per_epoch = data.num_batches(len(splits.train),
                                              config.global_batch_size)
+    self._first_loop_end_time = None
+    self._sigterm = preemption.SigtermWatcher()
+
+  @property
+  def num_validation_examples(self) -> int:
+    return len(self._splits.validation)
+
+  @property
+  def model(self) -> keras.Model:
+    return self._trainer.model
 
   @property
   def global_step(self) -> int:
@@ -91,7 +117,7 @@ class Controller:
       logging.info(message, *args)
 
   def _train_iterator(self, epoch, step_in_epoch):
-    """The distributed iterator of `epoch`, positioned at `step_in_epoch`.
+    """The iterator over global batches of `epoch`, at `step_in_epoch`.
 
     Batches already consumed are skipped on the global dataset, before it is
     split across replicas, so a resumed epoch continues with the next batch.
@@ -102,7 +128,8 @@ class Controller:
         epoch=epoch)
     if step_in_epoch:
       dataset = dataset.skip(step_in_epoch)
-    return iter(self._strategy.experimental_distribute_dataset(dataset))
+    # The trainer splits each global batch across replicas.
+    return iter(dataset)
 
   def _train_epoch(self, epoch, step_in_epoch, throughput):
     config = self._config
@@ -113,24 +140,55 @@ class Controller:
           global_step=self.global_step, step_in_epoch=step_in_epoch,
           steps_per_epoch=self._steps_per_epoch,
           steps_per_loop=config.steps_per_loop,
-          log_every_steps=config.log_every_steps)
+          log_every_steps=config.log_every_steps,
+          checkpoint_every_steps=config.checkpoint_every_steps)
       first_examples = self._examples_seen(epoch, step_in_epoch)
       compiling = self._trainer.train_traces == 0
       start = time.perf_counter()
       losses = self._trainer.train(iterator, num_steps)
       seconds = time.perf_counter() - start
       step_in_epoch += num_steps
+      # Checked every loop, and loops end at log steps: a NaN stops the run
+      # within one logging interval, before any checkpoint holds it.
+      guards.check_losses(losses, first_step=self.global_step - num_steps + 1,
+                          last_step=self.global_step)
       examples_seen = self._examples_seen(epoch, step_in_epoch)
-      if not compiling:
-        throughput.add(examples_seen - first_examples, seconds)
+      if compiling:
+        self._first_loop_end_time = time.time()
+      else:
+        throughput.add(examples_seen - first_examples, num_steps, seconds)
       if self.global_step % config.log_every_steps == 0:
-        self._log_interval(epoch, losses, examples_seen, throughput.take())
+        self._log_interval(epoch, losses, examples_seen, *throughput.take())
+      if step_in_epoch == self._steps_per_epoch:
+        break  # The epoch end saves.
+      if self._preemption_agreed():
+        path = self._checkpoint.save(epoch=epoch, step_in_epoch=step_in_epoch)
+        raise preemption.Preempted(path, self.global_step)
+      if (config.checkpoint_every_steps and
+          self.global_step % config.checkpoint_every_steps == 0):
+        self._checkpoint.save(epoch=epoch, step_in_epoch=step_in_epoch)
 
-  def _log_interval(self, epoch, losses, examples_seen, examples_per_second):
-    rate = "n/a" if examples_per_second is None else f"{examples_per_second:.0f}"
-    self._log("step %d | epoch %d/%d | loss %.4f | examples %d | examples/s %s",
-              self.global_step, epoch + 1, self._config.epochs, losses["loss"],
-              examples_seen, rate)
+  def _preemption_agreed(self) -> bool:
+    """Whether any worker was asked to stop, agreed by all of them.
+
+    Every worker must stop at the same step boundary (the checkpoint save
+    runs collectives), so with several workers the local flags are summed
+    across workers; one process decides alone.
+    """
+    requested = self._sigterm.requested
+    if strategy_lib.num_workers(self._strategy) > 1:
+      flags = self._strategy.run(
+          lambda flag: flag, args=(tf.constant(float(requested)),))
+      requested = float(self._strategy.reduce(
+          tf.distribute.ReduceOp.SUM, flags, axis=None)) > 0
+    return requested
+
+  def _log_interval(self, epoch, losses, examples_seen, examples_per_second,
+                    steps_per_second):
+    self._log("step %d | epoch %d/%d | loss %.4f | examples %d | examples/s %s "
+              "| steps/s %s", self.global_step, epoch + 1, self._config.epochs,
+              losses["loss"], examples_seen, _fmt(examples_per_second, ".0f"),
+              _fmt(steps_per_second, ".1f"))
     scalars = {
         "loss": losses["loss"],
         "accuracy": self._trainer.train_metric_results()["accuracy"],
@@ -138,6 +196,7 @@ class Controller:
     }
     if examples_per_second is not None:
       scalars["examples_per_second"] = examples_per_second
+      scalars["steps_per_second"] = steps_per_second
     self._summaries.write_scalars("train", scalars, self.global_step)
 
   def evaluate(self) -> dict:
@@ -172,11 +231,18 @@ class Controller:
               self._steps_per_epoch, self._strategy.num_replicas_in_sync)
 
     throughput = _Throughput()
+    with self._sigterm:
+      return self._run_epochs(epoch, step_in_epoch, validate, throughput)
+
+  def _run_epochs(self, epoch, step_in_epoch, validate, throughput):
+    config = self._config
     history = []
     train_metrics = {}
     validation_metrics = {}
     while epoch < config.epochs:
+      start = time.perf_counter()
       self._train_epoch(epoch, step_in_epoch, throughput)
+      train_seconds = time.perf_counter() - start
       train_metrics = self._trainer.train_metric_results()
       validation_metrics = self.evaluate() if validate else {}
       epoch, step_in_epoch = epoch + 1, 0
@@ -191,14 +257,16 @@ class Controller:
                 _fmt(validation_metrics.get("loss")),
                 _fmt(validation_metrics.get("accuracy")))
       history.append({"epoch": epoch, "train": train_metrics,
-                      "validation": validation_metrics})
+                      "validation": validation_metrics,
+                      "train_seconds": train_seconds})
     if not history:
       self._log("Already trained for %d epochs; nothing to do", config.epochs)
       validation_metrics = self.evaluate() if validate else {}
     return RunResult(model=self._trainer.model, global_step=self.global_step, epochs_completed=epoch,
                      train_metrics=train_metrics,
-                     validation_metrics=validation_metrics, history=history)
+                     validation_metrics=validation_metrics, history=history,
+                     first_loop_end_time=self._first_loop_end_time)
 
 
-def _fmt(value):
-  return "n/a" if value is None else f"{value:.4f}"
+def _fmt(value, spec=".4f"):
+  return "n/a" if value is None else format(value, spec)

@@ -1,11 +1,18 @@
-"""Data sets as in-memory arrays, and the tf.data pipelines that feed the loop.
+"""Data sets, and the tf.data pipelines that feed the loop.
 
-Images are kept as uint8 [N, 28, 28] and labels as int32 [N]; pipelines batch
-first and then convert a whole batch to float32 [B, 784] in [0, 1], which is
-cheaper than converting example by example.
+Built-in data sets are in-memory arrays: images uint8 [N, 28, 28], labels int32
+[N]; pipelines batch first and then convert a whole batch to float32 [B, 784]
+in [0, 1], which is cheaper than converting example by example. A user
+data set (`--dataset=package.module:function`) is a tf.data.Dataset of
+unbatched (features, labels) examples.
+
+Every pipeline shuffles, batches by the *global* batch size and skips on the
+whole data set, before it is split across replicas: that is what makes N
+replicas see exactly the batches one device would see.
 """
 
 import dataclasses
+import functools
 import os
 
 import numpy as np
@@ -13,6 +20,7 @@ import tensorflow as tf
 
 from dist_train import config as config_lib
 from dist_train import mnist_files
+from dist_train import plugins
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28)
@@ -28,17 +36,67 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Split:
+  """A built-in split as arrays."""
+
   images: np.ndarray  # uint8 [N, 28, 28]
   labels: np.ndarray  # int32 [N]
+
+  feature_shape = (NUM_FEATURES,)
 
   def __len__(self):
     return len(self.labels)
 
+  def examples(self) -> tf.data.Dataset:
+    return tf.data.Dataset.from_tensor_slices((self.images, self.labels))
+
+  @staticmethod
+  def preprocess_batch(images, labels):
+    features = tf.reshape(tf.cast(images, tf.float32) / 255.0,
+                          [-1, NUM_FEATURES])
+    return features, labels
+
+  @functools.cached_property
+  def decoded(self) -> tuple:
+    """(features float32 [N, 784], labels int32 [N]) as host tensors.
+
+    Decoded once, on first use, and kept: every epoch's pipeline gathers its
+    batches from them.
+    """
+    with tf.device("/cpu:0"):
+      return self.preprocess_batch(self.images, tf.constant(self.labels))
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSplit:
+  """A user split: a tf.data.Dataset of unbatched (features, labels)."""
+
+  dataset: tf.data.Dataset
+  num_examples: int
+  name: str = "the user dataset"
+
+  def __len__(self):
+    return self.num_examples
+
+  @property
+  def feature_shape(self):
+    return tuple(self.dataset.element_spec[0].shape)
+
+  def examples(self) -> tf.data.Dataset:
+    return self.dataset
+
+  def preprocess_batch(self, features, labels):
+    if features.dtype.is_floating:
+      # A NaN or Inf in the inputs stops the run with the data set's name,
+      # instead of surfacing later as a NaN loss.
+      features = tf.debugging.check_numerics(
+          features, f"NaN or Inf in the features of {self.name}")
+    return features, labels
+
 
 @dataclasses.dataclass(frozen=True)
 class Splits:
-  train: Split
-  validation: Split
+  train: Split | DatasetSplit
+  validation: Split | DatasetSplit
 
 
 def _mnist_path(data_dir):
@@ -117,6 +175,8 @@ def load_splits(config: config_lib.Config) -> Splits:
     DataError: the data cannot be loaded, or the split leaves no training
       example.
   """
+  if config_lib.is_import_path(config.dataset):
+    return _load_user_splits(config)
   num_val = config.num_validation_examples
   if config.dataset == "mnist":
     images, labels = load_mnist(config.data_dir)
@@ -130,6 +190,7 @@ def load_splits(config: config_lib.Config) -> Splits:
 
   images = np.asarray(images, dtype=np.uint8).reshape((-1,) + IMAGE_SHAPE)
   labels = np.asarray(labels, dtype=np.int32).reshape(-1)
+  check_labels(labels, f"--dataset={config.dataset}")
   if num_val >= len(labels):
     raise DataError(
         f"--num_validation_examples={num_val} leaves no training examples in "
@@ -142,10 +203,56 @@ def load_splits(config: config_lib.Config) -> Splits:
   return Splits(train=train, validation=Split(images[cut:], labels[cut:]))
 
 
-def _to_features(images, labels):
-  features = tf.reshape(tf.cast(images, tf.float32) / 255.0,
-                        [-1, NUM_FEATURES])
-  return features, labels
+def check_labels(labels: np.ndarray, where: str) -> None:
+  """Raises DataError naming the first label outside [0, NUM_CLASSES).
+
+  GPU kernels of sparse cross-entropy return NaN for such labels instead of
+  failing, so in-memory labels are checked once, before training.
+  """
+  bad = np.flatnonzero((labels < 0) | (labels >= NUM_CLASSES))
+  if bad.size:
+    raise DataError(
+        f"{where}: label {labels[bad[0]]} of example {bad[0]} is outside "
+        f"[0, {NUM_CLASSES}) ({bad.size} such labels; {NUM_CLASSES} classes)")
+
+
+def _load_user_splits(config: config_lib.Config) -> Splits:
+  """Calls the user's dataset_fn for "train" and "validation" and checks them."""
+  dataset_fn = plugins.load_function("dataset", config.dataset)
+  splits = {}
+  for name in ("train", "validation"):
+    dataset = plugins.check_returns(
+        "dataset", config.dataset, dataset_fn(name, config), tf.data.Dataset,
+        "a tf.data.Dataset")
+    where = f"--dataset={config.dataset} ({name})"
+    spec = dataset.element_spec
+    if not (isinstance(spec, tuple) and len(spec) == 2):
+      raise plugins.PluginError(
+          f"{where} must yield (features, labels) pairs, got {spec}")
+    labels = spec[1]
+    if labels.shape.rank != 0 or not labels.dtype.is_integer:
+      raise plugins.PluginError(
+          f"{where} must yield unbatched examples with a scalar integer "
+          f"label, got labels of shape {labels.shape} and type "
+          f"{labels.dtype.name}")
+    if name == "train" and config.num_train_examples is not None:
+      dataset = dataset.take(config.num_train_examples)
+    splits[name] = DatasetSplit(dataset, _count(dataset, where), where)
+  if not len(splits["train"]):
+    raise DataError(f"--dataset={config.dataset} (train) is empty")
+  return Splits(**splits)
+
+
+def _count(dataset, where):
+  """The number of examples: known to tf.data, else counted in one pass."""
+  cardinality = int(dataset.cardinality())
+  if cardinality == tf.data.INFINITE_CARDINALITY:
+    raise plugins.PluginError(
+        f"{where} is infinite: return one pass over the data, dist_train "
+        "repeats it per epoch")
+  if cardinality >= 0:
+    return cardinality
+  return int(dataset.reduce(np.int64(0), lambda count, _: count + 1))
 
 
 def shuffle_seed(seed: int, epoch: int) -> int:
@@ -157,24 +264,60 @@ def shuffle_seed(seed: int, epoch: int) -> int:
   return seed * 1_000_003 + epoch
 
 
-def make_train_dataset(split: Split, *, global_batch_size: int,
+def _shard_by_data(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """Marks `ds` to be split across workers by data, not by files.
+
+  With several workers, each one builds the same global batches and keeps
+  its slice of every batch, so each global step consumes the single-device
+  batch (a partial last batch too). Sharding by files (what AUTO tries first)
+  would give workers batches of their own files instead.
+  """
+  options = tf.data.Options()
+  options.experimental_distribute.auto_shard_policy = (
+      tf.data.experimental.AutoShardPolicy.DATA)
+  return ds.with_options(options)
+
+
+def _gather_batches(split: Split, index_batches: tf.data.Dataset):
+  """Global batches gathered from the decoded split by batches of indices.
+
+  Shuffling and batching example indices gives the order that shuffling the
+  examples themselves gives (the order depends on the seed only), at a
+  fraction of the cost; each batch is then one gather from memory, with no
+  decoding and no Python per step.
+  """
+  features, labels = split.decoded
+  ds = index_batches.map(
+      lambda indices: (tf.gather(features, indices), tf.gather(labels, indices)),
+      num_parallel_calls=tf.data.AUTOTUNE)
+  return _shard_by_data(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def make_train_dataset(split, *, global_batch_size: int,
                        shuffle_buffer: int, seed: int,
                        epoch: int) -> tf.data.Dataset:
   """One epoch of shuffled global batches; the last one may be partial."""
-  ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
+  if isinstance(split, Split):
+    indices = tf.data.Dataset.range(len(split)).shuffle(
+        shuffle_buffer, seed=shuffle_seed(seed, epoch),
+        reshuffle_each_iteration=False)
+    return _gather_batches(split, indices.batch(global_batch_size))
+  ds = split.examples()
   ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed(seed, epoch),
                   reshuffle_each_iteration=False)
   ds = ds.batch(global_batch_size, drop_remainder=False)
-  ds = ds.map(_to_features, num_parallel_calls=tf.data.AUTOTUNE)
-  return ds.prefetch(tf.data.AUTOTUNE)
+  ds = ds.map(split.preprocess_batch, num_parallel_calls=tf.data.AUTOTUNE)
+  return _shard_by_data(ds.prefetch(tf.data.AUTOTUNE))
 
 
-def make_eval_dataset(split: Split, *, global_batch_size: int) -> tf.data.Dataset:
+def make_eval_dataset(split, *, global_batch_size: int) -> tf.data.Dataset:
   """The split in order, in global batches; the last one may be partial."""
-  ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
-  ds = ds.batch(global_batch_size, drop_remainder=False)
-  ds = ds.map(_to_features, num_parallel_calls=tf.data.AUTOTUNE)
-  return ds.prefetch(tf.data.AUTOTUNE)
+  if isinstance(split, Split):
+    return _gather_batches(
+        split, tf.data.Dataset.range(len(split)).batch(global_batch_size))
+  ds = split.examples().batch(global_batch_size, drop_remainder=False)
+  ds = ds.map(split.preprocess_batch, num_parallel_calls=tf.data.AUTOTUNE)
+  return _shard_by_data(ds.prefetch(tf.data.AUTOTUNE))
 
 
 def num_batches(num_examples: int, global_batch_size: int) -> int:

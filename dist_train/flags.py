@@ -80,10 +80,25 @@ flags.DEFINE_integer(
     "intervals and epoch ends.")
 flags.DEFINE_integer(
     "keep_checkpoints", 5, "How many recent checkpoints to keep.")
+flags.DEFINE_integer(
+    "checkpoint_every_steps", None,
+    "Also checkpoint every N global steps (always at epoch ends).")
+flags.DEFINE_enum(
+    "on_corrupt_checkpoint", "fail", config_lib.ON_CORRUPT_CHECKPOINT,
+    "When the latest checkpoint cannot be read: fail (naming the file), or "
+    "fall back to the newest intact one (previous) with a warning.")
 flags.DEFINE_bool(
     "export_saved_model", False,
     "Besides <model_dir>/export/model.keras, write a TensorFlow SavedModel to "
     "<model_dir>/export/saved_model.")
+flags.DEFINE_enum(
+    "mixed_precision", "float32", config_lib.MIXED_PRECISION_POLICIES,
+    "Keras dtype policy of the model. mixed_float16 and mixed_bfloat16 "
+    "compute in 16 bits with float32 variables; the output layer and the loss "
+    "stay float32; mixed_float16 scales the loss (LossScaleOptimizer).")
+flags.DEFINE_bool(
+    "jit_compile", False,
+    "Compile each replica's forward and backward pass with XLA.")
 flags.DEFINE_integer(
     "hidden_units", 64, "Width of the two hidden Dense layers.")
 flags.DEFINE_float(
@@ -99,14 +114,34 @@ _KERNEL_L2 = flags.DEFINE_float(
     "kernel_l2", 0.0, "L2 kernel regularization factor on every Dense layer.")
 flags.DEFINE_enum(
     "strategy", "auto", config_lib.STRATEGIES,
-    "auto: mirrored over all local devices. mirrored: MirroredStrategy. "
-    "one_device: a single device (first GPU, else CPU).")
+    "auto: multi_worker when the cluster (see --cluster) has several tasks, "
+    "else mirrored over all local devices. mirrored: MirroredStrategy. "
+    "one_device: a single device (first GPU, else CPU). multi_worker: "
+    "MultiWorkerMirroredStrategy over every worker of the cluster.")
 flags.DEFINE_integer(
     "num_gpus", None, "Use at most this many local GPUs. Default: all.")
 flags.DEFINE_integer(
     "cpu_replicas", None,
     "Hide GPUs and split the CPU into N logical devices, one replica each: "
     "the distributed code paths on any machine.")
+flags.DEFINE_enum(
+    "cluster", "auto", config_lib.CLUSTERS,
+    "Where multi_worker finds its cluster. tf_config: the TF_CONFIG "
+    "environment variable. slurm: the srun job step (SlurmClusterResolver). "
+    "auto: TF_CONFIG when it is set, else a SLURM step of several tasks.")
+flags.DEFINE_enum(
+    "collective", "auto", config_lib.COLLECTIVES,
+    "Cross-worker all-reduce of multi_worker: auto, ring (gRPC) or nccl "
+    "(GPUs).")
+flags.DEFINE_float(
+    "collective_timeout_s", 300.0,
+    "A multi_worker collective that waits longer than this for a peer fails "
+    "the run instead of hanging. Must exceed the longest time one worker "
+    "spends outside collectives while the others wait.")
+flags.DEFINE_integer(
+    "slurm_port_base", 8888,
+    "With --cluster=slurm, the tasks on a node listen on this port and the "
+    "next ones.")
 
 flags.mark_flag_as_required("model_dir")
 

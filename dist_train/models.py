@@ -20,7 +20,9 @@ class ActivitySumLoss(keras.layers.Layer):
     self.coefficient = coefficient
 
   def call(self, inputs):
-    self.add_loss(self.coefficient * keras.ops.sum(inputs))
+    # Summed in float32: under mixed precision a float16 sum can overflow.
+    self.add_loss(self.coefficient * keras.ops.sum(
+        keras.ops.cast(inputs, "float32")))
     return inputs
 
   def get_config(self):
@@ -56,8 +58,9 @@ def create_cnn(config: config_lib.Config) -> keras.Model:
   x = keras.layers.Flatten()(x)
   x = keras.layers.Dense(config.hidden_units, activation="relu",
                          kernel_regularizer=regularizer, name="dense_1")(x)
+  # float32 under any mixed-precision policy: logits and loss stay float32.
   outputs = keras.layers.Dense(data.NUM_CLASSES, kernel_regularizer=regularizer,
-                               name="predictions")(x)
+                               dtype="float32", name="predictions")(x)
   return keras.Model(inputs=inputs, outputs=outputs, name="mnist_cnn")
 
 
@@ -75,6 +78,7 @@ def create_mlp(config: config_lib.Config) -> keras.Model:
     x = ActivitySumLoss(config.activity_regularization, name="activity_loss")(x)
   x = keras.layers.Dense(config.hidden_units, activation="relu",
                          kernel_regularizer=regularizer, name="dense_2")(x)
+  # float32 under any mixed-precision policy: logits and loss stay float32.
   outputs = keras.layers.Dense(data.NUM_CLASSES, kernel_regularizer=regularizer,
-                               name="predictions")(x)
+                               dtype="float32", name="predictions")(x)
   return keras.Model(inputs=inputs, outputs=outputs, name="mnist_mlp")

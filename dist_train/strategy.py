@@ -1,13 +1,25 @@
 """The one place that configures devices and builds the tf.distribute strategy.
 
 Call `create_strategy` once, before any other TensorFlow op: logical CPU devices
-and GPU visibility can only be set before the runtime initialises.
+and GPU visibility can only be set before the runtime initialises, and
+MultiWorkerMirroredStrategy must start its collective runtime first.
 """
+
+import os
+import signal
+import threading
 
 from absl import logging
 import tensorflow as tf
 
+from dist_train import cluster as cluster_lib
 from dist_train import config as config_lib
+
+_COLLECTIVES = {
+    "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
+    "ring": tf.distribute.experimental.CommunicationImplementation.RING,
+    "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
+}
 
 
 def configure_cpu_replicas(num_replicas: int) -> list[str]:
@@ -46,10 +58,18 @@ def _local_gpus(num_gpus):
 def create_strategy(config: config_lib.Config) -> tf.distribute.Strategy:
   """Builds the strategy the config asks for.
 
-  auto and mirrored: MirroredStrategy over the local GPUs (at most
-  `num_gpus`), else over the CPU; with `cpu_replicas`, over that many logical
-  CPU devices. one_device: the first GPU, else the CPU.
+  mirrored: MirroredStrategy over the local GPUs (at most `num_gpus`), else
+  over the CPU; with `cpu_replicas`, over that many logical CPU devices.
+  one_device: the first GPU, else the CPU. multi_worker: see
+  `create_multi_worker_strategy`. auto: multi_worker when the cluster in the
+  environment has several tasks, else mirrored.
+
+  Raises:
+    config_lib.ConfigError: the flags contradict the cluster environment.
   """
+  name = cluster_lib.resolve_strategy(config, os.environ)
+  if name == "multi_worker":
+    return create_multi_worker_strategy(config)
   if config.cpu_replicas is not None:
     devices = configure_cpu_replicas(config.cpu_replicas)
   elif config.num_gpus == 0:
@@ -58,15 +78,86 @@ def create_strategy(config: config_lib.Config) -> tf.distribute.Strategy:
   else:
     devices = _local_gpus(config.num_gpus) or ["/cpu:0"]
 
-  if config.strategy == "one_device":
+  if name == "one_device":
     strategy = tf.distribute.OneDeviceStrategy(devices[0])
-  elif config.strategy in ("auto", "mirrored"):
+  elif name == "mirrored":
     strategy = tf.distribute.MirroredStrategy(devices=devices)
   else:
     raise ValueError(f"unknown strategy {config.strategy!r}")
   logging.info("Strategy %s with %d replica(s) on %s",
                type(strategy).__name__, strategy.num_replicas_in_sync,
                ", ".join(devices))
+  return strategy
+
+
+def create_cluster_resolver(config: config_lib.Config):
+  """The cluster of multi_worker: from TF_CONFIG, the SLURM step, or none.
+
+  With no cluster, the resolver is empty and the strategy has one worker.
+  Must run before any TensorFlow op (it only reads the environment and lists
+  physical devices).
+  """
+  if cluster_lib.find_cluster(config, os.environ) == "slurm":
+    return _slurm_cluster_resolver(config)
+  return tf.distribute.cluster_resolver.TFConfigClusterResolver()
+
+
+def _slurm_cluster_resolver(config):
+  step = cluster_lib.slurm_step(os.environ)
+  slurm = tf.distribute.cluster_resolver.SlurmClusterResolver(
+      port_base=config.slurm_port_base,
+      # Only the cluster spec is taken from SlurmClusterResolver. Its GPU
+      # bookkeeping cannot describe CPU-only tasks (0 GPUs per task fails)
+      # and would overwrite the CUDA_VISIBLE_DEVICES SLURM gave the task, so
+      # it gets a layout that always resolves and leaves the GPUs alone.
+      gpus_per_node=step.num_tasks, gpus_per_task=1, auto_set_gpu=False)
+  cluster_spec = slurm.cluster_spec()
+  return tf.distribute.cluster_resolver.SimpleClusterResolver(
+      cluster_spec, task_type=slurm.task_type, task_id=slurm.task_id,
+      num_accelerators={"GPU": len(tf.config.get_visible_devices("GPU"))},
+      rpc_layer="grpc")
+
+
+def create_multi_worker_strategy(
+    config: config_lib.Config) -> tf.distribute.MultiWorkerMirroredStrategy:
+  """MultiWorkerMirroredStrategy over every worker of the cluster.
+
+  Each worker contributes its local GPUs (at most `num_gpus`), or one CPU
+  replica. `collective` picks the all-reduce and `collective_timeout_s`
+  bounds how long a collective waits for a peer, so a stuck peer fails the
+  run instead of hanging it; a dead peer is also detected by the
+  coordination service's heartbeats.
+  """
+  if config.num_gpus is not None:
+    gpus = tf.config.list_physical_devices("GPU")
+    tf.config.set_visible_devices(gpus[:config.num_gpus], "GPU")
+  resolver = create_cluster_resolver(config)
+  options = tf.distribute.experimental.CommunicationOptions(
+      implementation=_COLLECTIVES[config.collective],
+      timeout_seconds=config.collective_timeout_s)
+  sigterm_handler = signal.getsignal(signal.SIGTERM)
+  strategy = tf.distribute.MultiWorkerMirroredStrategy(
+      cluster_resolver=resolver, communication_options=options)
+  if (sigterm_handler is not None
+      and threading.current_thread() is threading.main_thread()):
+    # The strategy's coordination service replaces the SIGTERM handler with
+    # one that only records a notice for TensorFlow's own preemption
+    # handling, which dist_train does not use: SIGTERM would no longer stop
+    # the worker, and a launcher or scheduler (scancel, pod deletion) would
+    # wait for its kill timeout. Restore the handler in place before.
+    signal.signal(signal.SIGTERM, sigterm_handler)
+  cluster_spec = resolver.cluster_spec()
+  num_workers = max(1, sum(cluster_spec.num_tasks(job)
+                           for job in cluster_spec.jobs))
+  task = (f"{resolver.task_type}:{resolver.task_id}"
+          if resolver.task_type is not None else "the only worker")
+  logging.info(
+      "Strategy MultiWorkerMirroredStrategy with %d replica(s) on %d "
+      "worker(s); this is task %s%s; collective %s, timeout %gs",
+      strategy.num_replicas_in_sync, num_workers, task,
+      "" if is_chief(strategy) else
+      " (not the chief: the chief logs the progress and writes model_dir)",
+      config.collective, config.collective_timeout_s)
   return strategy
 
 
@@ -79,3 +170,10 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
   if resolver is None or resolver.task_type is None:
     return True
   return strategy.extended.should_checkpoint
+
+
+def num_workers(strategy: tf.distribute.Strategy) -> int:
+  """How many worker processes take part in `strategy` (1 on one host)."""
+  # MultiWorkerMirroredStrategy keeps its worker count on the extended object;
+  # single-host strategies have none.
+  return getattr(strategy.extended, "_num_workers", 1)

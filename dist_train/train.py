@@ -24,6 +24,7 @@ from dist_train import export
 from dist_train import models
 from dist_train import optimizers
 from dist_train import plugins
+from dist_train import precision
 from dist_train import strategy as strategy_lib
 from dist_train import summaries
 from dist_train import trainer as trainer_lib
@@ -45,11 +46,12 @@ class _Run:
 
 
 def _build(config, model_fn, strategy) -> _Run:
-  """Loads the data, then builds strategy, model, optimizer and loop objects."""
+  """Builds the strategy (first: before any other TensorFlow op, which a user
+  dataset_fn may run), then data, model, optimizer and loop objects."""
   model_fn = model_fn or models.create_model
-  splits = data.load_splits(config)
   if strategy is None:
     strategy = strategy_lib.create_strategy(config)
+  splits = data.load_splits(config)
   is_chief = strategy_lib.is_chief(strategy)
   total_steps = config.epochs * data.num_batches(len(splits.train),
                                                  config.global_batch_size)
@@ -57,25 +59,40 @@ def _build(config, model_fn, strategy) -> _Run:
   # Identical initial weights in every process and for every replica count.
   keras.utils.set_random_seed(config.seed)
   with strategy.scope():
-    model = model_fn(config)
+    with precision.policy_scope(config.mixed_precision):
+      model = model_fn(config)
     plugins.check_model_fits("model", config.model, model,
-                             (data.NUM_FEATURES,))
-    optimizer = optimizers.create_optimizer(config, total_steps)
+                             splits.train.feature_shape)
+    optimizer = precision.wrap_optimizer(
+        optimizers.create_optimizer(config, total_steps),
+        config.mixed_precision)
     # Built now, so that a checkpoint restores into existing slot variables.
     optimizer.build(model.trainable_variables)
   trainer = trainer_lib.Trainer(
       strategy=strategy, model=model, optimizer=optimizer,
       add_loss_reduction=config.add_loss_reduction,
-      clip_norm=config.clip_norm)
+      clip_norm=config.clip_norm, jit_compile=config.jit_compile)
   checkpoint = checkpoints.RunCheckpoint(
       checkpoints.checkpoint_dir(config.model_dir), model=model,
-      optimizer=optimizer, max_to_keep=config.keep_checkpoints)
+      optimizer=optimizer, max_to_keep=config.keep_checkpoints,
+      is_chief=is_chief, on_corrupt=config.on_corrupt_checkpoint)
   summary_writers = summaries.SummaryWriters(config.model_dir, enabled=is_chief)
   controller = controller_lib.Controller(
       config=config, strategy=strategy, trainer=trainer, splits=splits,
       checkpoint=checkpoint, summary_writers=summary_writers,
       is_chief=is_chief)
   return _Run(strategy, controller, summary_writers, checkpoint, is_chief)
+
+
+def _describe_run(run: _Run, config: config_lib.Config) -> None:
+  """Logs the configuration and the model to TensorBoard (chief only)."""
+  model = run.controller.model
+  lines = []
+  model.summary(print_fn=lambda line, **kwargs: lines.append(line))
+  hparams = dataclasses.asdict(config)
+  hparams["num_replicas"] = run.strategy.num_replicas_in_sync
+  run.summary_writers.write_run_description(
+      hparams, "\n".join(lines), model.count_params())
 
 
 def train_and_evaluate(
@@ -105,7 +122,13 @@ def train_and_evaluate(
   if validate is None:
     validate = config.mode != "train"
   run = _build(config, model_fn, strategy)
+  if validate and not run.controller.num_validation_examples:
+    raise data.DataError(
+        f"the validation split of --dataset={config.dataset} is empty: give "
+        "--num_validation_examples > 0, or --mode=train to train without "
+        "validation")
   try:
+    _describe_run(run, config)
     result = run.controller.run(validate=validate)
   finally:
     run.summary_writers.close()
@@ -130,6 +153,9 @@ def evaluate(config: config_lib.Config, *, model_fn: Optional[ModelFn] = None,
     if not run.checkpoint.restore_latest_model():
       raise NoCheckpointError(
           f"no checkpoint to evaluate in {run.checkpoint.directory}")
+    if not run.controller.num_validation_examples:
+      raise data.DataError(
+          f"the validation split of --dataset={config.dataset} is empty")
     metrics = run.controller.evaluate()
   finally:
     run.summary_writers.close()

@@ -15,7 +15,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def subprocess_env(overrides=None):
-  env = dict(os.environ)
+  # A cluster around the test run (TF_CONFIG, a SLURM job step) would make
+  # --strategy=auto multi_worker; tests that want one set their own.
+  env = {name: value for name, value in os.environ.items()
+         if name != "TF_CONFIG" and not name.startswith("SLURM_")}
   env.update(overrides or {})
   env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -35,10 +38,10 @@ def run_python(args, *, timeout=300, check=False, env_overrides=None):
   return result
 
 
-def run_cli(*flags, timeout=300, check=False):
+def run_cli(*flags, timeout=300, check=False, env_overrides=None):
   """Runs `python -m dist_train.main FLAGS`."""
   return run_python(["-m", "dist_train.main", *flags], timeout=timeout,
-                    check=check)
+                    check=check, env_overrides=env_overrides)
 
 
 @pytest.fixture

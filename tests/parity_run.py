@@ -43,12 +43,50 @@ CASES = {
     "reference_clip": dict(activity_regularization=1e-4,
                            add_loss_reduction="sum", clip_norm=0.05,
                            model="reference"),
+    # A user dataset_fn and model_fn (tests/plugin_fixtures.py): 300
+    # examples in batches of 32, the last with 12; 20 steps.
+    "user_plugins": dict(dataset="tests.plugin_fixtures:blobs",
+                         global_batch_size=32, model="blobs"),
+    # reference_sum in the speed modes (tests/test_speed_modes.py).
+    "reference_steps_per_loop_1": dict(activity_regularization=1e-4,
+                                       add_loss_reduction="sum",
+                                       steps_per_loop=1, model="reference"),
+    "reference_jit": dict(activity_regularization=1e-4,
+                          add_loss_reduction="sum", jit_compile=True,
+                          model="reference"),
+    "reference_bfloat16": dict(activity_regularization=1e-4,
+                               add_loss_reduction="sum",
+                               mixed_precision="mixed_bfloat16",
+                               model="reference"),
+    "reference_float16": dict(activity_regularization=1e-4,
+                              add_loss_reduction="sum",
+                              mixed_precision="mixed_float16",
+                              model="reference"),
     # The reference sum layer wrongly declared a mean: replicas must diverge,
     # which shows the parity test can fail.
     "reference_declared_mean": dict(activity_regularization=1e-4,
                                     add_loss_reduction="mean",
                                     model="reference"),
 }
+
+
+# Settings every case shares; each is a Config field and a flag of that name.
+COMMON = dict(dataset="synthetic", num_validation_examples=150, epochs=2,
+              learning_rate=0.05, kernel_l2=1e-3, seed=3, log_every_steps=4,
+              steps_per_loop=3)
+
+
+def cli_flags(case, **overrides):
+  """The `dist_train.main` flags that train `case` (a reference-model case).
+
+  For runs through the command line, such as the multi-worker parity tests.
+  """
+  settings = dict(COMMON, num_train_examples=700, global_batch_size=64,
+                  **CASES[case])
+  if settings.pop("model") != "reference":
+    raise ValueError(f"case {case} needs a model_fn the command line lacks")
+  settings.update(overrides)
+  return [f"--{name}={value}" for name, value in settings.items()]
 
 
 def main():
@@ -66,14 +104,16 @@ def main():
   from dist_train import train  # pylint: disable=import-outside-toplevel
 
   overrides = dict(CASES[args.case])
+  from tests import plugin_fixtures  # pylint: disable=import-outside-toplevel
   model_fn = {"reference": models.create_model,
-              "keras_activity": keras_activity_model}[overrides.pop("model")]
+              "keras_activity": keras_activity_model,
+              "blobs": plugin_fixtures.blob_model}[overrides.pop("model")]
   config = config_lib.Config(
-      model_dir=tempfile.mkdtemp(prefix="parity_"), dataset="synthetic",
-      num_train_examples=args.num_train_examples, num_validation_examples=150,
-      global_batch_size=args.global_batch_size, epochs=2, learning_rate=0.05,
-      kernel_l2=1e-3, seed=3, log_every_steps=4, steps_per_loop=3,
-      cpu_replicas=args.cpu_replicas, **overrides)
+      model_dir=tempfile.mkdtemp(prefix="parity_"),
+      num_train_examples=args.num_train_examples,
+      global_batch_size=overrides.pop("global_batch_size",
+                                      args.global_batch_size),
+      cpu_replicas=args.cpu_replicas, **{**COMMON, **overrides})
   result = train.train_and_evaluate(config, model_fn=model_fn)
   weights = {f"weight_{i}": v.numpy()
              for i, v in enumerate(result.model.trainable_variables)}

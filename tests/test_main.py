@@ -1,13 +1,13 @@
 """The command line end to end: real runs, event files and checkpoints read back."""
 
 import os
+import re
 import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorboard.backend.event_processing import event_accumulator
-
+from dist_train import summaries
 from tests import conftest
 
 CPU_TEST_FLAGS = f"--flagfile={conftest.FLAGS_DIR}/cpu_test.cfg"
@@ -17,14 +17,7 @@ STEPS_PER_EPOCH = 19
 
 def read_scalars(directory):
   """{tag: [(step, value), ...]} from the TensorBoard event files in directory."""
-  accumulator = event_accumulator.EventAccumulator(
-      directory, size_guidance={event_accumulator.TENSORS: 0})
-  accumulator.Reload()
-  return {
-      tag: [(e.step, float(tf.make_ndarray(e.tensor_proto)))
-            for e in accumulator.Tensors(tag)]
-      for tag in accumulator.Tags()["tensors"]
-  }
+  return summaries.read_scalars(directory)
 
 
 def read_checkpoint(model_dir):
@@ -53,8 +46,8 @@ def test_writes_event_files_with_the_expected_tags(trained_dir):
   model_dir, _ = trained_dir
   train = read_scalars(os.path.join(model_dir, "train"))
   validation = read_scalars(os.path.join(model_dir, "validation"))
-  assert {"loss", "accuracy", "learning_rate",
-          "examples_per_second"} <= set(train)
+  assert {"loss", "accuracy", "learning_rate", "examples_per_second",
+          "steps_per_second"} <= set(train)
   assert {"loss", "accuracy"} <= set(validation)
   # Steps are global optimizer steps: every 5 steps (log_every_steps) for
   # training, each epoch end for validation.
@@ -64,6 +57,11 @@ def test_writes_event_files_with_the_expected_tags(trained_dir):
   assert all(value == pytest.approx(0.05) for _, value in
              train["learning_rate"])
   assert all(value > 0 for _, value in train["examples_per_second"])
+  # Both rates are over the same interval: their ratio is the examples per
+  # step, 32 (a global batch) or less where an epoch's last batch of 24 is in.
+  for (_, examples), (_, steps) in zip(train["examples_per_second"],
+                                       train["steps_per_second"]):
+    assert 24 <= examples / steps <= 32 + 1e-3, (examples, steps)
   losses = [value for _, value in train["loss"]]
   assert losses[-1] < losses[0], losses  # It learns.
 
@@ -73,6 +71,7 @@ def test_console_reports_steps_and_epochs(trained_dir):
   log = result.stderr
   assert "step 10 | epoch 1/2 | loss " in log
   assert "examples 320 | examples/s " in log
+  assert re.search(r"examples/s \d+ \| steps/s \d+\.\d", log), log[-2000:]
   assert "epoch 2/2 done at step 38 | train loss" in log
   assert "validation loss" in log
 
@@ -121,7 +120,7 @@ def test_rerun_resumes_from_the_latest_checkpoint(trained_dir, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--flagfile=/nonexistent/flags.cfg"], "Unable to open flagfile"),
     (["--bogus_flag=1"], "Unknown command line flag 'bogus_flag'"),
-    (["--dataset=imagenet"], "--dataset=imagenet"),
+    (["--dataset=imagenet"], "--dataset must be one of"),
     (["--global_batch_size=0"],
      "--global_batch_size must be positive, got 0"),
     (["--global_batch_size=-4"],

@@ -6,6 +6,7 @@ from dist_train import config as config_lib
 from dist_train import data
 from dist_train import models
 from dist_train import plugins
+from dist_train import summaries
 from tests import conftest
 
 CPU_TEST_FLAGS = f"--flagfile={conftest.FLAGS_DIR}/cpu_test.cfg"
@@ -61,3 +62,49 @@ def test_model_flag_without_function_is_refused_at_once(tmp_path):
                      match="--model must be one of mlp|cnn or package"):
     config_lib.Config(model_dir=str(tmp_path),
                       model="tests.plugin_fixtures")
+
+
+def test_user_model_and_dataset_train_with_two_replicas(tmp_path):
+  result = conftest.run_cli(
+      f"--model_dir={tmp_path / 'run'}", "--cpu_replicas=2",
+      "--dataset=tests.plugin_fixtures:blobs",
+      "--model=tests.plugin_fixtures:blob_model", "--global_batch_size=32",
+      "--epochs=3", "--learning_rate=0.1", "--log_every_steps=5",
+      check=True)
+  assert "Training 300 examples, validating 90" in result.stderr
+  assert "with 2 replica(s)" in result.stderr
+  assert "epoch 3/3 done at step 30" in result.stderr
+  validation = summaries.read_scalars(str(tmp_path / "run" / "validation"))
+  assert validation["accuracy"][-1][1] > 0.9  # Separable blobs are learnt.
+
+
+@pytest.mark.parametrize("dataset, message", [
+    ("tests.plugin_fixtures:returns_list",
+     "must return a tf.data.Dataset, got list"),
+    ("tests.plugin_fixtures:batched_blobs",
+     "must yield unbatched examples with a scalar integer label, got labels "
+     "of shape (None,)"),
+    ("tests.plugin_fixtures:features_only",
+     "must yield (features, labels) pairs"),
+    ("tests.plugin_fixtures:infinite_blobs", "(train) is infinite"),
+    ("tests.plugin_fixtures:nothing_here",
+     "module 'tests.plugin_fixtures' has no attribute 'nothing_here'"),
+])
+def test_malformed_dataset_plugins_fail_clearly(tmp_path, dataset, message):
+  config = config_lib.Config(model_dir=str(tmp_path), dataset=dataset)
+  with pytest.raises(plugins.PluginError) as error:
+    data.load_splits(config)
+  assert f"--dataset={dataset}" in str(error.value)
+  assert message in str(error.value)
+
+
+def test_user_dataset_is_checked_against_the_model(tmp_path):
+  config = config_lib.Config(model_dir=str(tmp_path),
+                             dataset="tests.plugin_fixtures:blobs")
+  splits = data.load_splits(config)
+  assert (len(splits.train), len(splits.validation)) == (300, 90)
+  with pytest.raises(plugins.PluginError,
+                     match=r"inputs of shape \(784,\) per example, but the "
+                           r"data has features of shape \(12,\)"):
+    plugins.check_model_fits("model", "mlp", models.create_model(config),
+                             splits.train.feature_shape)

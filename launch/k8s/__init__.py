@@ -1,0 +1,1 @@
+"""Kubernetes: an Indexed Job of dist_train workers (see job.yaml)."""

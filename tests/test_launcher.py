@@ -1,0 +1,158 @@
+"""The launcher supervising real processes: small Python workers, no TF."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from dist_train import launcher
+from tests import conftest
+
+
+def _worker(code):
+  return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+def _alive(pid):
+  """True while `pid` runs (a zombie does not count)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except FileNotFoundError:
+    return False
+
+
+def _pids(err_text):
+  """{worker index: pid} from the `started worker i (pid N)` lines."""
+  pids = {}
+  for line in err_text.splitlines():
+    if "] started worker " in line:
+      words = line.split("started worker ", 1)[1].split()
+      pids[int(words[0])] = int(words[2].rstrip("):"))
+  return pids
+
+
+def _run(commands, **kwargs):
+  out, err = io.StringIO(), io.StringIO()
+  start = time.monotonic()
+  code = launcher.run_workers(commands, [conftest.subprocess_env()] * len(
+      commands), out=out, err=err, **kwargs)
+  return code, out.getvalue(), err.getvalue(), time.monotonic() - start
+
+
+def test_output_is_prefixed_and_success_is_zero():
+  code, out, err, _ = _run([
+      _worker("print('hello from 0'); print('bye')"),
+      _worker("import sys; print('hello from 1', file=sys.stderr)")])
+  assert code == 0
+  assert "[worker 0] hello from 0\n" in out
+  assert "[worker 0] bye\n" in out
+  assert "[worker 1] hello from 1\n" in out
+  assert "[launcher] all 2 worker(s) finished" in err
+
+
+def test_a_failing_worker_stops_the_others_and_is_named():
+  code, out, err, seconds = _run([
+      _worker("import time; print('waiting', flush=True); time.sleep(120)"),
+      _worker("import time, sys; time.sleep(1); sys.exit(3)")], grace_s=10)
+  pids = _pids(err)
+  assert code == 3  # The failing worker's own exit code.
+  assert (f"[launcher] worker 1 (pid {pids[1]}) failed: it exited with code 3; "
+          "stopping the other 1 worker(s)") in err
+  assert (f"[launcher] stopped worker 0 (pid {pids[0]}): it was killed by "
+          "SIGTERM") in err
+  assert "[worker 0] waiting" in out
+  assert seconds < 30
+  assert not any(_alive(pid) for pid in pids.values())
+
+
+def test_a_worker_ignoring_sigterm_is_killed_after_the_grace_period():
+  code, _, err, seconds = _run([
+      _worker("""
+          import signal, time
+          signal.signal(signal.SIGTERM, signal.SIG_IGN)
+          print('ready', flush=True)
+          time.sleep(120)
+          """),
+      _worker("import time; time.sleep(2); raise SystemExit(1)")], grace_s=2)
+  pids = _pids(err)
+  assert code == 1
+  assert f"worker 0 (pid {pids[0]}) did not stop within 2s; killing it" in err
+  assert f"stopped worker 0 (pid {pids[0]}): it was killed by SIGKILL" in err
+  assert seconds < 30
+  assert not _alive(pids[0])
+
+
+_HARNESS = """
+import os, sys
+from dist_train import launcher
+sleeper = [sys.executable, "-c", '''
+import signal, sys, time
+def on_term(signum, frame):
+  open(sys.argv[1], "w").write("got SIGTERM")
+  sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+print("ready", flush=True)
+time.sleep(120)
+''']
+marks = sys.argv[1:]
+sys.exit(launcher.run_workers([sleeper + [m] for m in marks],
+                              [dict(os.environ)] * len(marks)))
+"""
+
+
+def _start_harness(tmp_path):
+  marks = [str(tmp_path / f"worker{i}.mark") for i in range(2)]
+  process = subprocess.Popen(
+      [sys.executable, "-c", _HARNESS, *marks], cwd=conftest.REPO_ROOT,
+      env=conftest.subprocess_env(), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+  ready = 0
+  while ready < 2:  # Both workers run and have installed their handler.
+    line = process.stdout.readline()
+    assert line, process.stderr.read()
+    ready += line.endswith("] ready\n")
+  return process, marks
+
+
+def test_sigterm_to_the_launcher_is_forwarded_to_the_workers(tmp_path):
+  process, marks = _start_harness(tmp_path)
+  process.send_signal(signal.SIGTERM)
+  out, err = process.communicate(timeout=60)
+  assert process.returncode == 128 + signal.SIGTERM, out + err
+  assert "[launcher] got SIGTERM; forwarding it to the workers" in err
+  for mark in marks:
+    with open(mark) as f:
+      assert f.read() == "got SIGTERM"
+  assert not any(_alive(pid) for pid in _pids(err).values())
+
+
+def test_workers_die_with_a_killed_launcher(tmp_path):
+  process, _ = _start_harness(tmp_path)
+  process.kill()
+  process.wait(timeout=30)
+  err = process.stderr.read()
+  pids = _pids(err)
+  assert len(pids) == 2, err
+  deadline = time.monotonic() + 30
+  while any(_alive(pid) for pid in pids.values()):
+    assert time.monotonic() < deadline, f"workers {pids} outlived the launcher"
+    time.sleep(0.1)
+
+
+def test_commands_and_environments_must_pair():
+  with pytest.raises(ValueError, match="one environment per command, got 1 "
+                                       "for 2 commands"):
+    launcher.run_workers([["true"], ["true"]], [{}])
+
+
+@pytest.mark.parametrize("returncode, text", [
+    (0, "exited with code 0"), (3, "exited with code 3"),
+    (-9, "was killed by SIGKILL"), (-15, "was killed by SIGTERM")])
+def test_describe_exit(returncode, text):
+  assert launcher.describe_exit(returncode) == text

@@ -1,0 +1,381 @@
+"""MultiWorkerMirroredStrategy with real worker processes on loopback.
+
+On CPU each worker is one replica. The parity runs train the reference case of
+`parity_run.py` on 641 examples: 64-example global batches split 32/32 over
+2 workers and 22/22/20 over 3, and the last batch of each epoch holds one
+example, so some workers get an empty slice. Every global step must still
+consume exactly the single-device batch.
+"""
+
+import concurrent.futures
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+from tests import conftest
+from tests import parity_run
+from tests import test_parity
+
+NUM_TRAIN_EXAMPLES = 641  # 10 full global batches of 64, then 1 example.
+STEPS = 22  # 11 an epoch, 2 epochs.
+# Generous: on 2 busy cores one worker may trace for seconds while the others
+# wait in a collective.
+COLLECTIVE_TIMEOUT_S = 120
+PARITY_FLAGS = parity_run.cli_flags(
+    "reference_sum", num_train_examples=NUM_TRAIN_EXAMPLES)
+
+
+class Launch:
+  """A `python -m launch.local` process, its output collected as it comes."""
+
+  def __init__(self, num_workers, args, env_overrides=None):
+    """Runs `launch.local --num_workers=N -- ARGS`, or with ARGS alone."""
+    if num_workers is not None:
+      args = [f"--num_workers={num_workers}", "--", *args]
+    self.process = subprocess.Popen(
+        [sys.executable, "-m", "launch.local", *args],
+        cwd=conftest.REPO_ROOT, env=conftest.subprocess_env(env_overrides),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    self.lines = []
+    self._reader = threading.Thread(target=self._read, daemon=True)
+    self._reader.start()
+
+  def _read(self):
+    for line in self.process.stdout:
+      self.lines.append(line)
+
+  @property
+  def output(self):
+    return "".join(self.lines)
+
+  def wait_for_line(self, pattern, timeout):
+    """The first output line matching `pattern`, waiting up to `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+      for line in list(self.lines):
+        if re.search(pattern, line):
+          return line
+      if self.process.poll() is not None and not self._reader.is_alive():
+        break
+      time.sleep(0.1)
+    raise AssertionError(f"no line matches {pattern!r}:\n{self.output[-6000:]}")
+
+  def worker_pids(self):
+    """{worker index: pid} from the launcher's `started worker` lines."""
+    return {int(i): int(pid) for i, pid in re.findall(
+        r"\[launcher\] started worker (\d+) \(pid (\d+)\)", self.output)}
+
+  def wait(self, timeout):
+    try:
+      self.process.wait(timeout=timeout)
+    finally:
+      if self.process.poll() is None:  # The launcher stops its workers.
+        self.process.terminate()
+        self.process.wait(timeout=60)
+      self._reader.join(timeout=10)
+    return self.process.returncode
+
+  def worker_lines(self, index):
+    prefix = f"[worker {index}] "
+    return [line[len(prefix):] for line in self.lines
+            if line.startswith(prefix)]
+
+
+def _running_processes_mentioning(text):
+  """Pids of the running processes whose command line contains `text`."""
+  pids = []
+  for entry in os.listdir("/proc"):
+    if not entry.isdigit() or int(entry) == os.getpid():
+      continue
+    try:
+      with open(f"/proc/{entry}/cmdline", "rb") as f:
+        cmdline = f.read().decode(errors="replace")
+      with open(f"/proc/{entry}/stat") as f:
+        state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+      continue
+    if text in cmdline and state != "Z":
+      pids.append(int(entry))
+  return pids
+
+
+def _checkpoint_values(model_dir):
+  """(step, {name: array}) of the latest checkpoint in model_dir."""
+  path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+  assert path is not None, f"no checkpoint in {model_dir}"
+  reader = tf.train.load_checkpoint(path)
+  values = {name: reader.get_tensor(name)
+            for name in reader.get_variable_to_shape_map()
+            if name != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+  return int(path.rsplit("-", 1)[1]), values
+
+
+def _max_weight_difference(a_dir, b_dir):
+  (a_step, a), (b_step, b) = _checkpoint_values(a_dir), _checkpoint_values(
+      b_dir)
+  assert a_step == b_step == STEPS
+  assert sorted(a) == sorted(b)
+  weights = [name for name in a
+             if np.asarray(a[name]).dtype.kind == "f" and np.ndim(a[name]) >= 1]
+  assert len(weights) == 6, sorted(a)  # 3 Dense layers: kernels and biases.
+  return max(float(np.max(np.abs(a[n] - b[n]))) for n in weights)
+
+
+def _final_metrics(log, epochs=2):
+  """What follows the step in the last epoch's `done` line: `train loss ...`."""
+  lines = re.findall(rf"epoch {epochs}/{epochs} done at step \d+ \| (.*)", log)
+  assert lines, log[-6000:]
+  return lines[-1].strip()
+
+
+def _consecutive_free_ports(count):
+  """A first port such that it and the next count - 1 are free on loopback."""
+  for _ in range(100):
+    with socket.socket() as probe:
+      probe.bind(("127.0.0.1", 0))
+      first = probe.getsockname()[1]
+    if first + count > 65535:
+      continue
+    sockets = []
+    try:
+      for port in range(first, first + count):
+        s = socket.socket()
+        sockets.append(s)
+        s.bind(("127.0.0.1", port))
+      return first
+    except OSError:
+      continue
+    finally:
+      for s in sockets:
+        s.close()
+  raise RuntimeError(f"found no {count} consecutive free ports")
+
+
+def _run_reference(model_dir):
+  return conftest.run_cli(*PARITY_FLAGS, "--cpu_replicas=1",
+                          f"--model_dir={model_dir}", check=True)
+
+
+def _run_two_workers_with_launcher(model_dir, temp_dir):
+  """Through `launch.local`; the workers' temporary files go to temp_dir."""
+  launch = Launch(2, [*PARITY_FLAGS, f"--model_dir={model_dir}",
+                      f"--collective_timeout_s={COLLECTIVE_TIMEOUT_S}"],
+                  env_overrides={"TMPDIR": temp_dir})
+  launch.wait(timeout=300)
+  return launch
+
+
+def _run_three_workers_as_a_slurm_step(model_dir, log_dir):
+  """Three `dist_train.main` tasks of a fake srun step on this host."""
+  port_base = _consecutive_free_ports(3)
+  processes = []
+  try:
+    for proc_id in range(3):
+      env = conftest.subprocess_env({
+          "SLURM_PROCID": str(proc_id), "SLURM_STEP_NUM_TASKS": "3",
+          "SLURM_STEP_NODELIST": "127.0.0.1",
+          "SLURM_STEP_TASKS_PER_NODE": "3"})
+      log = open(os.path.join(log_dir, f"task{proc_id}.log"), "w+")
+      processes.append((subprocess.Popen(
+          [sys.executable, "-m", "dist_train.main", *PARITY_FLAGS,
+           f"--model_dir={model_dir}", f"--slurm_port_base={port_base}",
+           f"--collective_timeout_s={COLLECTIVE_TIMEOUT_S}"],
+          cwd=conftest.REPO_ROOT, env=env, stdout=log,
+          stderr=subprocess.STDOUT), log))
+    for process, _ in processes:
+      process.wait(timeout=300)
+  finally:
+    for process, _ in processes:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  logs = []
+  for process, log in processes:
+    log.seek(0)
+    logs.append(log.read())
+    log.close()
+  return [process.returncode for process, _ in processes], logs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """The reference and the 2-worker run side by side, then the 3 workers."""
+  root = tmp_path_factory.mktemp("multi_worker")
+  dirs = {name: str(root / name) for name in
+          ("reference", "two_workers", "three_workers", "worker_tmp", "logs")}
+  os.makedirs(dirs["worker_tmp"])
+  os.makedirs(dirs["logs"])
+  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+    reference = pool.submit(_run_reference, dirs["reference"])
+    two = pool.submit(_run_two_workers_with_launcher, dirs["two_workers"],
+                      dirs["worker_tmp"])
+    results = {"reference": reference.result(), "two_workers": two.result()}
+  results["three_workers"] = _run_three_workers_as_a_slurm_step(
+      dirs["three_workers"], dirs["logs"])
+  return dirs, results
+
+
+def test_two_workers_through_the_launcher_match_one_device(runs):
+  dirs, results = runs
+  launch = results["two_workers"]
+  assert launch.process.returncode == 0, launch.output[-6000:]
+  chief_log = "".join(launch.worker_lines(0))
+  assert re.search(r"MultiWorkerMirroredStrategy with 2 replica\(s\) on 2 "
+                   r"worker\(s\); this is task worker:0", chief_log)
+  difference = _max_weight_difference(dirs["reference"], dirs["two_workers"])
+  print(f"2 workers vs 1 device: max weight difference {difference:.2e}")
+  assert difference < test_parity.TOLERANCE
+  # Metrics are aggregated over the workers, as over local replicas.
+  assert _final_metrics(chief_log) == _final_metrics(
+      results["reference"].stderr)
+
+
+def test_three_workers_of_a_slurm_step_match_one_device(runs):
+  dirs, results = runs
+  returncodes, logs = results["three_workers"]
+  assert returncodes == [0, 0, 0], logs[0][-6000:]
+  for proc_id, log in enumerate(logs):
+    assert re.search(
+        rf"with 3 replica\(s\) on 3 worker\(s\); this is task worker:{proc_id}",
+        log), log[-3000:]
+  difference = _max_weight_difference(dirs["reference"],
+                                      dirs["three_workers"])
+  print(f"3 workers vs 1 device: max weight difference {difference:.2e}")
+  assert difference < test_parity.TOLERANCE
+  assert _final_metrics(logs[0]) == _final_metrics(
+      results["reference"].stderr)
+
+
+def _event_files(model_dir):
+  return sorted(os.path.join(d, f) for d, _, files in os.walk(model_dir)
+                for f in files if ".tfevents." in f)
+
+
+def _scalar_steps(directory, tag):
+  accumulator = event_accumulator.EventAccumulator(
+      directory, size_guidance={event_accumulator.TENSORS: 0})
+  accumulator.Reload()
+  return [event.step for event in accumulator.Tensors(tag)]
+
+
+def test_only_the_chief_writes_events_and_checkpoints(runs):
+  dirs, results = runs
+  launch = results["two_workers"]
+  model_dir = dirs["two_workers"]
+  pids = launch.worker_pids()
+  event_files = _event_files(model_dir)
+  # One writer per split, each named by the chief's pid.
+  assert [os.path.relpath(os.path.dirname(f), model_dir)
+          for f in event_files] == ["train", "validation"]
+  assert all(f".{pids[0]}." in os.path.basename(f) for f in event_files)
+  assert _scalar_steps(os.path.join(model_dir, "train"),
+                       "loss") == [4, 8, 12, 16, 20]
+  assert _scalar_steps(os.path.join(model_dir, "validation"),
+                       "accuracy") == [11, 22]
+
+  checkpoint_dir = os.path.join(model_dir, "checkpoints")
+  assert sorted(os.listdir(checkpoint_dir)) == [
+      "checkpoint", "ckpt-11.data-00000-of-00001", "ckpt-11.index",
+      "ckpt-22.data-00000-of-00001", "ckpt-22.index"]
+  # Worker 1 saved too (collectives need every worker), into temporary
+  # directories it removed.
+  removed = [line for line in launch.worker_lines(1)
+             if "Saved this worker's copy of the checkpoint" in line]
+  assert len(removed) == 2, launch.output[-6000:]
+  assert os.listdir(dirs["worker_tmp"]) == []
+
+  # The console summary is the chief's; worker 1 only says who it is.
+  assert any("step 20 | epoch 2/2 | loss" in line
+             for line in launch.worker_lines(0))
+  assert not any(re.search(r"\| loss|done at step", line)
+                 for line in launch.worker_lines(1))
+  assert any("this is task worker:1 (not the chief" in line
+             for line in launch.worker_lines(1))
+
+
+def _long_run_flags(model_dir, collective_timeout_s):
+  """A run far longer than the tests wait: killed or stopped mid-way."""
+  return ["--dataset=synthetic", "--num_train_examples=2000",
+          "--num_validation_examples=100", "--global_batch_size=64",
+          "--epochs=1000", "--log_every_steps=5", "--steps_per_loop=5",
+          "--learning_rate=0.01", f"--model_dir={model_dir}",
+          f"--collective_timeout_s={collective_timeout_s}"]
+
+
+@pytest.mark.parametrize("stop_signal, collective_timeout_s", [
+    # A dead worker: the launcher sees it exit.
+    (signal.SIGKILL, COLLECTIVE_TIMEOUT_S),
+    # A stuck worker: the launcher sees nothing; its peer must fail the run.
+    (signal.SIGSTOP, 20),
+], ids=["dead_worker", "stuck_worker"])
+def test_a_failed_worker_ends_the_run_within_the_bound(tmp_path, stop_signal,
+                                                       collective_timeout_s):
+  model_dir = str(tmp_path / "run")
+  launch = Launch(2, _long_run_flags(model_dir, collective_timeout_s))
+  try:
+    launch.wait_for_line(r"^\[worker 0\] .*step 10 \| epoch 1/1000", 240)
+    pids = launch.worker_pids()
+    os.kill(pids[1], stop_signal)
+    stopped = time.monotonic()
+    bound = collective_timeout_s + 30
+    returncode = launch.wait(timeout=bound + 60)
+    seconds = time.monotonic() - stopped
+  finally:
+    if launch.process.poll() is None:
+      launch.process.kill()
+      launch.wait(timeout=60)
+  print(f"{stop_signal.name} to worker 1: the launcher exited {returncode} "
+        f"after {seconds:.1f}s (bound {bound}s)")
+  assert returncode == 1, launch.output[-6000:]
+  assert seconds < bound, launch.output[-6000:]
+  if stop_signal == signal.SIGKILL:
+    assert (f"[launcher] worker 1 (pid {pids[1]}) failed: it was killed by "
+            "SIGKILL; stopping the other 1 worker(s)") in launch.output
+  else:
+    assert (f"[launcher] worker 0 (pid {pids[0]}) failed: it exited with code "
+            "1") in launch.output
+    # Whichever comes first: the collective timeout, or the coordination
+    # service missing worker 1's heartbeats.
+    assert re.search(r"Collective has timed out|tasks are unhealthy",
+                     "".join(launch.worker_lines(0))), launch.output[-6000:]
+    # Worker 1, resumed, either dies of the SIGTERM or, handling it as a
+    # preemption request, fails on its lost peer first.
+    assert re.search(
+        rf"\[launcher\] stopped worker 1 \(pid {pids[1]}\): it (was killed "
+        r"by SIGTERM|exited with code 1)", launch.output), launch.output[-6000:]
+  assert _running_processes_mentioning(model_dir) == []
+  assert not any(os.path.exists(f"/proc/{pid}") for pid in pids.values())
+
+
+def test_readme_two_worker_example_runs(tmp_path):
+  """The local example of the README's Scaling out section, as printed."""
+  with open(os.path.join(conftest.REPO_ROOT, "README.md")) as f:
+    readme = f.read()
+  section = readme[readme.index("## Scaling out"):]
+  command = next(block for block in re.findall(r"```sh\n(.*?)```", section,
+                                               re.S)
+                 if "launch.local" in block)
+  args = shlex.split(command.replace("\\\n", " "))
+  assert args[:3] == ["python", "-m", "launch.local"], args
+  model_dir = str(tmp_path / "two_workers")
+  args = [re.sub(r"^--model_dir=.*", f"--model_dir={model_dir}", a)
+          for a in args[3:]]
+  assert f"--model_dir={model_dir}" in args
+  launch = Launch(None, args)
+  assert launch.wait(timeout=300) == 0, launch.output[-6000:]
+  final = _final_metrics("".join(launch.worker_lines(0)), epochs=10)
+  accuracy = float(re.search(r"validation loss \S+ accuracy (\S+)",
+                             final).group(1))
+  assert accuracy >= 0.9, final
+  assert _running_processes_mentioning(model_dir) == []

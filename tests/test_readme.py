@@ -1,0 +1,40 @@
+"""The README's code examples run as printed."""
+
+import os
+import re
+
+from tests import conftest
+
+
+def _python_block_after(heading):
+  with open(os.path.join(conftest.REPO_ROOT, "README.md")) as f:
+    readme = f.read()
+  section = readme[readme.index(heading):]
+  return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_python_api_example_runs(tmp_path):
+  code = _python_block_after("## Python API").replace(
+      "/tmp/dist_train/api", str(tmp_path / "api"))
+  script = tmp_path / "example.py"
+  script.write_text(code)
+  result = conftest.run_python([str(script)], check=True)
+  step_line, shape_line = result.stdout.strip().splitlines()[-2:]
+  assert step_line.startswith("126 {'loss': ")  # 2 epochs of 63 steps.
+  assert shape_line == "(1, 10)"
+  assert (tmp_path / "api" / "export" / "model.keras").exists()
+
+
+def test_plugin_example_runs_from_the_command_line(tmp_path):
+  package = tmp_path / "my_project"
+  package.mkdir()
+  (package / "__init__.py").write_text("")
+  (package / "plugins.py").write_text(
+      _python_block_after("## Your own model and data"))
+  result = conftest.run_cli(
+      f"--model_dir={tmp_path / 'run'}", "--cpu_replicas=2", "--epochs=1",
+      "--model=my_project.plugins:model_fn",
+      "--dataset=my_project.plugins:dataset_fn",
+      env_overrides={"PYTHONPATH": f"{tmp_path}{os.pathsep}"
+                                   f"{conftest.REPO_ROOT}"}, check=True)
+  assert "Training 1000 examples, validating 1000" in result.stderr

@@ -1,0 +1,105 @@
+"""A real TensorBoard serves the run's curves, configuration and model; PNG plots."""
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from dist_train import summaries
+from tests import conftest
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp("tensorboard") / "run")
+  conftest.run_cli(f"--flagfile={conftest.FLAGS_DIR}/cpu_test.cfg",
+                   f"--model_dir={directory}", check=True)
+  return directory
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def tensorboard_server(logdir):
+  """Starts `tensorboard` on a free loopback port; yields its base URL."""
+  port = _free_port()
+  process = subprocess.Popen(
+      [sys.executable, "-m", "tensorboard.main", "--logdir", logdir,
+       "--host", "127.0.0.1", "--port", str(port)],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  url = f"http://127.0.0.1:{port}"
+  try:
+    deadline = time.monotonic() + 120
+    while True:
+      try:
+        with urllib.request.urlopen(f"{url}/data/runs", timeout=5) as r:
+          if sorted(json.load(r)) == ["train", "validation"]:
+            break
+      except (urllib.error.URLError, ConnectionError):
+        pass
+      if process.poll() is not None or time.monotonic() > deadline:
+        raise AssertionError(f"tensorboard did not serve {logdir}:\n"
+                             f"{process.communicate()[0] if process.poll() is not None else ''}")
+      time.sleep(0.5)
+    yield url
+  finally:
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def _get(url, body=None):
+  request = urllib.request.Request(
+      url, data=None if body is None else json.dumps(body).encode(),
+      headers={"Content-Type": "application/json"})
+  with urllib.request.urlopen(request, timeout=30) as response:
+    return json.load(response)
+
+
+def test_tensorboard_serves_the_curves_config_and_model(model_dir):
+  on_disk = {split: summaries.read_scalars(os.path.join(model_dir, split))
+             for split in ("train", "validation")}
+  with tensorboard_server(model_dir) as url:
+    for split, tags in (("train", ("loss", "accuracy", "learning_rate")),
+                        ("validation", ("loss", "accuracy"))):
+      for tag in tags:
+        served = _get(f"{url}/data/plugin/scalars/scalars?run={split}&tag={tag}")
+        assert [(step, value) for _, step, value in served] == pytest.approx(
+            on_disk[split][tag]), (split, tag)
+    assert [s for _, s, _ in _get(
+        f"{url}/data/plugin/scalars/scalars?run=train&tag=loss")] == list(
+            range(5, 40, 5))
+    experiment = _get(f"{url}/data/plugin/hparams/experiment",
+                      {"experimentName": ""})
+    hparams = {h["name"]: h for h in experiment["hparamInfos"]}
+    assert {"global_batch_size", "learning_rate", "num_replicas",
+            "optimizer"} <= set(hparams)
+    assert hparams["num_replicas"]["domainInterval"]["minValue"] == 2
+    text = _get(f"{url}/data/plugin/text/text?run=train&tag=model_summary")
+    assert "55,050 parameters" in text[0]["text"]
+
+
+def test_plot_run_writes_a_png(model_dir, tmp_path):
+  pytest.importorskip("matplotlib")
+  output = tmp_path / "curves.png"
+  result = conftest.run_python(["scripts/plot_run.py", model_dir,
+                                f"--output={output}"], check=True)
+  assert result.stdout.strip() == str(output)
+  content = output.read_bytes()
+  assert content.startswith(b"\x89PNG\r\n\x1a\n") and len(content) > 10_000
+
+
+def test_plot_run_without_events_fails_clearly(tmp_path):
+  result = conftest.run_python(["scripts/plot_run.py", str(tmp_path)])
+  assert result.returncode == 1
+  assert "no train or validation event files" in result.stderr
