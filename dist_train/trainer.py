@@ -158,11 +158,31 @@ class Trainer:
     return self.strategy.experimental_distribute_values_from_function(
         replica_slice)
 
+  def _checked_labels(self, batch):
+    """The batch, after checking every label is in [0, classes).
+
+    On CPU the cross-entropy kernel rejects such labels itself; on GPU it
+    returns NaN instead, so the check is explicit. It runs on the global
+    batch, outside any XLA cluster (XLA compiles no assertion).
+    """
+    features, labels = batch
+    num_classes = self.model.outputs[0].shape[-1] if self.model.outputs else None
+    if num_classes is None:
+      return batch
+    outside = tf.logical_or(labels < 0, labels >= num_classes)
+    check = tf.debugging.Assert(
+        tf.logical_not(tf.reduce_any(outside)),
+        ["label", tf.boolean_mask(labels, outside)[:1],
+         f"is outside [0, {num_classes}) ({num_classes} classes)"],
+        summarize=1)
+    with tf.control_dependencies([check]):
+      return features, tf.identity(labels)
+
   def _train_loop_fn(self, iterator, num_steps):
     """Runs `num_steps` global steps; returns the mean of each loss term."""
     loss_sums = tf.zeros([4])
     for _ in tf.range(num_steps):
-      batch = next(iterator)
+      batch = self._checked_labels(next(iterator))
       # The examples actually in this global step, so that a partial last
       # batch is scaled exactly.
       global_num_examples = tf.cast(tf.shape(batch[1])[0], tf.float32)

@@ -37,8 +37,7 @@ def test_builtin_label_out_of_range_names_value_and_class_count(tmp_path):
 
 
 @pytest.mark.parametrize("dataset, message", [
-    ("blobs_with_label_12", "label value of 12 which is outside the valid "
-                            "range of [0, 4)"),
+    ("blobs_with_label_12", "[label] [12] [is outside [0, 4) (4 classes)]"),
     ("blobs_with_nan", "NaN or Inf in the features of "
                        "--dataset=tests.plugin_fixtures:blobs_with_nan (train)"),
     ("empty_train", "(train) is empty"),
