@@ -16,8 +16,9 @@ strategy and global batch, for each replica count and global batch size:
            through `strategy.run` called eagerly.
 
 Every measurement runs in its own process (logical CPU devices can only be set
-before TensorFlow starts): one warm-up epoch, then --repetitions epochs, whose
-median examples/second is reported. Time to first step is from process launch
+before TensorFlow starts), started once other processes leave the CPU idle
+(waiting up to 2 minutes, else noted): one warm-up epoch, then --repetitions
+epochs, whose median examples/second is reported. Time to first step is from process launch
 to the end of the first compiled call (loop, fit) or step (eager); peak memory
 is the process's maximum resident set size (of the loop: during training).
 "input alone" is the examples/second of the input pipeline read by a compiled
@@ -40,8 +41,8 @@ import tempfile
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Examples per epoch (one repetition) of loop and fit; the eager loop, about
-# 20 times slower, uses epochs of EAGER_EXAMPLES.
+# Examples per epoch (one repetition) of loop and fit; the eager loop, 10 to
+# 60 times slower, uses epochs of EAGER_EXAMPLES.
 EXAMPLES = 25_600
 EAGER_EXAMPLES = 3_200
 
@@ -288,6 +289,7 @@ def _measure(method, device, replicas, global_batch_size, args, **extra):
   examples = EAGER_EXAMPLES if method == "eager" else EXAMPLES
   repetitions = (args.eager_repetitions if method == "eager"
                  else args.repetitions)
+  _wait_for_idle_cpu(args.notes)
   command = [sys.executable, os.path.abspath(__file__), f"--child={method}",
              f"--device={device}", f"--replicas={replicas}",
              f"--global_batch_size={global_batch_size}",
@@ -295,7 +297,6 @@ def _measure(method, device, replicas, global_batch_size, args, **extra):
              f"--launch_time={time.time()!r}"]
   command += [f"--{name}={value}" for name, value in extra.items()]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  _wait_for_idle_cpu(args.notes)
   completed = subprocess.run(command, capture_output=True, text=True,
                              env=env, check=False)
   lines = [l for l in completed.stdout.splitlines() if l.startswith("RESULT ")]
