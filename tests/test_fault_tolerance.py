@@ -102,6 +102,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(
   path, weights = final_weights(model_dir)
   assert path.endswith(f"ckpt-{TOTAL_STEPS}")
   difference = max_difference(weights, uninterrupted[replicas])
+  print(f"{replicas} replica(s), killed after step {kill_after}, resumed at "
+        f"{resumed_step}: max weight difference {difference:.2e}")
   assert difference <= 1e-6, (
       f"killed after step {kill_after}, resumed at {resumed_step}: weights "
       f"differ by {difference:.2e}")
@@ -125,7 +127,9 @@ def test_sigterm_saves_exits_and_resumes_identically(uninterrupted, tmp_path):
                             "--cpu_replicas=2", check=True)
   assert f"Resuming at step {saved_step} " in result.stderr
   _, weights = final_weights(model_dir)
-  assert max_difference(weights, uninterrupted[2]) <= 1e-6
+  difference = max_difference(weights, uninterrupted[2])
+  print(f"SIGTERM at step {saved_step}: max weight difference {difference:.2e}")
+  assert difference <= 1e-6
 
 
 @pytest.fixture
