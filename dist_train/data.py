@@ -1,10 +1,10 @@
 """Data sets, and the tf.data pipelines that feed the loop.
 
 Built-in data sets are in-memory arrays: images uint8 [N, 28, 28], labels int32
-[N]; pipelines batch first and then convert a whole batch to float32 [B, 784]
-in [0, 1], which is cheaper than converting example by example. A user
-data set (`--dataset=package.module:function`) is a tf.data.Dataset of
-unbatched (features, labels) examples.
+[N], decoded once to float32 [N, 784] in [0, 1]; each epoch's batches are
+gathered from them by shuffled indices. A user data set
+(`--dataset=package.module:function`) is a tf.data.Dataset of unbatched
+(features, labels) examples.
 
 Every pipeline shuffles, batches by the *global* batch size and skips on the
 whole data set, before it is split across replicas: that is what makes N
@@ -46,15 +46,6 @@ class Split:
   def __len__(self):
     return len(self.labels)
 
-  def examples(self) -> tf.data.Dataset:
-    return tf.data.Dataset.from_tensor_slices((self.images, self.labels))
-
-  @staticmethod
-  def preprocess_batch(images, labels):
-    features = tf.reshape(tf.cast(images, tf.float32) / 255.0,
-                          [-1, NUM_FEATURES])
-    return features, labels
-
   @functools.cached_property
   def decoded(self) -> tuple:
     """(features float32 [N, 784], labels int32 [N]) as host tensors.
@@ -63,7 +54,9 @@ class Split:
     batches from them.
     """
     with tf.device("/cpu:0"):
-      return self.preprocess_batch(self.images, tf.constant(self.labels))
+      features = tf.reshape(tf.cast(self.images, tf.float32) / 255.0,
+                            [-1, NUM_FEATURES])
+      return features, tf.constant(self.labels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +73,6 @@ class DatasetSplit:
   @property
   def feature_shape(self):
     return tuple(self.dataset.element_spec[0].shape)
-
-  def examples(self) -> tf.data.Dataset:
-    return self.dataset
 
   def preprocess_batch(self, features, labels):
     if features.dtype.is_floating:
@@ -267,10 +257,10 @@ def shuffle_seed(seed: int, epoch: int) -> int:
 def _shard_by_data(ds: tf.data.Dataset) -> tf.data.Dataset:
   """Marks `ds` to be split across workers by data, not by files.
 
-  With several workers, each one builds the same global batches and keeps
-  its slice of every batch, so each global step consumes the single-device
-  batch (a partial last batch too). Sharding by files (what AUTO tries first)
-  would give workers batches of their own files instead.
+  dist_train's loop reads these global batches itself and slices them per
+  replica, so this only matters when a strategy distributes the dataset
+  (Keras `fit` does, in scripts/benchmark.py): there too each worker then
+  keeps its slice of every global batch, instead of batches of its own files.
   """
   options = tf.data.Options()
   options.experimental_distribute.auto_shard_policy = (
@@ -302,7 +292,7 @@ def make_train_dataset(split, *, global_batch_size: int,
         shuffle_buffer, seed=shuffle_seed(seed, epoch),
         reshuffle_each_iteration=False)
     return _gather_batches(split, indices.batch(global_batch_size))
-  ds = split.examples()
+  ds = split.dataset
   ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed(seed, epoch),
                   reshuffle_each_iteration=False)
   ds = ds.batch(global_batch_size, drop_remainder=False)
@@ -315,7 +305,7 @@ def make_eval_dataset(split, *, global_batch_size: int) -> tf.data.Dataset:
   if isinstance(split, Split):
     return _gather_batches(
         split, tf.data.Dataset.range(len(split)).batch(global_batch_size))
-  ds = split.examples().batch(global_batch_size, drop_remainder=False)
+  ds = split.dataset.batch(global_batch_size, drop_remainder=False)
   ds = ds.map(split.preprocess_batch, num_parallel_calls=tf.data.AUTOTUNE)
   return _shard_by_data(ds.prefetch(tf.data.AUTOTUNE))
 
