@@ -94,6 +94,7 @@ class Controller:
                                              config.global_batch_size)
     self._first_loop_end_time = None
     self._sigterm = preemption.SigtermWatcher()
+    self._eval_dataset = None
 
   @property
   def num_validation_examples(self) -> int:
@@ -117,23 +118,20 @@ class Controller:
       logging.info(message, *args)
 
   def _train_iterator(self, epoch, step_in_epoch):
-    """The iterator over global batches of `epoch`, at `step_in_epoch`.
+    """The iterator over the global batches of the remaining epochs.
 
     Batches already consumed are skipped on the global dataset, before it is
     split across replicas, so a resumed epoch continues with the next batch.
+    The trainer splits each global batch across replicas.
     """
-    dataset = data.make_train_dataset(
+    return iter(data.make_train_dataset(
         self._splits.train, global_batch_size=self._config.global_batch_size,
         shuffle_buffer=self._config.shuffle_buffer, seed=self._config.seed,
-        epoch=epoch)
-    if step_in_epoch:
-      dataset = dataset.skip(step_in_epoch)
-    # The trainer splits each global batch across replicas.
-    return iter(dataset)
+        epoch=epoch, num_epochs=self._config.epochs - epoch,
+        skip_batches=step_in_epoch))
 
-  def _train_epoch(self, epoch, step_in_epoch, throughput):
+  def _train_epoch(self, iterator, epoch, step_in_epoch, throughput):
     config = self._config
-    iterator = self._train_iterator(epoch, step_in_epoch)
     self._trainer.reset_train_metrics()
     while step_in_epoch < self._steps_per_epoch:
       num_steps = next_loop_length(
@@ -203,11 +201,12 @@ class Controller:
     """One pass over the validation split; {} when there is none."""
     if not len(self._splits.validation):
       return {}
-    dataset = data.make_eval_dataset(
-        self._splits.validation,
-        global_batch_size=self._config.global_batch_size)
+    if self._eval_dataset is None:  # Built once: building captures the data.
+      self._eval_dataset = data.make_eval_dataset(
+          self._splits.validation,
+          global_batch_size=self._config.global_batch_size)
     return self._trainer.evaluate(
-        dataset, data.num_batches(len(self._splits.validation),
+        self._eval_dataset, data.num_batches(len(self._splits.validation),
                                   self._config.global_batch_size))
 
   def run(self, *, validate: bool = True) -> RunResult:
@@ -239,9 +238,11 @@ class Controller:
     history = []
     train_metrics = {}
     validation_metrics = {}
+    iterator = (self._train_iterator(epoch, step_in_epoch)
+                if epoch < config.epochs else None)
     while epoch < config.epochs:
       start = time.perf_counter()
-      self._train_epoch(epoch, step_in_epoch, throughput)
+      self._train_epoch(iterator, epoch, step_in_epoch, throughput)
       train_seconds = time.perf_counter() - start
       train_metrics = self._trainer.train_metric_results()
       validation_metrics = self.evaluate() if validate else {}

@@ -284,18 +284,38 @@ def _gather_batches(split: Split, index_batches: tf.data.Dataset):
 
 
 def make_train_dataset(split, *, global_batch_size: int,
-                       shuffle_buffer: int, seed: int,
-                       epoch: int) -> tf.data.Dataset:
-  """One epoch of shuffled global batches; the last one may be partial."""
+                       shuffle_buffer: int, seed: int, epoch: int,
+                       num_epochs: int = 1,
+                       skip_batches: int = 0) -> tf.data.Dataset:
+  """Shuffled global batches of epochs epoch .. epoch + num_epochs - 1.
+
+  Each epoch's last batch may be partial; each epoch is shuffled with its own
+  seed, `shuffle_seed(seed, epoch)`, so an epoch's order does not depend on
+  where the pipeline started. The first `skip_batches` batches (of the first
+  epoch) are skipped: a resumed run continues with the next batch.
+
+  One pipeline spans all epochs, so it is built once (building one captures
+  the decoded split) and prefetching runs on across epoch ends.
+  """
+  def concatenated(epoch_dataset):
+    # Python seeds per epoch: a seed tensor (flat_map over epochs) fails
+    # once a global seed is set (tf.data compares seeds in Python).
+    datasets = [epoch_dataset(e) for e in range(epoch, epoch + num_epochs)]
+    return functools.reduce(tf.data.Dataset.concatenate, datasets)
+
   if isinstance(split, Split):
-    indices = tf.data.Dataset.range(len(split)).shuffle(
-        shuffle_buffer, seed=shuffle_seed(seed, epoch),
-        reshuffle_each_iteration=False)
-    return _gather_batches(split, indices.batch(global_batch_size))
-  ds = split.dataset
-  ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed(seed, epoch),
-                  reshuffle_each_iteration=False)
-  ds = ds.batch(global_batch_size, drop_remainder=False)
+    indices = tf.data.Dataset.range(len(split))
+    index_batches = concatenated(
+        lambda e: indices.shuffle(
+            shuffle_buffer, seed=shuffle_seed(seed, e),
+            reshuffle_each_iteration=False).batch(global_batch_size))
+    return _gather_batches(split, index_batches.skip(skip_batches))
+  ds = concatenated(
+      lambda e: split.dataset.shuffle(
+          shuffle_buffer, seed=shuffle_seed(seed, e),
+          reshuffle_each_iteration=False).batch(
+              global_batch_size, drop_remainder=False))
+  ds = ds.skip(skip_batches)
   ds = ds.map(split.preprocess_batch, num_parallel_calls=tf.data.AUTOTUNE)
   return _shard_by_data(ds.prefetch(tf.data.AUTOTUNE))
 

@@ -114,3 +114,26 @@ def test_train_dataset_batches_and_scales(tmp_path):
       epoch=1))
   np.testing.assert_array_equal(batches[0][1], again[0][1])
   assert not np.array_equal(batches[0][1], other[0][1])
+
+
+@pytest.mark.parametrize("user", [False, True])
+def test_one_pipeline_over_epochs_equals_epoch_by_epoch(tmp_path, user):
+  """The multi-epoch pipeline gives each epoch's own order, and skipping
+  resumes in the middle of the first epoch."""
+  if user:
+    splits = data.load_splits(_config(
+        tmp_path, dataset="tests.plugin_fixtures:blobs"))
+  else:
+    splits = data.load_splits(_config(tmp_path, dataset="synthetic",
+                                      num_train_examples=100,
+                                      num_validation_examples=0))
+
+  def labels(**kwargs):
+    return [y.numpy().tolist() for _, y in data.make_train_dataset(
+        splits.train, global_batch_size=32, shuffle_buffer=64, seed=3,
+        **kwargs)]
+
+  epoch_by_epoch = labels(epoch=1) + labels(epoch=2) + labels(epoch=3)
+  assert labels(epoch=1, num_epochs=3) == epoch_by_epoch
+  assert labels(epoch=1, num_epochs=3, skip_batches=2) == epoch_by_epoch[2:]
+  assert labels(epoch=1) != labels(epoch=2)
