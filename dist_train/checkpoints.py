@@ -15,6 +15,7 @@ from absl import logging
 import keras
 import tensorflow as tf
 
+from dist_train import errors
 from dist_train import guards
 
 
@@ -44,9 +45,8 @@ def _mismatch_error(path, error):
         f"{path} does not fit the model: variable {match['name']} has shape "
         f"{match['checkpoint']} in the checkpoint and {match['model']} in the "
         "model; use another --model_dir or the model that wrote it")
-  first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
   return CheckpointMismatchError(
-      f"{path} does not fit the model: {first_line}")
+      f"{path} does not fit the model: {errors.first_line(error)}")
 
 
 def _missing_files(path):
@@ -91,7 +91,7 @@ class RunCheckpoint:
       raise CorruptCheckpointError(
           f"cannot read the checkpoint state file "
           f"{os.path.join(directory, 'checkpoint')}: "
-          f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from e
+          f"{errors.first_line(e)}") from e
     self._check_state_file()
     if is_chief:
       self._remove_interrupted_saves()
@@ -187,9 +187,9 @@ class RunCheckpoint:
           if isinstance(e, AssertionError) or _SHAPE_MISMATCH.search(str(e)):
             raise _mismatch_error(path, e) from e
           files = [path + ".index"] + tf.io.gfile.glob(path + ".data-*")
-          reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
           raise CorruptCheckpointError(
-              f"checkpoint {', '.join(files)} is unreadable: {reason}") from e
+              f"checkpoint {', '.join(files)} is unreadable: "
+              f"{errors.first_line(e)}") from e
       except CorruptCheckpointError as e:
         older = candidates[i + 1:]
         if self._on_corrupt != "previous":

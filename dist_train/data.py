@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from dist_train import config as config_lib
+from dist_train import errors
 from dist_train import mnist_files
 from dist_train import plugins
 
@@ -100,11 +101,6 @@ def _mnist_path(data_dir):
   return next((p for p in candidates if os.path.isfile(p)), None)
 
 
-def _first_line(error):
-  lines = str(error).strip().splitlines()
-  return lines[0] if lines else type(error).__name__
-
-
 def load_mnist(data_dir):
   """Returns (images, labels) of the 60,000 MNIST training digits.
 
@@ -130,7 +126,7 @@ def load_mnist(data_dir):
     except Exception as e:  # The loader raises a variety of network errors.
       raise DataError(
           f"MNIST is not in --data_dir={data_dir} or the Keras cache and the "
-          f"download failed ({_first_line(e)}): put mnist.npz in --data_dir, "
+          f"download failed ({errors.first_line(e)}): put mnist.npz in --data_dir, "
           "or use --dataset=mnist_sample") from e
   try:
     return mnist_files.read_npz(path)

@@ -6,6 +6,8 @@ import struct
 
 import numpy as np
 
+from dist_train import errors
+
 IDX_TRAIN_IMAGES = "train-images-idx3-ubyte"
 IDX_TRAIN_LABELS = "train-labels-idx1-ubyte"
 _IDX_UBYTE = 0x08
@@ -76,6 +78,5 @@ def read_npz(path):
     with np.load(path) as f:
       return f["x_train"], f["y_train"]
   except Exception as e:  # np.load raises several types for bad files.
-    lines = str(e).strip().splitlines()
     raise MnistFileError(
-        f"cannot read MNIST from {path}: {lines[0] if lines else e!r}") from e
+        f"cannot read MNIST from {path}: {errors.first_line(e)}") from e

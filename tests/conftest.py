@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS_DIR = os.path.join(REPO_ROOT, "launch", "flags")
@@ -44,6 +43,9 @@ def run_cli(*flags, timeout=300, check=False, env_overrides=None):
                     check=check, env_overrides=env_overrides)
 
 
-@pytest.fixture
-def cli():
-  return run_cli
+def error_line(result):
+  """The one `dist_train: error:` line a failed run printed."""
+  lines = [line for line in result.stderr.splitlines()
+           if line.startswith("dist_train: error:")]
+  assert len(lines) == 1, result.stderr[-3000:]
+  return lines[0]

@@ -14,13 +14,6 @@ BLOBS = ["--dataset=tests.plugin_fixtures:blobs",
          "--global_batch_size=32", "--epochs=1"]
 
 
-def _error_line(result):
-  lines = [l for l in result.stderr.splitlines()
-           if l.startswith("dist_train: error:")]
-  assert len(lines) == 1, result.stderr[-3000:]
-  return lines[0]
-
-
 def test_builtin_label_out_of_range_names_value_and_class_count(tmp_path):
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 10, size=100).astype(np.uint8)
@@ -47,7 +40,7 @@ def test_bad_user_data_stops_the_run(tmp_path, dataset, message):
            f"--dataset=tests.plugin_fixtures:{dataset}" for f in BLOBS]
   result = conftest.run_cli(f"--model_dir={tmp_path / 'run'}", *flags)
   assert result.returncode == 1
-  assert message in _error_line(result)
+  assert message in conftest.error_line(result)
   assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -56,7 +49,7 @@ def test_empty_validation_is_refused_unless_training_only(tmp_path):
            "--num_validation_examples=0", "--epochs=1"]
   refused = conftest.run_cli(*flags, f"--model_dir={tmp_path / 'a'}")
   assert refused.returncode == 1
-  assert "validation split of --dataset=synthetic is empty" in _error_line(
+  assert "validation split of --dataset=synthetic is empty" in conftest.error_line(
       refused)
   conftest.run_cli(*flags, "--mode=train", f"--model_dir={tmp_path / 'b'}",
                    check=True)
@@ -76,7 +69,7 @@ def test_bad_flags_exit_1_quickly(tmp_path, flag, message):
   result = conftest.run_cli(f"--model_dir={tmp_path / 'run'}", flag)
   elapsed = time.monotonic() - start
   assert result.returncode == 1
-  assert message in _error_line(result)
+  assert message in conftest.error_line(result)
   # Before TensorFlow loads: well under the 5 s a user would notice.
   assert elapsed < 5, f"{elapsed:.1f} s"
 
@@ -87,4 +80,4 @@ def test_model_dir_that_is_a_file_exits_1(tmp_path):
   result = conftest.run_cli(f"--model_dir={path}")
   assert result.returncode == 1
   assert f"--model_dir must be a directory, got the file {path}" in (
-      _error_line(result))
+      conftest.error_line(result))

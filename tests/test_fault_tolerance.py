@@ -153,13 +153,6 @@ def _resume(model_dir, *flags):
                           "--epochs=2", *flags)
 
 
-def _error_line(result):
-  lines = [l for l in result.stderr.splitlines()
-           if l.startswith("dist_train: error:")]
-  assert len(lines) == 1, result.stderr[-3000:]
-  return lines[0]
-
-
 def _damage(model_dir, how):
   prefix = os.path.join(_checkpoint_dir(model_dir), "ckpt-19")
   if how == "truncated data":
@@ -188,7 +181,7 @@ def test_corrupt_latest_checkpoint_fails_naming_the_file(trained_copy, how):
   before = _checkpoint_files(trained_copy)
   result = _resume(trained_copy)
   assert result.returncode == 1
-  line = _error_line(result)
+  line = conftest.error_line(result)
   assert os.path.basename(named) in line, line
   assert "--on_corrupt_checkpoint=previous" in line
   assert _checkpoint_files(trained_copy) == before  # Nothing overwritten.
@@ -211,13 +204,13 @@ def test_garbled_state_file_is_named(trained_copy):
     f.write("this is { not a checkpoint state\n")
   result = _resume(trained_copy)
   assert result.returncode == 1
-  assert "cannot read the checkpoint state file" in _error_line(result)
+  assert "cannot read the checkpoint state file" in conftest.error_line(result)
 
 
 def test_changed_model_names_the_variable_and_both_shapes(trained_copy):
   result = _resume(trained_copy, "--hidden_units=32")
   assert result.returncode == 1
-  line = _error_line(result)
+  line = conftest.error_line(result)
   assert "does not fit the model: variable " in line
   assert "dense_1/kernel" in line
   assert "(784, 64) in the checkpoint and (784, 32) in the model" in line
@@ -243,7 +236,7 @@ def test_non_finite_loss_stops_within_one_interval(tmp_path):
   result = conftest.run_cli(*RUN_FLAGS, f"--model_dir={model_dir}",
                             "--learning_rate=1e5", "--checkpoint_every_steps=2")
   assert result.returncode == 3
-  line = _error_line(result)
+  line = conftest.error_line(result)
   assert "non-finite loss in steps " in line
   first, last = map(int, line.split("in steps ")[1].split(":")[0].split("-"))
   assert last - first + 1 <= 4  # One logging interval (--log_every_steps=4).
