@@ -1,12 +1,16 @@
 """The run configuration: one frozen, typed object built from flags in `main`.
 
-This module imports no TensorFlow, so a bad configuration is reported in well
-under a second, before TensorFlow starts.
+Each option is defined once, as a field of `Config` with its default, help,
+choices and check; the absl flags and the README's flag table are derived
+from it. This module imports no TensorFlow, so a bad configuration is
+reported in well under a second, before TensorFlow starts.
 """
 
 import dataclasses
 import os
 from typing import Optional
+
+from dist_train import errors
 
 DATASETS = ("mnist", "mnist_sample", "synthetic")
 MODELS = ("mlp", "cnn")
@@ -21,63 +25,162 @@ ON_CORRUPT_CHECKPOINT = ("fail", "previous")
 MIXED_PRECISION_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.DistTrainError, ValueError):
   """A configuration value is impossible; the message names the flag and the value."""
+
+
+def option(default, help_text: str, *, choices: tuple = (),
+           check: Optional[str] = None, shown: Optional[str] = None,
+           import_path: bool = False):
+  """A Config field that is also a command-line flag of the same name.
+
+  This is the one place an option is defined: `flags.py` derives the absl
+  flag from it and `flags.flag_table()` the README's table.
+
+  Args:
+    default: the default value.
+    help_text: what the option does, for --help and the README.
+    choices: the allowed values (an enum flag).
+    check: "positive" or "non_negative", checked by `validate`.
+    shown: how the README shows a default of None ("all", "off", ...).
+    import_path: besides `choices`, a `package.module:function` is allowed.
+  """
+  return dataclasses.field(default=default, metadata=dict(
+      help=help_text, choices=tuple(choices), check=check, shown=shown,
+      import_path=import_path))
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Everything a run needs. Field names match the command-line flags.
+  """Everything a run needs; each field is the flag of the same name.
 
-  Library code takes this object (or explicit arguments), never absl FLAGS.
+  Library code below the API takes the values it uses, never absl FLAGS.
   """
 
-  model_dir: str
-  mode: str = "train_and_evaluate"
+  model_dir: Optional[str] = option(
+      None, "Checkpoints and TensorBoard events; rerunning with the same "
+      "directory resumes from its latest checkpoint.", shown="(required)")
+  mode: str = option(
+      "train_and_evaluate", "train (no validation pass), evaluate (latest "
+      "checkpoint -> <model_dir>/eval_results.json) or train_and_evaluate.",
+      choices=MODES)
   # Data.
-  dataset: str = "mnist_sample"
-  data_dir: Optional[str] = None
-  num_validation_examples: int = 10000
-  num_train_examples: Optional[int] = None
-  shuffle_buffer: int = 1024
-  seed: int = 0
+  dataset: str = option(
+      "mnist_sample", "mnist (mnist.npz or the IDX files in --data_dir, else "
+      "the Keras cache), mnist_sample (5,000 real digits shipped with the "
+      "package), synthetic, or a user dataset_fn as package.module:function.",
+      choices=DATASETS, import_path=True)
+  data_dir: Optional[str] = option(
+      None, "Folder holding mnist.npz or the MNIST IDX files for "
+      "--dataset=mnist.")
+  num_validation_examples: int = option(
+      10000, "Tail of the built-in training split held out for validation.",
+      check="non_negative")
+  num_train_examples: Optional[int] = option(
+      None, "Use only the first N training examples (synthetic: how many).",
+      check="positive", shown="all")
+  shuffle_buffer: int = option(1024, "Size of the training shuffle buffer.",
+                               check="positive")
+  seed: int = option(
+      0, "Seed of the weights, the shuffling (per epoch) and synthetic data.")
   # Optimisation.
-  global_batch_size: int = 64
-  epochs: int = 3
-  learning_rate: float = 1e-3
-  optimizer: str = "sgd"
-  momentum: float = 0.9
-  weight_decay: float = 0.004
-  lr_schedule: str = "constant"
-  warmup_steps: int = 0
-  lr_boundaries: tuple = ()
-  lr_decay_factor: float = 0.1
-  clip_norm: Optional[float] = None
+  global_batch_size: int = option(
+      64, "Examples per optimizer step, summed over all replicas.",
+      check="positive")
+  epochs: int = option(3, "Passes over the training data.", check="positive")
+  learning_rate: float = option(1e-3, "Base learning rate.", check="positive")
+  optimizer: str = option(
+      "sgd", "sgd, momentum (SGD with --momentum), adam, or adamw (Adam with "
+      "decoupled --weight_decay).", choices=OPTIMIZERS)
+  momentum: float = option(0.9, "Momentum of --optimizer=momentum.",
+                           check="non_negative")
+  weight_decay: float = option(
+      0.004, "Decoupled weight decay of --optimizer=adamw.",
+      check="non_negative")
+  lr_schedule: str = option(
+      "constant", "constant, cosine (to 0 at the last step) or step (times "
+      "--lr_decay_factor at each of --lr_boundaries).", choices=LR_SCHEDULES)
+  warmup_steps: int = option(
+      0, "Linear warmup: the rate of step s < N is learning_rate * (s + 1) / "
+      "N.", check="non_negative")
+  lr_boundaries: tuple = option(
+      (), "Global steps where --lr_schedule=step decays the rate.",
+      shown="50%, 75% of the run")
+  lr_decay_factor: float = option(
+      0.1, "Factor of --lr_schedule=step at each boundary.",
+      check="non_negative")
+  clip_norm: Optional[float] = option(
+      None, "Clip the global norm of the gradient summed over all replicas "
+      "to this.", check="positive", shown="off")
   # Model and extra losses.
-  model: str = "mlp"
-  hidden_units: int = 64
-  activity_regularization: float = 0.0
-  add_loss_reduction: str = "mean"
-  kernel_l2: float = 0.0
+  model: str = option(
+      "mlp", "mlp (the reference model), cnn, or a user model_fn(config) -> "
+      "keras.Model as package.module:function.", choices=MODELS,
+      import_path=True)
+  hidden_units: int = option(64, "Width of the hidden Dense layers.",
+                             check="positive")
+  activity_regularization: float = option(
+      0.0, "C > 0 inserts, after dense_1, the reference layer that calls "
+      "add_loss(C * sum(inputs)).", check="non_negative")
+  add_loss_reduction: str = option(
+      "mean", "How add_loss terms computed from a replica's inputs combine: "
+      "mean (each term is a mean over the replica's examples, like Keras "
+      "activity regularizers) or sum (a sum over them).",
+      choices=ADD_LOSS_REDUCTIONS)
+  kernel_l2: float = option(
+      0.0, "L2 kernel regularization factor on every Dense layer.",
+      check="non_negative")
   # Loop and logging.
-  log_every_steps: int = 200
-  steps_per_loop: int = 100
-  keep_checkpoints: int = 5
-  checkpoint_every_steps: Optional[int] = None
-  on_corrupt_checkpoint: str = "fail"
-  export_saved_model: bool = False
-  # Speed (see precision.py and trainer.py).
-  mixed_precision: str = "float32"
-  jit_compile: bool = False
+  log_every_steps: int = option(
+      200, "Console line and TensorBoard scalars every N optimizer steps.",
+      check="positive")
+  steps_per_loop: int = option(
+      100, "Optimizer steps per compiled call; loops also end at log steps, "
+      "checkpoint steps and epoch ends.", check="positive")
+  keep_checkpoints: int = option(5, "How many recent checkpoints to keep.",
+                                 check="positive")
+  checkpoint_every_steps: Optional[int] = option(
+      None, "Also checkpoint every N global steps (always at epoch ends).",
+      check="positive", shown="epoch ends only")
+  on_corrupt_checkpoint: str = option(
+      "fail", "When the latest checkpoint cannot be read: fail (naming the "
+      "file), or fall back to the newest intact one (previous).",
+      choices=ON_CORRUPT_CHECKPOINT)
+  export_saved_model: bool = option(
+      False, "Besides <model_dir>/export/model.keras, write a TensorFlow "
+      "SavedModel to <model_dir>/export/saved_model.")
+  # Speed (see loop/precision.py and loop/steps.py).
+  mixed_precision: str = option(
+      "float32", "Keras dtype policy: mixed_float16 and mixed_bfloat16 "
+      "compute in 16 bits with float32 variables (the output layer and the "
+      "loss stay float32; mixed_float16 scales the loss).",
+      choices=MIXED_PRECISION_POLICIES)
+  jit_compile: bool = option(
+      False, "Compile each replica's forward and backward pass with XLA.")
   # Distribution.
-  strategy: str = "auto"
-  num_gpus: Optional[int] = None
-  cpu_replicas: Optional[int] = None
-  # Multi-worker (see cluster.py).
-  cluster: str = "auto"
-  collective: str = "auto"
-  collective_timeout_s: float = 300.0
-  slurm_port_base: int = 8888
+  strategy: str = option(
+      "auto", "auto (multi_worker on a cluster of several tasks, else "
+      "mirrored), mirrored, one_device or multi_worker.", choices=STRATEGIES)
+  num_gpus: Optional[int] = option(
+      None, "Use at most this many local GPUs.", check="non_negative",
+      shown="all")
+  cpu_replicas: Optional[int] = option(
+      None, "Hide GPUs and split the CPU into N logical devices, one replica "
+      "each (not with multi_worker).", check="positive")
+  # Multi-worker (see distribute/cluster.py).
+  cluster: str = option(
+      "auto", "Where multi_worker finds its cluster: tf_config, slurm, or "
+      "auto (TF_CONFIG if set, else a SLURM step of several tasks).",
+      choices=CLUSTERS)
+  collective: str = option(
+      "auto", "Cross-worker all-reduce of multi_worker: auto, ring (gRPC) or "
+      "nccl (GPUs).", choices=COLLECTIVES)
+  collective_timeout_s: float = option(
+      300.0, "A multi_worker collective waiting longer than this for a peer "
+      "fails the run instead of hanging.", check="positive")
+  slurm_port_base: int = option(
+      8888, "With --cluster=slurm, the port of the first task on each node "
+      "(the next tasks count up).", check="positive")
 
   def __post_init__(self):
     # Flags give lists of strings; keep an immutable tuple of ints.
@@ -118,14 +221,20 @@ def _check_choice(name, value, choices):
         f"--{name} must be one of {'|'.join(choices)}, got {value!r}")
 
 
-def _check_positive(name, value):
-  if value is None or value <= 0:
-    raise ConfigError(f"--{name} must be positive, got {value}")
-
-
-def _check_non_negative(name, value):
-  if value is None or value < 0:
-    raise ConfigError(f"--{name} must be non-negative, got {value}")
+def _check_field(config: Config, field: dataclasses.Field) -> None:
+  """The checks an option declares: its choices and its sign."""
+  value = getattr(config, field.name)
+  meta = field.metadata
+  if meta.get("choices"):
+    if meta["import_path"]:
+      _check_choice_or_import_path(field.name, value, meta["choices"])
+    else:
+      _check_choice(field.name, value, meta["choices"])
+  if meta.get("check") and value is not None:
+    if meta["check"] == "positive" and not value > 0:
+      raise ConfigError(f"--{field.name} must be positive, got {value}")
+    if meta["check"] == "non_negative" and not value >= 0:
+      raise ConfigError(f"--{field.name} must be non-negative, got {value}")
 
 
 def validate(config: Config) -> None:
@@ -135,43 +244,13 @@ def validate(config: Config) -> None:
   if os.path.exists(config.model_dir) and not os.path.isdir(config.model_dir):
     raise ConfigError(
         f"--model_dir must be a directory, got the file {config.model_dir}")
-  _check_choice("mode", config.mode, MODES)
-  _check_choice_or_import_path("dataset", config.dataset, DATASETS)
-  _check_choice_or_import_path("model", config.model, MODELS)
-  _check_choice("optimizer", config.optimizer, OPTIMIZERS)
-  _check_choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
-  _check_choice("on_corrupt_checkpoint", config.on_corrupt_checkpoint,
-                ON_CORRUPT_CHECKPOINT)
-  if config.checkpoint_every_steps is not None:
-    _check_positive("checkpoint_every_steps", config.checkpoint_every_steps)
-  _check_choice("strategy", config.strategy, STRATEGIES)
-  _check_choice("add_loss_reduction", config.add_loss_reduction,
-                ADD_LOSS_REDUCTIONS)
-  _check_choice("mixed_precision", config.mixed_precision,
-                MIXED_PRECISION_POLICIES)
-  for name in ("global_batch_size", "epochs", "log_every_steps",
-               "steps_per_loop", "keep_checkpoints", "hidden_units",
-               "shuffle_buffer"):
-    _check_positive(name, getattr(config, name))
-  if not config.learning_rate > 0:
-    raise ConfigError(
-        f"--learning_rate must be positive, got {config.learning_rate}")
-  for name in ("num_validation_examples", "activity_regularization",
-               "kernel_l2", "momentum", "weight_decay", "warmup_steps",
-               "lr_decay_factor"):
-    _check_non_negative(name, getattr(config, name))
-  if config.clip_norm is not None and not config.clip_norm > 0:
-    raise ConfigError(f"--clip_norm must be positive, got {config.clip_norm}")
+  for field in dataclasses.fields(config):
+    _check_field(config, field)
   if any(b <= 0 for b in config.lr_boundaries) or list(
       config.lr_boundaries) != sorted(set(config.lr_boundaries)):
     raise ConfigError("--lr_boundaries must be increasing positive steps, got "
                       f"{','.join(map(str, config.lr_boundaries))}")
-  if config.num_train_examples is not None:
-    _check_positive("num_train_examples", config.num_train_examples)
-  if config.num_gpus is not None:
-    _check_non_negative("num_gpus", config.num_gpus)
   if config.cpu_replicas is not None:
-    _check_positive("cpu_replicas", config.cpu_replicas)
     if config.strategy == "one_device":
       raise ConfigError(
           "--cpu_replicas splits the CPU into replicas for a mirrored strategy "
@@ -186,11 +265,6 @@ def validate(config: Config) -> None:
 
 def _validate_multi_worker(config: Config) -> None:
   """The multi-worker flags; the environment is checked by `cluster`."""
-  _check_choice("cluster", config.cluster, CLUSTERS)
-  _check_choice("collective", config.collective, COLLECTIVES)
-  if not config.collective_timeout_s > 0:
-    raise ConfigError("--collective_timeout_s must be positive, got "
-                      f"{config.collective_timeout_s}")
   if not 0 < config.slurm_port_base < 65536:
     raise ConfigError("--slurm_port_base must be a port number, got "
                       f"{config.slurm_port_base}")

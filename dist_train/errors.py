@@ -6,6 +6,7 @@ before TensorFlow loads.
 """
 
 import contextlib
+import re
 
 # Exit codes, as documented in the README ("Failure behaviour").
 EXIT_BAD_INPUT = 1  # Flags, data, user code, checkpoints or model_dir unusable.
@@ -35,13 +36,47 @@ def first_line(error: BaseException) -> str:
   return lines[0] if lines else type(error).__name__
 
 
+def op_error_summary(message: str) -> str:
+  """The part of a TensorFlow op error that says what went wrong.
+
+  Errors from inside a tf.function wrap the op's own message in the op's
+  stack and, with several replicas, in "N root error(s) found. (0) ...".
+  """
+  root = re.search(r"\(0\) [A-Z_]+:\s*(.+)", message)
+  if root:
+    line = root.group(1)
+  else:
+    skip = ("Graph execution error", "Detected at", "File ", "[[", "<stack")
+    lines = [l.strip() for l in message.splitlines()]
+    line = next((l for l in lines if l and not l.startswith(skip)),
+                message.strip())
+  # tf.data prefixes the message of an op inside a map with where it ran.
+  line = re.sub(r"^Error in user-defined function .*?Iterator::\S+: ", "",
+                line)
+  return re.split(r"\s+Label values:|\s*\[\[|\s*\[Op:", line)[0].strip()
+
+
+def _is_op_error(error: BaseException) -> bool:
+  """A tf.errors.OpError, recognised without importing TensorFlow."""
+  return any(cls.__name__ == "OpError" and
+             cls.__module__.startswith("tensorflow")
+             for cls in type(error).__mro__)
+
+
+def summary(error: BaseException) -> str:
+  """`Type: what went wrong`, on one line."""
+  text = (op_error_summary(error.message) if _is_op_error(error)
+          else first_line(error))
+  return f"{type(error).__name__}: {text}"
+
+
 class PhaseError(DistTrainError):
   """An unexpected exception, labelled with the phase of the run it ended."""
 
   def __init__(self, phase: str, error: BaseException):
-    super().__init__(
-        f"{phase}: {type(error).__name__}: {first_line(error)} (rerun with "
-        "--traceback for the full traceback)")
+    hint = "" if _is_op_error(error) else (
+        " (rerun with --traceback for the full traceback)")
+    super().__init__(f"{phase}: {summary(error)}{hint}")
     self.phase = phase
 
 

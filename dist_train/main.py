@@ -1,27 +1,30 @@
-"""Command line: flags -> Config -> train_and_evaluate.
+"""Command line: flags -> Config -> train.run, ending every failure the same way.
 
     python -m dist_train.main --flagfile=launch/flags/quickstart.cfg
     python -m dist_train.main --flagfile=launch/flags/mnist.cfg --data_dir=DIR
 
-Flags after --flagfile override it. The configuration is validated before
-TensorFlow is imported, so a bad flag costs well under a second.
+Flags after --flagfile override it. The configuration and the cluster in the
+environment are checked before TensorFlow is imported, so a bad flag costs
+well under a second. Every failure ends with one `dist_train: error: ...` line
+and the exit code of its error class (README, "Failure behaviour");
+--traceback also prints the Python traceback.
 """
 
 import os
-import re
 import sys
+import traceback
 
 from absl import app
 from absl import flags
 
-from dist_train import cluster
-from dist_train import config as config_lib
+from dist_train import errors
 from dist_train import flags as flags_lib
+from dist_train.distribute import cluster
 
 
-# Exit codes, as documented in the README ("Failure behaviour").
-EXIT_BAD_INPUT = 1  # Flags, data, plug-ins or checkpoints unusable.
-EXIT_NON_FINITE = 3  # A loss term or weight became NaN or Inf.
+def _fail(message, exit_code=errors.EXIT_BAD_INPUT):
+  print(f"dist_train: error: {message}", file=sys.stderr)
+  sys.exit(exit_code)
 
 
 def parse_flags(argv):
@@ -29,68 +32,44 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    sys.exit(f"dist_train: error: {e}")
+    _fail(errors.first_line(e))
+  except UnicodeDecodeError as e:
+    _fail(f"cannot read a --flagfile as UTF-8 text ({e.reason} at byte "
+          f"{e.start}); a flagfile holds one --flag=value per line")
+  except OSError as e:
+    _fail(f"cannot read {e.filename or 'a --flagfile'}: {e.strerror}")
 
 
 def main(argv):
   if len(argv) > 1:
-    sys.exit(f"dist_train: error: unexpected arguments {argv[1:]}")
+    _fail(f"unexpected arguments {argv[1:]}")
+  show_traceback = flags_lib.TRACEBACK.value
   try:
     config = flags_lib.config_from_flags()
-    # The cluster in the environment (TF_CONFIG, SLURM) is checked too.
-    cluster.resolve_strategy(config, os.environ)
-  except config_lib.ConfigError as e:
-    sys.exit(f"dist_train: error: {e}")
-
-  # Imported here so that flag errors are reported before TensorFlow loads.
-  # pylint: disable=import-outside-toplevel
-  import tensorflow as tf
-  from dist_train import checkpoints
-  from dist_train import data
-  from dist_train import guards
-  from dist_train import plugins
-  from dist_train import preemption
-  from dist_train import train
-  # pylint: enable=import-outside-toplevel
-  try:
-    train.run(config)
-  except (data.DataError, plugins.PluginError, train.NoCheckpointError,
-          checkpoints.CheckpointError) as e:
-    _exit(EXIT_BAD_INPUT, e)
-  except guards.NonFiniteError as e:
-    _exit(EXIT_NON_FINITE, e)
-  except preemption.Preempted as e:
-    _exit(preemption.EXIT_PREEMPTED, e)
-  except tf.errors.InvalidArgumentError as e:
-    # Bad values found inside the compiled step (labels out of range, NaN
-    # inputs): the op's own message names them.
-    _exit(EXIT_BAD_INPUT, op_error_summary(e.message))
+    resolved = cluster.resolve(strategy=config.strategy,
+                               cluster=config.cluster,
+                               cpu_replicas=config.cpu_replicas,
+                               environ=os.environ)
+    # Imported here so that flag errors are reported before TensorFlow loads.
+    # pylint: disable-next=import-outside-toplevel
+    from dist_train import train
+    train.run(config, resolved=resolved)
+  except errors.DistTrainError as e:
+    if show_traceback:
+      traceback.print_exc()
+    _fail(e, e.exit_code)
+  except Exception as e:  # pylint: disable=broad-except
+    # A bug, or a failure outside every labelled phase: still one line.
+    if show_traceback:
+      traceback.print_exc()
+    _fail(f"{errors.summary(e)} (rerun with --traceback for the full "
+          "traceback)")
 
 
-def op_error_summary(message: str) -> str:
-  """The part of a TensorFlow op error that says what went wrong.
-
-  Errors from inside a tf.function wrap the op's own message in the op's
-  stack and, with several replicas, in "N root error(s) found. (0) ...".
-  """
-  root = re.search(r"\(0\) [A-Z_]+:\s*(.+)", message)
-  if root:
-    line = root.group(1)
-  else:
-    skip = ("Graph execution error", "Detected at", "File ", "[[", "<stack")
-    lines = [l.strip() for l in message.splitlines()]
-    line = next((l for l in lines if l and not l.startswith(skip)),
-                message.strip())
-  # tf.data prefixes the message of an op inside a map with where it ran.
-  line = re.sub(r"^Error in user-defined function .*?Iterator::\S+: ", "",
-                line)
-  return re.split(r"\s+Label values:|\s*\[\[|\s*\[Op:", line)[0].strip()
-
-
-def _exit(code, message):
-  print(f"dist_train: error: {message}", file=sys.stderr)
-  sys.exit(code)
+def run_cli():
+  """The `dist-train` console script."""
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  run_cli()

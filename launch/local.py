@@ -20,8 +20,8 @@ import sys
 from absl import app
 from absl import flags
 
-from dist_train import cluster
-from dist_train import launcher
+from launch import supervisor
+from launch import workers
 
 _NUM_WORKERS = flags.DEFINE_integer(
     "num_workers", 2, "How many worker processes to start.", lower_bound=1)
@@ -40,13 +40,13 @@ _STOP_GRACE_S = flags.DEFINE_float(
 def main(argv):
   worker_flags = argv[1:]
   try:
-    envs = cluster.local_worker_envs(
+    envs = workers.local_worker_envs(
         _NUM_WORKERS.value, base_env=os.environ,
         gpus_per_worker=_GPUS_PER_WORKER.value)
   except ValueError as e:
     sys.exit(f"launch.local: error: {e}")
-  commands = [cluster.worker_command(worker_flags)] * _NUM_WORKERS.value
-  sys.exit(launcher.run_workers(commands, envs,
+  commands = [workers.worker_command(worker_flags)] * _NUM_WORKERS.value
+  sys.exit(supervisor.run_workers(commands, envs,
                                 grace_s=_STOP_GRACE_S.value))
 
 

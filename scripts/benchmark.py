@@ -69,10 +69,10 @@ def _config(args, model_dir, **changes):
 
 def run_loop(args):
   """This package's loop, through the API the command line calls."""
-  from dist_train import data  # pylint: disable=import-outside-toplevel
-  from dist_train import strategy as strategy_lib  # pylint: disable=import-outside-toplevel
+  from dist_train.data import pipelines  # pylint: disable=import-outside-toplevel
+  from dist_train.loop import schedule  # pylint: disable=import-outside-toplevel
   from dist_train import train  # pylint: disable=import-outside-toplevel
-  from dist_train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
+  from dist_train.loop import steps as steps_lib  # pylint: disable=import-outside-toplevel
   import keras  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
@@ -82,7 +82,7 @@ def run_loop(args):
                    log_every_steps=max(args.steps_per_loop,
                                        args.examples // args.global_batch_size))
   config = _config(args, tempfile.mkdtemp(prefix="benchmark_"), **changes)
-  strategy = strategy_lib.create_strategy(config)
+  strategy = train.create_strategy(config)
   result = train.train_and_evaluate(config, strategy=strategy)
   peak_rss_mb = _peak_rss_mb()  # Training only: the checks below add to it.
   epoch_seconds = [h["train_seconds"] for h in result.history]
@@ -90,28 +90,28 @@ def run_loop(args):
 
   # Input stall: the same number of steps from the real pipeline and from one
   # cached batch, alternately, with a fresh optimizer on the trained model.
-  splits = data.load_splits(config)
+  splits = train.load_splits(config)
   with strategy.scope():
     optimizer = keras.optimizers.SGD(learning_rate=1e-3)
     optimizer.build(result.model.trainable_variables)
-  trainer = trainer_lib.Trainer(strategy=strategy, model=result.model,
-                                optimizer=optimizer, add_loss_reduction="mean")
-  steps = data.num_batches(len(splits.train), config.global_batch_size)
+  trainer = steps_lib.Trainer(strategy=strategy, model=result.model,
+                                  optimizer=optimizer, add_loss_reduction="mean")
+  steps = schedule.num_batches(len(splits.train), config.global_batch_size)
 
   def pipeline(epoch):
-    return data.make_train_dataset(
+    return pipelines.make_train_dataset(
         splits.train, global_batch_size=config.global_batch_size,
         shuffle_buffer=config.shuffle_buffer, seed=0, epoch=epoch)
 
   cached = pipeline(0).take(1).cache().repeat()
-  trainer.train(iter(cached), steps)  # Traces.
+  trainer.train_steps(iter(cached), steps)  # Traces.
   real_seconds, cached_seconds = [], []
   for epoch in range(3):
     for dataset, times in ((pipeline(epoch), real_seconds),
                            (cached, cached_seconds)):
       iterator = iter(dataset)
       start = time.perf_counter()
-      trainer.train(iterator, steps)
+      trainer.train_steps(iterator, steps)
       times.append(time.perf_counter() - start)
   stall = 1 - statistics.median(cached_seconds) / statistics.median(
       real_seconds)
@@ -138,17 +138,18 @@ def run_loop(args):
 
 def run_fit(args):
   """`model.fit` of the same model and data under the same strategy."""
-  from dist_train import data  # pylint: disable=import-outside-toplevel
-  from dist_train import models  # pylint: disable=import-outside-toplevel
-  from dist_train import strategy as strategy_lib  # pylint: disable=import-outside-toplevel
+  from dist_train.data import pipelines  # pylint: disable=import-outside-toplevel
+  from dist_train.loop import schedule  # pylint: disable=import-outside-toplevel
+  from dist_train.models import mnist  # pylint: disable=import-outside-toplevel
+  from dist_train import train  # pylint: disable=import-outside-toplevel
   import keras  # pylint: disable=import-outside-toplevel
 
   config = _config(args, tempfile.mkdtemp(prefix="benchmark_"))
-  strategy = strategy_lib.create_strategy(config)
-  splits = data.load_splits(config)
+  strategy = train.create_strategy(config)
+  splits = train.load_splits(config)
   keras.utils.set_random_seed(0)
   with strategy.scope():
-    model = models.create_model(config)
+    model = mnist.create_model(config)
     model.compile(
         optimizer=keras.optimizers.SGD(learning_rate=config.learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -172,7 +173,7 @@ def run_fit(args):
 
   # The loop's pipeline (epoch 0's order every epoch: the order does not
   # change the speed).
-  dataset = data.make_train_dataset(
+  dataset = pipelines.make_train_dataset(
       splits.train, global_batch_size=config.global_batch_size,
       shuffle_buffer=config.shuffle_buffer, seed=0, epoch=0)
   timer = Timer()
@@ -185,20 +186,21 @@ def run_fit(args):
 
 def run_eager(args):
   """The Keras guide's loop: a GradientTape per step, no tf.function."""
-  from dist_train import data  # pylint: disable=import-outside-toplevel
-  from dist_train import models  # pylint: disable=import-outside-toplevel
-  from dist_train import strategy as strategy_lib  # pylint: disable=import-outside-toplevel
+  from dist_train.data import pipelines  # pylint: disable=import-outside-toplevel
+  from dist_train.loop import schedule  # pylint: disable=import-outside-toplevel
+  from dist_train.models import mnist  # pylint: disable=import-outside-toplevel
+  from dist_train import train  # pylint: disable=import-outside-toplevel
   import keras  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
   config = _config(args, tempfile.mkdtemp(prefix="benchmark_"))
   distributed = args.device != "cpu" or args.replicas > 1
-  strategy = (strategy_lib.create_strategy(config) if distributed
+  strategy = (train.create_strategy(config) if distributed
               else tf.distribute.get_strategy())
-  splits = data.load_splits(config)
+  splits = train.load_splits(config)
   keras.utils.set_random_seed(0)
   with strategy.scope():
-    model = models.create_model(config)
+    model = mnist.create_model(config)
     optimizer = keras.optimizers.SGD(learning_rate=config.learning_rate)
     accuracy = keras.metrics.SparseCategoricalAccuracy()
   loss_fn = keras.losses.SparseCategoricalCrossentropy(
@@ -216,7 +218,7 @@ def run_eager(args):
 
   epoch_seconds, first_step = [], None
   for epoch in range(config.epochs):
-    dataset = data.make_train_dataset(
+    dataset = pipelines.make_train_dataset(
         splits.train, global_batch_size=config.global_batch_size,
         shuffle_buffer=config.shuffle_buffer, seed=0, epoch=epoch)
     if distributed:

@@ -100,12 +100,12 @@ def main():
 
   import numpy as np  # pylint: disable=import-outside-toplevel
   from dist_train import config as config_lib  # pylint: disable=import-outside-toplevel
-  from dist_train import models  # pylint: disable=import-outside-toplevel
+  from dist_train.models import mnist  # pylint: disable=import-outside-toplevel
   from dist_train import train  # pylint: disable=import-outside-toplevel
 
   overrides = dict(CASES[args.case])
   from tests import plugin_fixtures  # pylint: disable=import-outside-toplevel
-  model_fn = {"reference": models.create_model,
+  model_fn = {"reference": mnist.create_model,
               "keras_activity": keras_activity_model,
               "blobs": plugin_fixtures.blob_model}[overrides.pop("model")]
   config = config_lib.Config(

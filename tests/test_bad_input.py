@@ -5,8 +5,9 @@ import time
 import numpy as np
 import pytest
 
+from dist_train import train
 from dist_train import config as config_lib
-from dist_train import data
+from dist_train.data import datasets
 from tests import conftest
 
 BLOBS = ["--dataset=tests.plugin_fixtures:blobs",
@@ -24,9 +25,9 @@ def test_builtin_label_out_of_range_names_value_and_class_count(tmp_path):
   config = config_lib.Config(model_dir=str(tmp_path / "run"), dataset="mnist",
                              data_dir=str(tmp_path),
                              num_validation_examples=10)
-  with pytest.raises(data.DataError,
+  with pytest.raises(datasets.DataError,
                      match=r"label 12 of example 37 is outside \[0, 10\)"):
-    data.load_splits(config)
+    train.load_splits(config)
 
 
 @pytest.mark.parametrize("dataset, message", [

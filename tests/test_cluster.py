@@ -1,11 +1,11 @@
-"""Cluster descriptions without a cluster: TF_CONFIG, SLURM steps, workers."""
+"""Cluster detection without a cluster: TF_CONFIG, SLURM steps, the strategy."""
 
 import json
-import socket
 
 import pytest
 
-from dist_train import cluster
+from dist_train.distribute import cluster
+from dist_train.distribute import cluster as cluster_lib
 from dist_train import config as config_lib
 from tests import conftest
 
@@ -18,8 +18,15 @@ def _config(**overrides):
 
 
 def _tf_config(num_workers, index):
-  return json.dumps(cluster.make_tf_config(
-      [f"127.0.0.1:{2000 + i}" for i in range(num_workers)], index))
+  return json.dumps({
+      "cluster": {"worker": [f"127.0.0.1:{2000 + i}"
+                             for i in range(num_workers)]},
+      "task": {"type": "worker", "index": index}})
+
+
+def _resolve(environ, strategy="auto", cluster="auto", cpu_replicas=None):
+  return cluster_lib.resolve(strategy=strategy, cluster=cluster,
+                             cpu_replicas=cpu_replicas, environ=environ)
 
 
 def _slurm_env(proc_id, num_tasks, nodelist="node[1-2]",
@@ -31,14 +38,6 @@ def _slurm_env(proc_id, num_tasks, nodelist="node[1-2]",
 
 
 # TF_CONFIG.
-
-
-def test_make_tf_config_names_every_worker_and_this_task():
-  tf_config = cluster.make_tf_config(["a:1", "b:2", "c:3"], 2)
-  assert tf_config == {"cluster": {"worker": ["a:1", "b:2", "c:3"]},
-                       "task": {"type": "worker", "index": 2}}
-  with pytest.raises(ValueError, match=r"index must be in \[0, 3\), got 3"):
-    cluster.make_tf_config(["a:1", "b:2", "c:3"], 3)
 
 
 def test_parse_tf_config_accepts_chief_and_workers():
@@ -108,19 +107,18 @@ def test_incomplete_or_malformed_slurm_step_is_refused():
     ({"TF_CONFIG": _tf_config(2, 0), **_slurm_env(1, 4)}, "tf_config"),
 ])
 def test_auto_finds_the_cluster(environ, expected):
-  assert cluster.find_cluster(_config(), environ) == expected
+  assert _resolve(environ).cluster == expected
 
 
 def test_explicit_cluster_needs_its_environment():
   with pytest.raises(ConfigError,
                      match="--cluster=tf_config needs the TF_CONFIG"):
-    cluster.find_cluster(_config(cluster="tf_config"), _slurm_env(0, 2))
+    _resolve(_slurm_env(0, 2), cluster="tf_config")
   with pytest.raises(ConfigError, match="--cluster=slurm needs a SLURM job "):
-    cluster.find_cluster(_config(cluster="slurm"),
-                         {"TF_CONFIG": _tf_config(2, 0)})
-  assert cluster.find_cluster(_config(cluster="slurm"),
-                              {"TF_CONFIG": _tf_config(2, 0),
-                               **_slurm_env(1, 2)}) == "slurm"
+    _resolve({"TF_CONFIG": _tf_config(2, 0)}, cluster="slurm")
+  resolved = _resolve({"TF_CONFIG": _tf_config(2, 0), **_slurm_env(1, 2)},
+                      cluster="slurm")
+  assert (resolved.cluster, resolved.num_workers) == ("slurm", 2)
 
 
 @pytest.mark.parametrize("overrides, environ, expected", [
@@ -133,22 +131,21 @@ def test_explicit_cluster_needs_its_environment():
     ({"cpu_replicas": 2}, {}, "mirrored"),
 ])
 def test_resolve_strategy(overrides, environ, expected):
-  assert cluster.resolve_strategy(_config(**overrides), environ) == expected
+  assert _resolve(environ, **overrides).strategy == expected
 
 
 def test_single_host_strategy_on_a_cluster_is_refused():
   with pytest.raises(ConfigError, match=(
       r"--strategy=mirrored trains on one host, but this process is one of 2 "
       r"tasks of a cluster \(from TF_CONFIG\)")):
-    cluster.resolve_strategy(_config(strategy="mirrored"),
-                             {"TF_CONFIG": _tf_config(2, 0)})
+    _resolve({"TF_CONFIG": _tf_config(2, 0)}, strategy="mirrored")
 
 
 def test_cpu_replicas_on_a_cluster_is_refused():
   with pytest.raises(ConfigError, match=(
       r"--cpu_replicas cannot be combined with a cluster of 4 tasks \(from "
       r"the SLURM job step\).*got --cpu_replicas=2")):
-    cluster.resolve_strategy(_config(cpu_replicas=2), _slurm_env(0, 4))
+    _resolve(_slurm_env(0, 4), cpu_replicas=2)
 
 
 # The flags.
@@ -199,88 +196,6 @@ def test_cli_refuses_a_broken_tf_config_before_training(tmp_path):
 
 
 # Starting workers.
-
-
-def test_free_ports_are_distinct_and_bindable():
-  ports = cluster.free_ports(3)
-  assert len(set(ports)) == 3
-  for port in ports:
-    with socket.socket() as s:
-      s.bind((cluster.LOOPBACK, port))
-
-
-def test_local_worker_envs_give_each_worker_its_task_and_gpus():
-  envs = cluster.local_worker_envs(3, base_env={"KEEP": "1"},
-                                   gpus_per_worker=2, ports=[11, 12, 13])
-  assert [json.loads(env["TF_CONFIG"]) for env in envs] == [
-      {"cluster": {"worker": ["127.0.0.1:11", "127.0.0.1:12", "127.0.0.1:13"]},
-       "task": {"type": "worker", "index": i}} for i in range(3)]
-  assert [env["CUDA_VISIBLE_DEVICES"] for env in envs] == ["0,1", "2,3", "4,5"]
-  assert all(env["KEEP"] == "1" for env in envs)
-
-
-def test_local_worker_envs_leave_or_hide_gpus():
-  base = {"CUDA_VISIBLE_DEVICES": "3"}
-  assert [e["CUDA_VISIBLE_DEVICES"] for e in cluster.local_worker_envs(
-      2, base_env=base, ports=[1, 2])] == ["3", "3"]
-  assert [e["CUDA_VISIBLE_DEVICES"] for e in cluster.local_worker_envs(
-      2, base_env=base, gpus_per_worker=0, ports=[1, 2])] == ["", ""]
-
-
-def test_local_worker_envs_share_out_the_launchers_gpus():
-  base = {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}
-  assert [e["CUDA_VISIBLE_DEVICES"] for e in cluster.local_worker_envs(
-      2, base_env=base, gpus_per_worker=2, ports=[1, 2])] == ["4,5", "6,7"]
-  with pytest.raises(ValueError, match=(
-      "worker 1 needs GPUs 3..5 of CUDA_VISIBLE_DEVICES=4,5,6,7, which has 4")):
-    cluster.local_worker_envs(2, base_env=base, gpus_per_worker=3,
-                              ports=[1, 2])
-
-
-def test_worker_command_runs_the_cli():
-  assert cluster.worker_command(["--epochs=1"], python="py") == [
-      "py", "-m", "dist_train.main", "--epochs=1"]
-
-
-def test_indexed_job_tf_config_addresses_pods_through_the_service():
-  tf_config = cluster.indexed_job_tf_config(
-      job_name="dist-train", service="workers", num_workers=3, index=1,
-      port=2222)
-  assert tf_config == {
-      "cluster": {"worker": ["dist-train-0.workers:2222",
-                             "dist-train-1.workers:2222",
-                             "dist-train-2.workers:2222"]},
-      "task": {"type": "worker", "index": 1}}
-
-
-def test_indexed_job_environment_reads_the_pod_index():
-  env = cluster.indexed_job_environment(
-      {"JOB_COMPLETION_INDEX": "2"}, job_name="j", service="s", num_workers=3,
-      port=2222)
-  assert json.loads(env["TF_CONFIG"])["task"] == {"type": "worker", "index": 2}
-  with pytest.raises(ConfigError, match=r"must be in \[0, 3\) for "
-                                        r"--num_workers=3, got 3"):
-    cluster.indexed_job_environment(
-        {"JOB_COMPLETION_INDEX": "3"}, job_name="j", service="s",
-        num_workers=3, port=2222)
-  with pytest.raises(ConfigError, match="got None"):
-    cluster.indexed_job_environment({}, job_name="j", service="s",
-                                    num_workers=3, port=2222)
-
-
-def test_k8s_worker_gives_dist_train_the_tf_config_of_its_pod(tmp_path):
-  result = conftest.run_python(
-      ["-m", "launch.k8s.worker", "--job_name=dist-train",
-       "--service=workers", "--num_workers=3", "--",
-       f"--model_dir={tmp_path}", "--strategy=mirrored"],
-      timeout=60, env_overrides={"JOB_COMPLETION_INDEX": "1"})
-  # dist_train.main received a TF_CONFIG of 3 tasks, which contradicts
-  # --strategy=mirrored.
-  assert result.returncode == 1
-  assert result.stderr.strip().splitlines()[-1] == (
-      "dist_train: error: --strategy=mirrored trains on one host, but this "
-      "process is one of 3 tasks of a cluster (from TF_CONFIG); use "
-      "--strategy=multi_worker or auto")
 
 
 @pytest.mark.parametrize("flagfile, strategy, collective", [

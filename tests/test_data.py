@@ -6,8 +6,11 @@ import keras
 import numpy as np
 import pytest
 
+from dist_train import train
+from dist_train.data import pipelines
+from dist_train.loop import schedule
 from dist_train import config as config_lib
-from dist_train import data
+from dist_train.data import datasets
 
 
 def _config(tmp_path, **changes):
@@ -25,7 +28,7 @@ def _write_mnist_npz(path, num_examples=120):
 
 def test_mnist_npz_in_data_dir(tmp_path):
   images, labels = _write_mnist_npz(tmp_path / "mnist.npz")
-  splits = data.load_splits(_config(tmp_path, dataset="mnist",
+  splits = train.load_splits(_config(tmp_path, dataset="mnist",
                                     data_dir=str(tmp_path),
                                     num_validation_examples=20))
   assert len(splits.train) == 100 and len(splits.validation) == 20
@@ -38,7 +41,7 @@ def test_mnist_keras_cache(tmp_path, monkeypatch):
   cache.mkdir(parents=True)
   _write_mnist_npz(cache / "mnist.npz", num_examples=50)
   monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
-  splits = data.load_splits(_config(tmp_path, dataset="mnist",
+  splits = train.load_splits(_config(tmp_path, dataset="mnist",
                                     num_validation_examples=10))
   assert len(splits.train) == 40
 
@@ -51,8 +54,8 @@ def test_mnist_missing_names_both_remedies(tmp_path, monkeypatch):
 
   # Stands in for a machine with no network, whatever this one has.
   monkeypatch.setattr(keras.datasets.mnist, "load_data", no_network)
-  with pytest.raises(data.DataError) as error:
-    data.load_splits(_config(tmp_path, dataset="mnist",
+  with pytest.raises(datasets.DataError) as error:
+    train.load_splits(_config(tmp_path, dataset="mnist",
                              data_dir=str(tmp_path)))
   message = str(error.value)
   assert "put mnist.npz in --data_dir" in message
@@ -63,13 +66,13 @@ def test_mnist_missing_names_both_remedies(tmp_path, monkeypatch):
 def test_corrupt_mnist_file_is_named(tmp_path):
   path = tmp_path / "mnist.npz"
   path.write_bytes(gzip.compress(b"not an npz"))
-  with pytest.raises(data.DataError, match="mnist.npz"):
-    data.load_splits(_config(tmp_path, dataset="mnist",
+  with pytest.raises(datasets.DataError, match="mnist.npz"):
+    train.load_splits(_config(tmp_path, dataset="mnist",
                              data_dir=str(tmp_path)))
 
 
 def test_mnist_sample_holds_out_every_class(tmp_path):
-  splits = data.load_splits(_config(tmp_path, dataset="mnist_sample",
+  splits = train.load_splits(_config(tmp_path, dataset="mnist_sample",
                                     num_validation_examples=1000))
   assert len(splits.train) == 4000
   assert splits.train.images.dtype == np.uint8
@@ -79,37 +82,37 @@ def test_mnist_sample_holds_out_every_class(tmp_path):
 
 
 def test_validation_larger_than_data_is_refused(tmp_path):
-  with pytest.raises(data.DataError, match="leaves no training examples"):
-    data.load_splits(_config(tmp_path, dataset="mnist_sample",
+  with pytest.raises(datasets.DataError, match="leaves no training examples"):
+    train.load_splits(_config(tmp_path, dataset="mnist_sample",
                              num_validation_examples=5000))
 
 
 def test_synthetic_is_deterministic_and_learnable(tmp_path):
   config = _config(tmp_path, dataset="synthetic", num_train_examples=300,
                    num_validation_examples=50)
-  a, b = data.load_splits(config), data.load_splits(config)
+  a, b = train.load_splits(config), train.load_splits(config)
   np.testing.assert_array_equal(a.train.images, b.train.images)
   assert len(a.train) == 300 and len(a.validation) == 50
   assert len(np.unique(a.train.labels)) > 5
 
 
 def test_train_dataset_batches_and_scales(tmp_path):
-  splits = data.load_splits(_config(tmp_path, dataset="synthetic",
+  splits = train.load_splits(_config(tmp_path, dataset="synthetic",
                                     num_train_examples=100,
                                     num_validation_examples=0))
-  batches = list(data.make_train_dataset(
+  batches = list(pipelines.make_train_dataset(
       splits.train, global_batch_size=32, shuffle_buffer=100, seed=1,
       epoch=0))
   assert [len(y) for _, y in batches] == [32, 32, 32, 4]
-  assert len(batches) == data.num_batches(100, 32)
+  assert len(batches) == schedule.num_batches(100, 32)
   features = np.concatenate([x.numpy() for x, _ in batches])
   assert features.shape == (100, 784)
   assert 0.0 <= features.min() and features.max() <= 1.0
   # Same (seed, epoch): same order; another epoch: another order.
-  again = list(data.make_train_dataset(
+  again = list(pipelines.make_train_dataset(
       splits.train, global_batch_size=32, shuffle_buffer=100, seed=1,
       epoch=0))
-  other = list(data.make_train_dataset(
+  other = list(pipelines.make_train_dataset(
       splits.train, global_batch_size=32, shuffle_buffer=100, seed=1,
       epoch=1))
   np.testing.assert_array_equal(batches[0][1], again[0][1])
@@ -121,15 +124,15 @@ def test_one_pipeline_over_epochs_equals_epoch_by_epoch(tmp_path, user):
   """The multi-epoch pipeline gives each epoch's own order, and skipping
   resumes in the middle of the first epoch."""
   if user:
-    splits = data.load_splits(_config(
+    splits = train.load_splits(_config(
         tmp_path, dataset="tests.plugin_fixtures:blobs"))
   else:
-    splits = data.load_splits(_config(tmp_path, dataset="synthetic",
+    splits = train.load_splits(_config(tmp_path, dataset="synthetic",
                                       num_train_examples=100,
                                       num_validation_examples=0))
 
   def labels(**kwargs):
-    return [y.numpy().tolist() for _, y in data.make_train_dataset(
+    return [y.numpy().tolist() for _, y in pipelines.make_train_dataset(
         splits.train, global_batch_size=32, shuffle_buffer=64, seed=3,
         **kwargs)]
 

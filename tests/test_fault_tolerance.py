@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dist_train import preemption
+from dist_train.loop import preemption
 from tests import conftest
 from tests import test_multi_worker
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from dist_train import launcher
+from launch import supervisor as launcher
 from tests import conftest
 
 
@@ -90,7 +90,7 @@ def test_a_worker_ignoring_sigterm_is_killed_after_the_grace_period():
 
 _HARNESS = """
 import os, sys
-from dist_train import launcher
+from launch import supervisor as launcher
 sleeper = [sys.executable, "-c", '''
 import signal, sys, time
 def on_term(signum, frame):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dist_train import losses
+from dist_train.loop import losses
 
 
 def _single_and_split(per_example, add_terms, reduction, splits, reg=0.5):

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-from dist_train import summaries
+from dist_train.outputs import summaries
 from tests import conftest
 
 CPU_TEST_FLAGS = f"--flagfile={conftest.FLAGS_DIR}/cpu_test.cfg"

@@ -6,9 +6,10 @@ import struct
 import numpy as np
 import pytest
 
+from dist_train import train
 from dist_train import config as config_lib
-from dist_train import data
-from dist_train import mnist_files
+from dist_train.data import datasets
+from dist_train.data import mnist_files
 
 
 def _idx_bytes(array):
@@ -48,7 +49,7 @@ def test_idx_and_npz_load_to_the_same_arrays(tmp_path, digits, gz):
     config = config_lib.Config(model_dir=str(tmp_path / "run"),
                                dataset="mnist", data_dir=str(directory),
                                num_validation_examples=10)
-    return data.load_splits(config)
+    return train.load_splits(config)
 
   from_idx, from_npz = load(idx_dir), load(npz_dir)
   for split in ("train", "validation"):

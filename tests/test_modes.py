@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from dist_train import train
 from dist_train import config as config_lib
-from dist_train import data
-from dist_train import models
+from dist_train.data import datasets
+from dist_train.models import mnist
 from tests import conftest
 from tests import test_main
 
@@ -70,7 +71,7 @@ def _features(num_examples=64):
   config = config_lib.Config(model_dir="/tmp/unused", dataset="synthetic",
                              num_train_examples=num_examples,
                              num_validation_examples=0, seed=5)
-  split = data.load_splits(config).train
+  split = train.load_splits(config).train
   return (split.images.reshape(len(split), -1) / 255.0).astype(np.float32)
 
 
@@ -78,7 +79,7 @@ def _restored_model(model_dir):
   """The reference model with the latest checkpoint's weights."""
   config = config_lib.Config(model_dir=model_dir, kernel_l2=0.0001,
                              activity_regularization=0.00001)
-  model = models.create_model(config)
+  model = mnist.create_model(config)
   path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
   tf.train.Checkpoint(model=model).restore(path).expect_partial()
   return model
@@ -95,6 +96,6 @@ def test_exported_model_predicts_like_the_trained_model(trained):
   np.testing.assert_allclose(saved_model.serve(features).numpy(), expected,
                              atol=1e-6)
   # Not trivially equal: training moved the weights from their start.
-  untrained = models.create_model(config_lib.Config(
+  untrained = mnist.create_model(config_lib.Config(
       model_dir=trained, kernel_l2=0.0001, activity_regularization=0.00001))
   assert np.abs(untrained(features).numpy() - expected).max() > 1e-2

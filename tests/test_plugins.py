@@ -2,11 +2,12 @@
 
 import pytest
 
+from dist_train import train
 from dist_train import config as config_lib
-from dist_train import data
-from dist_train import models
-from dist_train import plugins
-from dist_train import summaries
+from dist_train.data import datasets
+from dist_train.models import mnist
+from dist_train import user_code
+from dist_train.outputs import summaries
 from tests import conftest
 
 CPU_TEST_FLAGS = f"--flagfile={conftest.FLAGS_DIR}/cpu_test.cfg"
@@ -39,9 +40,9 @@ MALFORMED = [
 @pytest.mark.parametrize("model, message", MALFORMED)
 def test_malformed_model_plugins_fail_clearly(tmp_path, model, message):
   config = config_lib.Config(model_dir=str(tmp_path), model=model)
-  with pytest.raises(plugins.PluginError) as error:
-    plugins.check_model_fits("model", model, models.create_model(config),
-                             (data.NUM_FEATURES,))
+  with pytest.raises(user_code.UserCodeError) as error:
+    user_code.check_model_fits("model", model, mnist.create_model(config),
+                             (datasets.NUM_FEATURES,))
   assert f"--model={model}" in str(error.value)
   assert message in str(error.value)
 
@@ -92,8 +93,8 @@ def test_user_model_and_dataset_train_with_two_replicas(tmp_path):
 ])
 def test_malformed_dataset_plugins_fail_clearly(tmp_path, dataset, message):
   config = config_lib.Config(model_dir=str(tmp_path), dataset=dataset)
-  with pytest.raises(plugins.PluginError) as error:
-    data.load_splits(config)
+  with pytest.raises(user_code.UserCodeError) as error:
+    train.load_splits(config)
   assert f"--dataset={dataset}" in str(error.value)
   assert message in str(error.value)
 
@@ -101,10 +102,10 @@ def test_malformed_dataset_plugins_fail_clearly(tmp_path, dataset, message):
 def test_user_dataset_is_checked_against_the_model(tmp_path):
   config = config_lib.Config(model_dir=str(tmp_path),
                              dataset="tests.plugin_fixtures:blobs")
-  splits = data.load_splits(config)
+  splits = train.load_splits(config)
   assert (len(splits.train), len(splits.validation)) == (300, 90)
-  with pytest.raises(plugins.PluginError,
+  with pytest.raises(user_code.UserCodeError,
                      match=r"inputs of shape \(784,\) per example, but the "
                            r"data has features of shape \(12,\)"):
-    plugins.check_model_fits("model", "mlp", models.create_model(config),
+    user_code.check_model_fits("model", "mlp", mnist.create_model(config),
                              splits.train.feature_shape)

@@ -14,10 +14,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 from dist_train import config as config_lib
-from dist_train import models
-from dist_train import precision
-from dist_train import strategy as strategy_lib
-from dist_train import trainer as trainer_lib
+from dist_train.models import mnist
+from dist_train.loop import precision
+from dist_train.distribute import strategy as strategy_lib
+from dist_train.loop import steps
 
 strategy = strategy_lib.create_strategy(
     config_lib.Config(model_dir="/tmp/unused", cpu_replicas=2))
@@ -26,7 +26,7 @@ config = config_lib.Config(model_dir="/tmp/unused", hidden_units=8,
 out = {}
 for policy in precision.POLICIES:
   with strategy.scope(), precision.policy_scope(policy):
-    model = models.create_model(config)
+    model = mnist.create_model(config)
   out[policy] = {
       "hidden": model.get_layer("dense_1").compute_dtype,
       "output": model.get_layer("predictions").compute_dtype,
@@ -39,19 +39,19 @@ out["global_policy_after"] = keras.mixed_precision.global_policy().name
 # whose huge pixels overflow float16 on that replica only.
 with strategy.scope():
   with precision.policy_scope("mixed_float16"):
-    model = models.create_model(config)
+    model = mnist.create_model(config)
   optimizer = precision.wrap_optimizer(keras.optimizers.SGD(0.1),
                                        "mixed_float16")
   optimizer.build(model.trainable_variables)
 out["optimizer"] = type(optimizer).__name__
-trainer = trainer_lib.Trainer(strategy=strategy, model=model,
+trainer = steps.Trainer(strategy=strategy, model=model,
                               optimizer=optimizer, add_loss_reduction="sum")
 before = [v.numpy() for v in model.trainable_variables]
 features = np.full([4, 784], 0.5, np.float32)
 features[2:] = 1e6
 labels = np.arange(4, dtype=np.int32)
 batches = tf.data.Dataset.from_tensors((features, labels)).repeat()
-trainer.train(iter(batches), 1)
+trainer.train_steps(iter(batches), 1)
 after = [v.numpy() for v in model.trainable_variables]
 out["overflow"] = {
     "unchanged": all(np.array_equal(a, b) for a, b in zip(before, after)),
@@ -61,7 +61,7 @@ out["overflow"] = {
 }
 # A finite global batch is applied, and unscaled: one SGD step of the loss.
 features[2:] = 0.25
-trainer.train(iter(tf.data.Dataset.from_tensors((features, labels)).repeat()),
+trainer.train_steps(iter(tf.data.Dataset.from_tensors((features, labels)).repeat()),
               1)
 out["finite_step"] = {
     "changed": not all(np.array_equal(a, b) for a, b in

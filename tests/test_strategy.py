@@ -11,8 +11,8 @@ import os
 import pytest
 import tensorflow as tf
 
-from dist_train import config as config_lib
-from dist_train import strategy as strategy_lib
+from dist_train.distribute import cluster
+from dist_train.distribute import strategy as strategy_lib
 
 
 @pytest.fixture
@@ -24,9 +24,10 @@ def environ(monkeypatch):
   return monkeypatch
 
 
-def _config(**overrides):
-  return config_lib.Config(model_dir="/tmp/dist_train_test_strategy",
-                           **overrides)
+def _resolver(cluster_flag="auto", **kwargs):
+  resolved = cluster.resolve(strategy="auto", cluster=cluster_flag,
+                             cpu_replicas=None, environ=os.environ)
+  return strategy_lib.create_cluster_resolver(resolved, **kwargs)
 
 
 def test_slurm_step_of_two_nodes_becomes_a_cluster_of_four_workers(environ):
@@ -36,8 +37,7 @@ def test_slurm_step_of_two_nodes_becomes_a_cluster_of_four_workers(environ):
   environ.setenv("SLURM_STEP_TASKS_PER_NODE", "2(x2)")
   visible_before = os.environ.get("CUDA_VISIBLE_DEVICES")
 
-  resolver = strategy_lib.create_cluster_resolver(
-      _config(cluster="slurm", slurm_port_base=9100))
+  resolver = _resolver("slurm", slurm_port_base=9100)
 
   assert resolver.cluster_spec().as_dict() == {"worker": [
       "gpu07:9100", "gpu07:9101", "gpu08:9100", "gpu08:9101"]}
@@ -53,7 +53,7 @@ def test_uneven_slurm_step_on_one_host(environ):
   environ.setenv("SLURM_STEP_NUM_TASKS", "3")
   environ.setenv("SLURM_STEP_NODELIST", "a1,b2")
   environ.setenv("SLURM_STEP_TASKS_PER_NODE", "2,1")
-  resolver = strategy_lib.create_cluster_resolver(_config())  # auto
+  resolver = _resolver()  # auto
   assert resolver.cluster_spec().as_dict() == {
       "worker": ["a1:8888", "a1:8889", "b2:8888"]}
   assert (resolver.task_type, resolver.task_id) == ("worker", 0)
@@ -63,12 +63,12 @@ def test_tf_config_cluster(environ):
   environ.setenv("TF_CONFIG", json.dumps({
       "cluster": {"chief": ["h0:20"], "worker": ["h1:21", "h2:22"]},
       "task": {"type": "worker", "index": 1}}))
-  resolver = strategy_lib.create_cluster_resolver(_config())
+  resolver = _resolver()
   assert resolver.cluster_spec().as_dict() == {
       "chief": ["h0:20"], "worker": ["h1:21", "h2:22"]}
   assert (resolver.task_type, resolver.task_id) == ("worker", 1)
 
 
 def test_no_cluster_gives_an_empty_one(environ):
-  resolver = strategy_lib.create_cluster_resolver(_config())
+  resolver = _resolver()
   assert resolver.cluster_spec().as_dict() == {}

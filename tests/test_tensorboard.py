@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from dist_train import summaries
+from dist_train.outputs import summaries
 from tests import conftest
 
 

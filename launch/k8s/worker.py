@@ -14,7 +14,7 @@ import sys
 from absl import app
 from absl import flags
 
-from dist_train import cluster
+from launch import workers
 
 _JOB_NAME = flags.DEFINE_string("job_name", None, "metadata.name of the Job.")
 _SERVICE = flags.DEFINE_string(
@@ -28,12 +28,12 @@ flags.mark_flags_as_required(["job_name", "service", "num_workers"])
 
 def main(argv):
   try:
-    tf_config = cluster.indexed_job_environment(
+    tf_config = workers.indexed_job_environment(
         os.environ, job_name=_JOB_NAME.value, service=_SERVICE.value,
         num_workers=_NUM_WORKERS.value, port=_PORT.value)
-  except cluster.ConfigError as e:
+  except workers.ConfigError as e:
     sys.exit(f"launch.k8s.worker: error: {e}")
-  command = cluster.worker_command(argv[1:])
+  command = workers.worker_command(argv[1:])
   os.execvpe(command[0], command, {**os.environ, **tf_config})
 
 

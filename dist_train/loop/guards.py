@@ -4,9 +4,13 @@ import math
 
 import tensorflow as tf
 
+from dist_train import errors
 
-class NonFiniteError(RuntimeError):
+
+class NonFiniteError(errors.DistTrainError):
   """A loss term or a weight became NaN or Inf; the message says which, where."""
+
+  exit_code = errors.EXIT_NON_FINITE
 
 
 def check_losses(losses: dict, *, first_step: int, last_step: int) -> None:

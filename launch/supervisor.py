@@ -3,7 +3,7 @@
 `run_workers` starts one process per worker, streams each one's output with a
 `[worker i]` prefix, and waits. When a worker fails, or the launcher gets
 SIGINT or SIGTERM, it stops the other workers and returns non-zero; no worker
-outlives it. `python -m launch.local` is the command-line front end.
+outlives it. `python -m launch.local` is the command-line front end. No TensorFlow here.
 """
 
 import ctypes
@@ -15,8 +15,9 @@ import sys
 import threading
 import time
 
-from dist_train import preemption
 from typing import Mapping, Optional, Sequence, TextIO
+
+from dist_train import errors
 
 _PR_SET_PDEATHSIG = 1  # From <linux/prctl.h>.
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith(
@@ -132,7 +133,7 @@ def run_workers(commands: Sequence[Sequence[str]],
     poll_s: how often the workers are checked.
 
   Returns:
-    0 when every worker exits with 0. preemption.EXIT_PREEMPTED (75) when
+    0 when every worker exits with 0. errors.EXIT_PREEMPTED (75) when
     they stopped on SIGTERM after saving a checkpoint together. 1 when a
     worker fails (its exit code; 1 if a signal killed it): the message
     names it and how it ended, and the others are stopped. 128 + the signal
@@ -177,7 +178,7 @@ def run_workers(commands: Sequence[Sequence[str]],
 
 
 def _all_preempted(workers):
-  return all(w.process.returncode == preemption.EXIT_PREEMPTED
+  return all(w.process.returncode == errors.EXIT_PREEMPTED
              for w in workers)
 
 
@@ -189,13 +190,13 @@ def _supervise(workers, signals, *, grace_s, poll_s, log):
       stop_workers(workers, signum=signals.received, grace_s=grace_s, log=log)
       if _all_preempted(workers):
         log("every worker saved a checkpoint and stopped; rerun to resume")
-        return preemption.EXIT_PREEMPTED
+        return errors.EXIT_PREEMPTED
       return 128 + signals.received
     for worker in workers:
       returncode = worker.process.poll()
       # A preempted worker saved and stopped with the others at one step;
       # wait for them rather than stop them.
-      if returncode not in (None, 0, preemption.EXIT_PREEMPTED):
+      if returncode not in (None, 0, errors.EXIT_PREEMPTED):
         others = [w for w in workers if w is not worker]
         log(f"{worker.name} failed: it {describe_exit(returncode)}; "
             f"stopping the other {len(others)} worker(s)")
@@ -207,5 +208,5 @@ def _supervise(workers, signals, *, grace_s, poll_s, log):
       return 0
     if all(worker.process.poll() is not None for worker in workers):
       log("every worker saved a checkpoint and stopped; rerun to resume")
-      return preemption.EXIT_PREEMPTED
+      return errors.EXIT_PREEMPTED
     time.sleep(poll_s)

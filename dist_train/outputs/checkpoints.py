@@ -5,6 +5,7 @@ The global step is the optimizer's `iterations`. The position in the data is
 next batch exactly.
 """
 
+import dataclasses
 import os
 import re
 import shutil
@@ -16,10 +17,9 @@ import keras
 import tensorflow as tf
 
 from dist_train import errors
-from dist_train import guards
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.DistTrainError):
   """A checkpoint cannot be used; the message names the file and why."""
 
 
@@ -49,6 +49,16 @@ def _mismatch_error(path, error):
       f"{path} does not fit the model: {errors.first_line(error)}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Position:
+  """Where a restored run continues: the checkpoint and its place in the data."""
+
+  path: str
+  global_step: int
+  epoch: int
+  step_in_epoch: int
+
+
 def _missing_files(path):
   """The files a checkpoint prefix needs that are not there."""
   index = path + ".index"
@@ -72,8 +82,8 @@ class RunCheckpoint:
                is_chief: bool = True, on_corrupt: str = "fail"):
     # Plain (non-distributed) variables: they are read and assigned only by
     # the eager outer loop.
-    self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-    self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False,
+    self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    self._step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False,
                                      name="step_in_epoch")
     self.directory = directory
     self._is_chief = is_chief
@@ -81,8 +91,8 @@ class RunCheckpoint:
     self._model = model
     self._step_counter = optimizer.iterations
     self._checkpoint = tf.train.Checkpoint(
-        model=model, optimizer=optimizer, epoch=self.epoch,
-        step_in_epoch=self.step_in_epoch)
+        model=model, optimizer=optimizer, epoch=self._epoch,
+        step_in_epoch=self._step_in_epoch)
     try:
       self._manager = tf.train.CheckpointManager(
           self._checkpoint, directory, max_to_keep=max_to_keep,
@@ -131,28 +141,28 @@ class RunCheckpoint:
     """Path prefix of the newest checkpoint, or None."""
     return self._manager.latest_checkpoint
 
-  def restore_latest(self) -> bool:
-    """Restores the newest usable checkpoint; returns whether there was one.
+  def restore_latest(self, *, model_only: bool = False) -> Optional[Position]:
+    """Restores the newest usable checkpoint; returns its position, or None
+    when there is no checkpoint.
 
     A checkpoint that cannot be read never leads to a silent restart from
     step 0: it raises CorruptCheckpointError naming the file, or, with
     on_corrupt="previous", the next older intact checkpoint is restored with
     a warning.
 
+    Args:
+      model_only: restore only the model's weights (for evaluation: the
+        optimizer's state is not needed, and the evaluating run need not be
+        given the training run's optimizer flags).
+
     Raises:
       CorruptCheckpointError: the newest (or, falling back, every)
         checkpoint is unreadable.
       CheckpointMismatchError: a checkpoint was written by another model.
     """
-    return self._restore(self._checkpoint, "")
-
-  def restore_latest_model(self) -> bool:
-    """Restores only the model's weights from the newest usable checkpoint.
-
-    For evaluation: the optimizer's state is not needed, and the evaluating
-    run need not be given the training run's optimizer flags.
-    """
-    return self._restore(tf.train.Checkpoint(model=self._model), "the model ")
+    checkpoint = (tf.train.Checkpoint(model=self._model) if model_only
+                  else self._checkpoint)
+    return self._restore(checkpoint, partial=model_only)
 
   def _candidates(self):
     """Checkpoint prefixes to try, newest first."""
@@ -167,7 +177,7 @@ class RunCheckpoint:
         self.directory, p)
     return [resolve(p) for p in reversed(paths)]
 
-  def _restore(self, checkpoint, what) -> bool:
+  def _restore(self, checkpoint, *, partial: bool) -> Optional[Position]:
     candidates = self._candidates()
     for i, path in enumerate(candidates):
       try:
@@ -178,7 +188,7 @@ class RunCheckpoint:
               "missing")
         try:
           status = checkpoint.restore(path)
-          if what:
+          if partial:
             status.expect_partial()
           # Every variable of this run that the checkpoint names must be
           # restored, so a changed model fails loudly.
@@ -201,22 +211,26 @@ class RunCheckpoint:
               f"{e}, and no older checkpoint is intact") from e
         logging.warning("%s; falling back to %s", e, older[0])
         continue
-      logging.info("Restored %sfrom %s (epoch %d, step in epoch %d)", what,
-                   path, int(self.epoch), int(self.step_in_epoch))
-      return True
-    return False
+      logging.info("Restored %sfrom %s (epoch %d, step in epoch %d)",
+                   "the model " if partial else "", path, int(self._epoch),
+                   int(self._step_in_epoch))
+      return Position(path=path, global_step=step_of(path),
+                      epoch=int(self._epoch),
+                      step_in_epoch=int(self._step_in_epoch))
+    return None
 
   def save(self, *, epoch: int, step_in_epoch: int) -> Optional[str]:
     """Records the position and writes a checkpoint.
+
+    The caller checks the weights first (`guards.check_variables`): this
+    writes what it is given.
 
     Returns:
       The checkpoint's path; None on a worker other than the chief, whose
       copy is written to a temporary directory and removed.
     """
-    # Never write NaN or Inf over good work.
-    guards.check_variables(self._model.variables)
-    self.epoch.assign(epoch)
-    self.step_in_epoch.assign(step_in_epoch)
+    self._epoch.assign(epoch)
+    self._step_in_epoch.assign(step_in_epoch)
     if not self._is_chief:
       temp_dir = tempfile.mkdtemp(prefix="dist_train_worker_checkpoint_")
       try:

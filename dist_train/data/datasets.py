@@ -1,42 +1,37 @@
-"""Data sets, and the tf.data pipelines that feed the loop.
+"""Data sets: the built-in MNIST splits as arrays, and user data sets.
 
 Built-in data sets are in-memory arrays: images uint8 [N, 28, 28], labels int32
-[N], decoded once to float32 [N, 784] in [0, 1]; each epoch's batches are
-gathered from them by shuffled indices. A user data set
+[N], decoded once to float32 [N, 784] in [0, 1]. A user data set
 (`--dataset=package.module:function`) is a tf.data.Dataset of unbatched
-(features, labels) examples.
-
-Every pipeline shuffles, batches by the *global* batch size and skips on the
-whole data set, before it is split across replicas: that is what makes N
-replicas see exactly the batches one device would see.
+(features, labels) examples. `pipelines.py` turns either into global batches.
 """
 
 import dataclasses
 import functools
 import os
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 
 from dist_train import config as config_lib
 from dist_train import errors
-from dist_train import mnist_files
-from dist_train import plugins
+from dist_train import user_code
+from dist_train.data import mnist_files
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28)
 NUM_FEATURES = 28 * 28
-SAMPLE_PATH = os.path.join(os.path.dirname(__file__), "data_files",
-                           "mnist_sample.npz")
+SAMPLE_PATH = os.path.join(os.path.dirname(__file__), "mnist_sample.npz")
 _SYNTHETIC_TRAIN_EXAMPLES = 2048
 
 
-class DataError(ValueError):
+class DataError(errors.DistTrainError):
   """The data set cannot be loaded or is unusable; the message says why."""
 
 
 @dataclasses.dataclass(frozen=True)
-class Split:
+class ArraySplit:
   """A built-in split as arrays."""
 
   images: np.ndarray  # uint8 [N, 28, 28]
@@ -61,7 +56,7 @@ class Split:
 
 
 @dataclasses.dataclass(frozen=True)
-class DatasetSplit:
+class StreamSplit:
   """A user split: a tf.data.Dataset of unbatched (features, labels)."""
 
   dataset: tf.data.Dataset
@@ -86,8 +81,8 @@ class DatasetSplit:
 
 @dataclasses.dataclass(frozen=True)
 class Splits:
-  train: Split | DatasetSplit
-  validation: Split | DatasetSplit
+  train: ArraySplit | StreamSplit
+  validation: ArraySplit | StreamSplit
 
 
 def _mnist_path(data_dir):
@@ -154,39 +149,52 @@ def make_synthetic(num_examples, seed):
   return images, labels
 
 
-def load_splits(config: config_lib.Config) -> Splits:
-  """Loads the configured data set and holds out its tail for validation.
+def load_splits(*, dataset: str, data_dir: Optional[str] = None,
+                num_validation_examples: int, num_train_examples: Optional[int],
+                seed: int, user_config=None) -> Splits:
+  """Loads a data set and holds out its tail for validation.
+
+  Args:
+    dataset: mnist, mnist_sample, synthetic or a user `package.module:function`.
+    data_dir: where --dataset=mnist looks for its files.
+    num_validation_examples: built-in data sets: how many examples at the end
+      are held out for validation.
+    num_train_examples: use only the first N training examples (synthetic:
+      generate N).
+    seed: the seed of synthetic data.
+    user_config: what a user dataset_fn is called with (the run's Config).
 
   Raises:
     DataError: the data cannot be loaded, or the split leaves no training
       example.
+    user_code.UserCodeError: a user dataset_fn is unusable.
   """
-  if config_lib.is_import_path(config.dataset):
-    return _load_user_splits(config)
-  num_val = config.num_validation_examples
-  if config.dataset == "mnist":
-    images, labels = load_mnist(config.data_dir)
-  elif config.dataset == "mnist_sample":
+  if config_lib.is_import_path(dataset):
+    return _load_user_splits(dataset, num_train_examples, user_config)
+  num_val = num_validation_examples
+  if dataset == "mnist":
+    images, labels = load_mnist(data_dir)
+  elif dataset == "mnist_sample":
     images, labels = load_mnist_sample()
-  elif config.dataset == "synthetic":
-    num_train = config.num_train_examples or _SYNTHETIC_TRAIN_EXAMPLES
-    images, labels = make_synthetic(num_train + num_val, config.seed)
+  elif dataset == "synthetic":
+    num_train = num_train_examples or _SYNTHETIC_TRAIN_EXAMPLES
+    images, labels = make_synthetic(num_train + num_val, seed)
   else:
-    raise DataError(f"unknown --dataset={config.dataset!r}")
+    raise DataError(f"unknown --dataset={dataset!r}")
 
   images = np.asarray(images, dtype=np.uint8).reshape((-1,) + IMAGE_SHAPE)
   labels = np.asarray(labels, dtype=np.int32).reshape(-1)
-  check_labels(labels, f"--dataset={config.dataset}")
+  check_labels(labels, f"--dataset={dataset}")
   if num_val >= len(labels):
     raise DataError(
         f"--num_validation_examples={num_val} leaves no training examples in "
-        f"--dataset={config.dataset}, which has {len(labels)}")
+        f"--dataset={dataset}, which has {len(labels)}")
   cut = len(labels) - num_val
-  train = Split(images[:cut], labels[:cut])
-  if config.num_train_examples is not None:
-    train = Split(train.images[:config.num_train_examples],
-                  train.labels[:config.num_train_examples])
-  return Splits(train=train, validation=Split(images[cut:], labels[cut:]))
+  train = ArraySplit(images[:cut], labels[:cut])
+  if num_train_examples is not None:
+    train = ArraySplit(train.images[:num_train_examples],
+                       train.labels[:num_train_examples])
+  return Splits(train=train, validation=ArraySplit(images[cut:], labels[cut:]))
 
 
 def check_labels(labels: np.ndarray, where: str) -> None:
@@ -202,30 +210,31 @@ def check_labels(labels: np.ndarray, where: str) -> None:
         f"[0, {NUM_CLASSES}) ({bad.size} such labels; {NUM_CLASSES} classes)")
 
 
-def _load_user_splits(config: config_lib.Config) -> Splits:
+def _load_user_splits(path, num_train_examples, user_config) -> Splits:
   """Calls the user's dataset_fn for "train" and "validation" and checks them."""
-  dataset_fn = plugins.load_function("dataset", config.dataset)
+  dataset_fn = user_code.load_function("dataset", path)
   splits = {}
   for name in ("train", "validation"):
-    dataset = plugins.check_returns(
-        "dataset", config.dataset, dataset_fn(name, config), tf.data.Dataset,
+    dataset = user_code.check_returns(
+        "dataset", path, user_code.call("dataset", path, dataset_fn, name,
+                                        user_config), tf.data.Dataset,
         "a tf.data.Dataset")
-    where = f"--dataset={config.dataset} ({name})"
+    where = f"--dataset={path} ({name})"
     spec = dataset.element_spec
     if not (isinstance(spec, tuple) and len(spec) == 2):
-      raise plugins.PluginError(
+      raise user_code.UserCodeError(
           f"{where} must yield (features, labels) pairs, got {spec}")
     labels = spec[1]
     if labels.shape.rank != 0 or not labels.dtype.is_integer:
-      raise plugins.PluginError(
+      raise user_code.UserCodeError(
           f"{where} must yield unbatched examples with a scalar integer "
           f"label, got labels of shape {labels.shape} and type "
           f"{labels.dtype.name}")
-    if name == "train" and config.num_train_examples is not None:
-      dataset = dataset.take(config.num_train_examples)
-    splits[name] = DatasetSplit(dataset, _count(dataset, where), where)
+    if name == "train" and num_train_examples is not None:
+      dataset = dataset.take(num_train_examples)
+    splits[name] = StreamSplit(dataset, _count(dataset, where), where)
   if not len(splits["train"]):
-    raise DataError(f"--dataset={config.dataset} (train) is empty")
+    raise DataError(f"--dataset={path} (train) is empty")
   return Splits(**splits)
 
 
@@ -233,99 +242,9 @@ def _count(dataset, where):
   """The number of examples: known to tf.data, else counted in one pass."""
   cardinality = int(dataset.cardinality())
   if cardinality == tf.data.INFINITE_CARDINALITY:
-    raise plugins.PluginError(
+    raise user_code.UserCodeError(
         f"{where} is infinite: return one pass over the data, dist_train "
         "repeats it per epoch")
   if cardinality >= 0:
     return cardinality
   return int(dataset.reduce(np.int64(0), lambda count, _: count + 1))
-
-
-def shuffle_seed(seed: int, epoch: int) -> int:
-  """The shuffle seed of one epoch: a fixed function of (seed, epoch).
-
-  A fresh, known order per epoch (instead of a reshuffling iterator) means an
-  epoch's order does not depend on how many epochs this process has run.
-  """
-  return seed * 1_000_003 + epoch
-
-
-def _shard_by_data(ds: tf.data.Dataset) -> tf.data.Dataset:
-  """Marks `ds` to be split across workers by data, not by files.
-
-  dist_train's loop reads these global batches itself and slices them per
-  replica, so this only matters when a strategy distributes the dataset
-  (Keras `fit` does, in scripts/benchmark.py): there too each worker then
-  keeps its slice of every global batch, instead of batches of its own files.
-  """
-  options = tf.data.Options()
-  options.experimental_distribute.auto_shard_policy = (
-      tf.data.experimental.AutoShardPolicy.DATA)
-  return ds.with_options(options)
-
-
-def _gather_batches(split: Split, index_batches: tf.data.Dataset):
-  """Global batches gathered from the decoded split by batches of indices.
-
-  Shuffling and batching example indices gives the order that shuffling the
-  examples themselves gives (the order depends on the seed only), at a
-  fraction of the cost; each batch is then one gather from memory, with no
-  decoding and no Python per step.
-  """
-  features, labels = split.decoded
-  ds = index_batches.map(
-      lambda indices: (tf.gather(features, indices), tf.gather(labels, indices)),
-      num_parallel_calls=tf.data.AUTOTUNE)
-  return _shard_by_data(ds.prefetch(tf.data.AUTOTUNE))
-
-
-def make_train_dataset(split, *, global_batch_size: int,
-                       shuffle_buffer: int, seed: int, epoch: int,
-                       num_epochs: int = 1,
-                       skip_batches: int = 0) -> tf.data.Dataset:
-  """Shuffled global batches of epochs epoch .. epoch + num_epochs - 1.
-
-  Each epoch's last batch may be partial; each epoch is shuffled with its own
-  seed, `shuffle_seed(seed, epoch)`, so an epoch's order does not depend on
-  where the pipeline started. The first `skip_batches` batches (of the first
-  epoch) are skipped: a resumed run continues with the next batch.
-
-  One pipeline spans all epochs, so it is built once (building one captures
-  the decoded split) and prefetching runs on across epoch ends.
-  """
-  def concatenated(epoch_dataset):
-    # Python seeds per epoch: a seed tensor (flat_map over epochs) fails
-    # once a global seed is set (tf.data compares seeds in Python).
-    datasets = [epoch_dataset(e) for e in range(epoch, epoch + num_epochs)]
-    return functools.reduce(tf.data.Dataset.concatenate, datasets)
-
-  if isinstance(split, Split):
-    indices = tf.data.Dataset.range(len(split))
-    index_batches = concatenated(
-        lambda e: indices.shuffle(
-            shuffle_buffer, seed=shuffle_seed(seed, e),
-            reshuffle_each_iteration=False).batch(global_batch_size))
-    return _gather_batches(split, index_batches.skip(skip_batches))
-  ds = concatenated(
-      lambda e: split.dataset.shuffle(
-          shuffle_buffer, seed=shuffle_seed(seed, e),
-          reshuffle_each_iteration=False).batch(
-              global_batch_size, drop_remainder=False))
-  ds = ds.skip(skip_batches)
-  ds = ds.map(split.preprocess_batch, num_parallel_calls=tf.data.AUTOTUNE)
-  return _shard_by_data(ds.prefetch(tf.data.AUTOTUNE))
-
-
-def make_eval_dataset(split, *, global_batch_size: int) -> tf.data.Dataset:
-  """The split in order, in global batches; the last one may be partial."""
-  if isinstance(split, Split):
-    return _gather_batches(
-        split, tf.data.Dataset.range(len(split)).batch(global_batch_size))
-  ds = split.dataset.batch(global_batch_size, drop_remainder=False)
-  ds = ds.map(split.preprocess_batch, num_parallel_calls=tf.data.AUTOTUNE)
-  return _shard_by_data(ds.prefetch(tf.data.AUTOTUNE))
-
-
-def num_batches(num_examples: int, global_batch_size: int) -> int:
-  """Global steps in one pass, counting a partial last batch."""
-  return -(-num_examples // global_batch_size)

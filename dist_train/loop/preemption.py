@@ -9,13 +9,17 @@ loop it is running returns, saves a checkpoint and exits with EXIT_PREEMPTED.
 import signal
 import threading
 
-# EX_TEMPFAIL from sysexits.h: a temporary failure; rerunning the same command
-# resumes from the checkpoint saved on the way out.
-EXIT_PREEMPTED = 75
+import tensorflow as tf
+
+from dist_train import errors
+
+EXIT_PREEMPTED = errors.EXIT_PREEMPTED
 
 
-class Preempted(Exception):
+class Preempted(errors.DistTrainError):
   """Raised by the outer loop after it saved a checkpoint on SIGTERM."""
+
+  exit_code = errors.EXIT_PREEMPTED
 
   def __init__(self, checkpoint_path, global_step: int):
     # Workers other than the chief save no file of their own (None).
@@ -61,3 +65,28 @@ class SigtermWatcher:
       signal.signal(signal.SIGTERM, self._previous)
       self._installed = False
     return False
+
+
+class PreemptionAgreement:
+  """Whether any worker was asked to stop, agreed by all of them.
+
+  Every worker must stop at the same step boundary (the checkpoint save runs
+  collectives), so with several workers the local requests are summed across
+  workers with one small all-reduce; one process decides alone. Call
+  `agreed()` at the same loop boundaries on every worker.
+  """
+
+  def __init__(self, *, strategy: tf.distribute.Strategy, num_workers: int,
+               watcher: SigtermWatcher):
+    self._strategy = strategy
+    self._num_workers = num_workers
+    self.watcher = watcher
+
+  def agreed(self) -> bool:
+    requested = self.watcher.requested
+    if self._num_workers > 1:
+      flags = self._strategy.run(
+          lambda flag: flag, args=(tf.constant(float(requested)),))
+      requested = float(self._strategy.reduce(
+          tf.distribute.ReduceOp.SUM, flags, axis=None)) > 0
+    return requested

@@ -5,15 +5,14 @@ and GPU visibility can only be set before the runtime initialises, and
 MultiWorkerMirroredStrategy must start its collective runtime first.
 """
 
-import os
 import signal
 import threading
+from typing import Optional
 
 from absl import logging
 import tensorflow as tf
 
-from dist_train import cluster as cluster_lib
-from dist_train import config as config_lib
+from dist_train.distribute import cluster as cluster_lib
 
 _COLLECTIVES = {
     "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
@@ -55,57 +54,59 @@ def _local_gpus(num_gpus):
   return gpus if num_gpus is None else gpus[:num_gpus]
 
 
-def create_strategy(config: config_lib.Config) -> tf.distribute.Strategy:
-  """Builds the strategy the config asks for.
+def create_strategy(resolved: cluster_lib.Resolved, *,
+                    num_gpus: Optional[int] = None,
+                    cpu_replicas: Optional[int] = None,
+                    collective: str = "auto",
+                    collective_timeout_s: float = 300.0,
+                    slurm_port_base: int = 8888) -> tf.distribute.Strategy:
+  """Builds the strategy `resolved` names, on this process's devices.
 
   mirrored: MirroredStrategy over the local GPUs (at most `num_gpus`), else
   over the CPU; with `cpu_replicas`, over that many logical CPU devices.
   one_device: the first GPU, else the CPU. multi_worker: see
-  `create_multi_worker_strategy`. auto: multi_worker when the cluster in the
-  environment has several tasks, else mirrored.
-
-  Raises:
-    config_lib.ConfigError: the flags contradict the cluster environment.
+  `_create_multi_worker_strategy`.
   """
-  name = cluster_lib.resolve_strategy(config, os.environ)
-  if name == "multi_worker":
-    return create_multi_worker_strategy(config)
-  if config.cpu_replicas is not None:
-    devices = configure_cpu_replicas(config.cpu_replicas)
-  elif config.num_gpus == 0:
+  if resolved.strategy == "multi_worker":
+    return _create_multi_worker_strategy(
+        resolved, num_gpus=num_gpus, collective=collective,
+        collective_timeout_s=collective_timeout_s,
+        slurm_port_base=slurm_port_base)
+  if cpu_replicas is not None:
+    devices = configure_cpu_replicas(cpu_replicas)
+  elif num_gpus == 0:
     tf.config.set_visible_devices([], "GPU")
     devices = ["/cpu:0"]
   else:
-    devices = _local_gpus(config.num_gpus) or ["/cpu:0"]
+    devices = _local_gpus(num_gpus) or ["/cpu:0"]
 
-  if name == "one_device":
+  if resolved.strategy == "one_device":
     strategy = tf.distribute.OneDeviceStrategy(devices[0])
-  elif name == "mirrored":
+  elif resolved.strategy == "mirrored":
     strategy = tf.distribute.MirroredStrategy(devices=devices)
   else:
-    raise ValueError(f"unknown strategy {config.strategy!r}")
+    raise ValueError(f"unknown strategy {resolved.strategy!r}")
   logging.info("Strategy %s with %d replica(s) on %s",
                type(strategy).__name__, strategy.num_replicas_in_sync,
                ", ".join(devices))
   return strategy
 
 
-def create_cluster_resolver(config: config_lib.Config):
+def create_cluster_resolver(resolved: cluster_lib.Resolved, slurm_port_base: int = 8888):
   """The cluster of multi_worker: from TF_CONFIG, the SLURM step, or none.
 
   With no cluster, the resolver is empty and the strategy has one worker.
   Must run before any TensorFlow op (it only reads the environment and lists
   physical devices).
   """
-  if cluster_lib.find_cluster(config, os.environ) == "slurm":
-    return _slurm_cluster_resolver(config)
+  if resolved.cluster == "slurm":
+    return _slurm_cluster_resolver(resolved.slurm, slurm_port_base)
   return tf.distribute.cluster_resolver.TFConfigClusterResolver()
 
 
-def _slurm_cluster_resolver(config):
-  step = cluster_lib.slurm_step(os.environ)
+def _slurm_cluster_resolver(step, port_base):
   slurm = tf.distribute.cluster_resolver.SlurmClusterResolver(
-      port_base=config.slurm_port_base,
+      port_base=port_base,
       # Only the cluster spec is taken from SlurmClusterResolver. Its GPU
       # bookkeeping cannot describe CPU-only tasks (0 GPUs per task fails)
       # and would overwrite the CUDA_VISIBLE_DEVICES SLURM gave the task, so
@@ -118,8 +119,9 @@ def _slurm_cluster_resolver(config):
       rpc_layer="grpc")
 
 
-def create_multi_worker_strategy(
-    config: config_lib.Config) -> tf.distribute.MultiWorkerMirroredStrategy:
+def _create_multi_worker_strategy(
+    resolved, *, num_gpus, collective, collective_timeout_s, slurm_port_base
+) -> tf.distribute.MultiWorkerMirroredStrategy:
   """MultiWorkerMirroredStrategy over every worker of the cluster.
 
   Each worker contributes its local GPUs (at most `num_gpus`), or one CPU
@@ -128,13 +130,13 @@ def create_multi_worker_strategy(
   run instead of hanging it; a dead peer is also detected by the
   coordination service's heartbeats.
   """
-  if config.num_gpus is not None:
+  if num_gpus is not None:
     gpus = tf.config.list_physical_devices("GPU")
-    tf.config.set_visible_devices(gpus[:config.num_gpus], "GPU")
-  resolver = create_cluster_resolver(config)
+    tf.config.set_visible_devices(gpus[:num_gpus], "GPU")
+  resolver = create_cluster_resolver(resolved, slurm_port_base)
   options = tf.distribute.experimental.CommunicationOptions(
-      implementation=_COLLECTIVES[config.collective],
-      timeout_seconds=config.collective_timeout_s)
+      implementation=_COLLECTIVES[collective],
+      timeout_seconds=collective_timeout_s)
   sigterm_handler = signal.getsignal(signal.SIGTERM)
   strategy = tf.distribute.MultiWorkerMirroredStrategy(
       cluster_resolver=resolver, communication_options=options)
@@ -146,18 +148,15 @@ def create_multi_worker_strategy(
     # the worker, and a launcher or scheduler (scancel, pod deletion) would
     # wait for its kill timeout. Restore the handler in place before.
     signal.signal(signal.SIGTERM, sigterm_handler)
-  cluster_spec = resolver.cluster_spec()
-  num_workers = max(1, sum(cluster_spec.num_tasks(job)
-                           for job in cluster_spec.jobs))
   task = (f"{resolver.task_type}:{resolver.task_id}"
           if resolver.task_type is not None else "the only worker")
   logging.info(
       "Strategy MultiWorkerMirroredStrategy with %d replica(s) on %d "
       "worker(s); this is task %s%s; collective %s, timeout %gs",
-      strategy.num_replicas_in_sync, num_workers, task,
+      strategy.num_replicas_in_sync, num_workers(strategy), task,
       "" if is_chief(strategy) else
       " (not the chief: the chief logs the progress and writes model_dir)",
-      config.collective, config.collective_timeout_s)
+      collective, collective_timeout_s)
   return strategy
 
 
@@ -174,6 +173,9 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
 
 def num_workers(strategy: tf.distribute.Strategy) -> int:
   """How many worker processes take part in `strategy` (1 on one host)."""
-  # MultiWorkerMirroredStrategy keeps its worker count on the extended object;
-  # single-host strategies have none.
-  return getattr(strategy.extended, "_num_workers", 1)
+  resolver = getattr(strategy, "cluster_resolver", None)
+  if resolver is None:
+    return 1
+  spec = resolver.cluster_spec()
+  return max(1, sum(spec.num_tasks(job) for job in spec.jobs
+                    if job in cluster_lib.TASK_TYPES))

@@ -1,6 +1,7 @@
-"""Optimizers and learning-rate schedules, built from the Config."""
+"""Optimizers and learning-rate schedules."""
 
 import math
+from typing import Sequence
 
 import keras
 from keras import ops
@@ -58,33 +59,32 @@ class LearningRateSchedule(keras.optimizers.schedules.LearningRateSchedule):
             "decay_factor": self.decay_factor}
 
 
-def create_learning_rate(config: config_lib.Config,
-                         total_steps: int) -> LearningRateSchedule:
-  """The schedule of the run.
+def create_learning_rate(*, kind: str, base_learning_rate: float,
+                         total_steps: int, warmup_steps: int = 0,
+                         boundaries: Sequence[int] = (),
+                         decay_factor: float = 0.1) -> LearningRateSchedule:
+  """The schedule of the run; `boundaries` default to 50% and 75% of it.
 
   A schedule even for a constant rate: the optimizer then saves the same
   objects whatever the schedule, so checkpoints match across schedules.
   """
-  boundaries = config.lr_boundaries or (total_steps // 2,
-                                        (3 * total_steps) // 4)
+  boundaries = tuple(boundaries) or (total_steps // 2, (3 * total_steps) // 4)
   return LearningRateSchedule(
-      config.lr_schedule, config.learning_rate, total_steps=total_steps,
-      warmup_steps=config.warmup_steps, boundaries=boundaries,
-      decay_factor=config.lr_decay_factor)
+      kind, base_learning_rate, total_steps=total_steps,
+      warmup_steps=warmup_steps, boundaries=boundaries,
+      decay_factor=decay_factor)
 
 
-def create_optimizer(config: config_lib.Config,
-                     total_steps: int) -> keras.optimizers.Optimizer:
-  """The optimizer of `config`, with its learning-rate schedule."""
-  learning_rate = create_learning_rate(config, total_steps)
-  if config.optimizer == "sgd":
+def create_optimizer(name: str, learning_rate, *, momentum: float = 0.9,
+                     weight_decay: float = 0.004) -> keras.optimizers.Optimizer:
+  """The optimizer `name` (sgd, momentum, adam, adamw) at `learning_rate`."""
+  if name == "sgd":
     return keras.optimizers.SGD(learning_rate=learning_rate)
-  if config.optimizer == "momentum":
-    return keras.optimizers.SGD(learning_rate=learning_rate,
-                                momentum=config.momentum)
-  if config.optimizer == "adam":
+  if name == "momentum":
+    return keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum)
+  if name == "adam":
     return keras.optimizers.Adam(learning_rate=learning_rate)
-  if config.optimizer == "adamw":
+  if name == "adamw":
     return keras.optimizers.AdamW(learning_rate=learning_rate,
-                                  weight_decay=config.weight_decay)
-  raise ValueError(f"unknown optimizer {config.optimizer!r}")
+                                  weight_decay=weight_decay)
+  raise ValueError(f"unknown optimizer {name!r}")

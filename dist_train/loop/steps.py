@@ -23,8 +23,8 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
-from dist_train import losses
-from dist_train import precision
+from dist_train.loop import losses
+from dist_train.loop import precision
 
 
 class Trainer:
@@ -90,9 +90,7 @@ class Trainer:
       # Multiplied by the loss scale under mixed_float16, else unchanged.
       scaled_loss = self.optimizer.scale_loss(total_loss)
     gradients = tape.gradient(scaled_loss, self.model.trainable_variables)
-    terms = tf.stack([total_loss, loss.cross_entropy, loss.regularization,
-                      loss.add_loss])
-    return gradients, per_example_loss, logits, terms
+    return gradients, per_example_loss, logits, loss.terms()
 
   def _replica_train_step(self, batch, global_num_examples):
     features, labels = batch
@@ -180,7 +178,7 @@ class Trainer:
 
   def _train_loop_fn(self, iterator, num_steps):
     """Runs `num_steps` global steps; returns the mean of each loss term."""
-    loss_sums = tf.zeros([4])
+    loss_sums = {name: tf.constant(0.0) for name in losses.ReplicaLoss.NAMES}
     for _ in tf.range(num_steps):
       batch = self._checked_labels(next(iterator))
       # The examples actually in this global step, so that a partial last
@@ -189,9 +187,11 @@ class Trainer:
       per_replica = self.strategy.run(
           self._replica_train_step,
           args=(self._split_global_batch(batch), global_num_examples))
-      loss_sums += self.strategy.reduce(tf.distribute.ReduceOp.SUM,
-                                        per_replica, axis=None)
-    return loss_sums / tf.cast(num_steps, tf.float32)
+      step_losses = self.strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                         per_replica, axis=None)
+      loss_sums = tf.nest.map_structure(tf.add, loss_sums, step_losses)
+    return tf.nest.map_structure(
+        lambda total: total / tf.cast(num_steps, tf.float32), loss_sums)
 
   def _eval_loop_fn(self, iterator, num_steps):
     for _ in tf.range(num_steps):
@@ -200,7 +200,7 @@ class Trainer:
 
   # The interface the outer loop uses.
 
-  def train(self, iterator, num_steps: int) -> dict:
+  def train_steps(self, iterator, num_steps: int) -> dict:
     """Runs `num_steps` global steps from `iterator`, an iterator over
     (features, labels) global batches (`iter(dataset)`).
 
@@ -209,11 +209,9 @@ class Trainer:
       terms (`cross_entropy`, `regularization`, `add_loss`), as floats.
     """
     means = self._train_loop(iterator, tf.constant(num_steps, tf.int32))
-    total, cross_entropy, regularization, add_loss = means.numpy().tolist()
-    return {"loss": total, "cross_entropy": cross_entropy,
-            "regularization": regularization, "add_loss": add_loss}
+    return {name: float(value) for name, value in means.items()}
 
-  def evaluate(self, dataset: tf.data.Dataset, num_steps: int) -> dict:
+  def eval_steps(self, dataset: tf.data.Dataset, num_steps: int) -> dict:
     """One pass over a dataset of global batches; returns the metric values."""
     for metric in self.eval_metrics.values():
       metric.reset_state()

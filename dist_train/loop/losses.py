@@ -31,9 +31,18 @@ class ReplicaLoss:
   regularization: tf.Tensor
   add_loss: tf.Tensor
 
+  # The names of `terms()`, in the order the loop reports them.
+  NAMES = ("loss", "cross_entropy", "regularization", "add_loss")
+
   @property
   def total(self) -> tf.Tensor:
     return self.cross_entropy + self.regularization + self.add_loss
+
+  def terms(self) -> dict:
+    """{name: tensor} of the total (`loss`) and each term, as the loop sums
+    them across replicas and steps."""
+    return {"loss": self.total, "cross_entropy": self.cross_entropy,
+            "regularization": self.regularization, "add_loss": self.add_loss}
 
 
 def call_collecting_add_losses(model: keras.Model, inputs, *, training: bool):

@@ -1,0 +1,67 @@
+"""Where the loop is in the run, and how long its next compiled call runs."""
+
+import dataclasses
+from typing import Optional
+
+
+def num_batches(num_examples: int, global_batch_size: int) -> int:
+  """Global steps in one pass, counting a partial last batch."""
+  return -(-num_examples // global_batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSchedule:
+  """The run's shape: epochs of global steps, and the boundaries between
+  compiled loops (log steps, checkpoint steps, epoch ends).
+
+  The one place that knows how many steps an epoch has.
+  """
+
+  num_examples: int
+  global_batch_size: int
+  num_epochs: int
+  steps_per_loop: int
+  log_every_steps: int
+  checkpoint_every_steps: Optional[int] = None
+
+  def __post_init__(self):
+    for name in ("num_examples", "global_batch_size", "num_epochs",
+                 "steps_per_loop", "log_every_steps"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return num_batches(self.num_examples, self.global_batch_size)
+
+  @property
+  def total_steps(self) -> int:
+    return self.num_epochs * self.steps_per_epoch
+
+  def next_loop_length(self, *, global_step: int, step_in_epoch: int) -> int:
+    """Steps to run in the next compiled call.
+
+    A loop never crosses a log or checkpoint boundary (a multiple of
+    `log_every_steps` or `checkpoint_every_steps`) or the end of the epoch,
+    so logging, checkpoints and epoch ends happen between calls.
+    """
+    to_log = self.log_every_steps - global_step % self.log_every_steps
+    to_epoch_end = self.steps_per_epoch - step_in_epoch
+    to_checkpoint = (
+        self.checkpoint_every_steps -
+        global_step % self.checkpoint_every_steps
+        if self.checkpoint_every_steps else to_epoch_end)
+    return max(1, min(self.steps_per_loop, to_log, to_epoch_end,
+                      to_checkpoint))
+
+  def is_log_step(self, global_step: int) -> bool:
+    return global_step % self.log_every_steps == 0
+
+  def is_checkpoint_step(self, global_step: int) -> bool:
+    return bool(self.checkpoint_every_steps and
+                global_step % self.checkpoint_every_steps == 0)
+
+  def examples_seen(self, epoch: int, step_in_epoch: int) -> int:
+    """Training examples consumed before (epoch, step_in_epoch)."""
+    return epoch * self.num_examples + min(
+        step_in_epoch * self.global_batch_size, self.num_examples)

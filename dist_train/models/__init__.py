@@ -1,0 +1,1 @@
+"""Built-in Keras models; nothing here knows about distribution."""
