@@ -1,0 +1,1 @@
+"""What a run writes: checkpoints, summaries, the export, and its claim on model_dir."""
