@@ -284,14 +284,22 @@ class ModelDirOwnership:
     """
     if not lease_s > 0:
       raise ValueError(f"lease_s must be positive, got {lease_s}")
-    self.model_dir = model_dir
-    self.lease_s = lease_s
+    self._model_dir = model_dir
+    self._lease_s = lease_s
     self._clock = clock
     self._path = os.path.join(model_dir, LOCK_FILE_NAME)
     self._record = None  # While held: the record last written.
     self._renew_error = None  # The OSError of the last renewal, if it failed.
     self._stop = threading.Event()
     self._renewer = None
+
+  @property
+  def model_dir(self) -> str:
+    return self._model_dir
+
+  @property
+  def lease_s(self) -> float:
+    return self._lease_s
 
   @property
   def holder(self) -> dict | None:
