@@ -20,6 +20,7 @@ from absl import flags
 from dist_train import errors
 from dist_train import flags as flags_lib
 from dist_train.distribute import cluster
+from dist_train.outputs import ownership
 
 
 def _fail(message, exit_code=errors.EXIT_BAD_INPUT):
@@ -50,6 +51,8 @@ def main(argv):
                                cluster=config.cluster,
                                cpu_replicas=config.cpu_replicas,
                                environ=os.environ)
+    if config.mode != "evaluate":
+      ownership.check_writable(config.model_dir)
     # Imported here so that flag errors are reported before TensorFlow loads.
     # pylint: disable-next=import-outside-toplevel
     from dist_train import train

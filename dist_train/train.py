@@ -8,6 +8,7 @@ The command line (`dist_train.main`) calls `run`, which dispatches on
 every layer below takes the values it uses.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -33,6 +34,7 @@ from dist_train.loop import steps
 from dist_train.models import mnist
 from dist_train.outputs import checkpoints
 from dist_train.outputs import export
+from dist_train.outputs import ownership
 from dist_train.outputs import summaries
 
 ModelFn = Callable[[config_lib.Config], keras.Model]
@@ -223,19 +225,27 @@ def train_and_evaluate(
   """
   if validate is None:
     validate = config.mode != "train"
-  run = _build(config, model_fn, strategy)
-  if validate:
-    _require_validation(run, config, ": give --num_validation_examples > 0, "
-                        "or --mode=train to train without validation")
-  try:
-    _describe_run(run, config)
-    result = run.controller.train(validate=validate)
-  finally:
-    run.summary_writers.close()
-  if run.is_chief:
-    with errors.phase("exporting the model"):
-      export.export_model(result.model, config.model_dir,
-                          saved_model=config.export_saved_model)
+  if strategy is None:
+    strategy = create_strategy(config)
+  # The chief owns model_dir before it writes anything there, and checks at
+  # every loop boundary that it still does.
+  owner = (ownership.ModelDirOwnership(config.model_dir)
+           if strategy_lib.is_chief(strategy) else None)
+  with owner or contextlib.nullcontext():
+    run = _build(config, model_fn, strategy,
+                 boundary_checks=(owner.check,) if owner else ())
+    if validate:
+      _require_validation(run, config, ": give --num_validation_examples > 0, "
+                          "or --mode=train to train without validation")
+    try:
+      _describe_run(run, config)
+      result = run.controller.train(validate=validate)
+    finally:
+      run.summary_writers.close()
+    if run.is_chief:
+      with errors.phase("exporting the model"):
+        export.export_model(result.model, config.model_dir,
+                            saved_model=config.export_saved_model)
   return result
 
 

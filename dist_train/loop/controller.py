@@ -100,8 +100,7 @@ class Controller:
   def _save(self, *, epoch, step_in_epoch):
     # Never write NaN or Inf over good work.
     guards.check_variables(self.model.variables)
-    with errors.phase(f"saving the checkpoint of step {self.global_step}"):
-      return self._checkpoint.save(epoch=epoch, step_in_epoch=step_in_epoch)
+    return self._checkpoint.save(epoch=epoch, step_in_epoch=step_in_epoch)
 
   def _train_epoch(self, iterator, epoch, step_in_epoch, throughput):
     schedule = self._schedule

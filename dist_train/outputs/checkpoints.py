@@ -27,6 +27,10 @@ class CorruptCheckpointError(CheckpointError):
   """A checkpoint's files are missing, truncated or unreadable."""
 
 
+class CheckpointWriteError(CheckpointError):
+  """A checkpoint could not be written (a full disk, a lost mount)."""
+
+
 class CheckpointMismatchError(CheckpointError):
   """A checkpoint was written by a different model (a variable's shape)."""
 
@@ -243,8 +247,18 @@ class RunCheckpoint:
                    "removed it; the chief writes %s", temp_dir, self.directory)
       return None
     # Named by global step (ckpt-<step>), which is what a reader looks for.
-    path = self._manager.save(
-        checkpoint_number=int(self._step_counter.numpy()))
+    step = int(self._step_counter.numpy())
+    latest = self.latest
+    try:
+      path = self._manager.save(checkpoint_number=step)
+    except Exception as e:  # OS and TensorFlow errors of many types.
+      # TensorFlow writes into ckpt-<step>_temp* and renames only when
+      # complete, so older checkpoints and the state file are untouched.
+      raise CheckpointWriteError(
+          f"cannot write the checkpoint of step {step} to {self.directory}: "
+          f"{errors.summary(e)}; the latest intact checkpoint is "
+          f"{latest or 'none (the run starts over)'}; free the space or fix "
+          "the mount and rerun the same command to resume") from e
     logging.info("Saved checkpoint %s", path)
     return path
 
