@@ -32,7 +32,11 @@ def first_line(error: BaseException) -> str:
   Library errors (TensorFlow's, numpy's) often run to many lines; dist_train
   reports each failure on one.
   """
-  lines = str(error).strip().splitlines()
+  lines = [line.strip() for line in str(error).strip().splitlines()
+           if line.strip()]
+  if lines and lines[0] == "in user code:":
+    # AutoGraph puts the traced function's stack first; the cause is last.
+    return lines[-1]
   return lines[0] if lines else type(error).__name__
 
 

@@ -82,5 +82,5 @@ def flag_table() -> str:
     help_text = field.metadata["help"].replace("|", "\\|")
     rows.append(f"| `--{field.name}` | {_shown_default(field)} | "
                 f"{help_text} |")
-  rows.append(f"| `--traceback` | false | {TRACEBACK.help} |")
+  rows.append(f"| `--traceback` | false | {flags.FLAGS[TRACEBACK.name].help} |")
   return "\n".join(rows) + "\n"

@@ -39,10 +39,24 @@ class ReplicaLoss:
     return self.cross_entropy + self.regularization + self.add_loss
 
   def terms(self) -> dict:
-    """{name: tensor} of the total (`loss`) and each term, as the loop sums
-    them across replicas and steps."""
+    """{name: tensor} of the total (`loss`) and each term."""
     return {"loss": self.total, "cross_entropy": self.cross_entropy,
             "regularization": self.regularization, "add_loss": self.add_loss}
+
+
+def pack_terms(terms: dict) -> tf.Tensor:
+  """The terms of `ReplicaLoss.terms()` as one vector, for one all-reduce.
+
+  One reduction per step instead of one per term; and
+  MultiWorkerMirroredStrategy.reduce fails on a dict of per-replica values
+  ("Expected any non-tensor type"). `unpack_terms` names them again.
+  """
+  return tf.stack([terms[name] for name in ReplicaLoss.NAMES])
+
+
+def unpack_terms(vector: tf.Tensor) -> dict:
+  """{name: scalar} of a vector made by `pack_terms`."""
+  return dict(zip(ReplicaLoss.NAMES, tf.unstack(vector)))
 
 
 def call_collecting_add_losses(model: keras.Model, inputs, *, training: bool):

@@ -90,7 +90,7 @@ class Trainer:
       # Multiplied by the loss scale under mixed_float16, else unchanged.
       scaled_loss = self.optimizer.scale_loss(total_loss)
     gradients = tape.gradient(scaled_loss, self.model.trainable_variables)
-    return gradients, per_example_loss, logits, loss.terms()
+    return gradients, per_example_loss, logits, losses.pack_terms(loss.terms())
 
   def _replica_train_step(self, batch, global_num_examples):
     features, labels = batch
@@ -178,7 +178,7 @@ class Trainer:
 
   def _train_loop_fn(self, iterator, num_steps):
     """Runs `num_steps` global steps; returns the mean of each loss term."""
-    loss_sums = {name: tf.constant(0.0) for name in losses.ReplicaLoss.NAMES}
+    loss_sums = tf.zeros([len(losses.ReplicaLoss.NAMES)])
     for _ in tf.range(num_steps):
       batch = self._checked_labels(next(iterator))
       # The examples actually in this global step, so that a partial last
@@ -187,11 +187,9 @@ class Trainer:
       per_replica = self.strategy.run(
           self._replica_train_step,
           args=(self._split_global_batch(batch), global_num_examples))
-      step_losses = self.strategy.reduce(tf.distribute.ReduceOp.SUM,
-                                         per_replica, axis=None)
-      loss_sums = tf.nest.map_structure(tf.add, loss_sums, step_losses)
-    return tf.nest.map_structure(
-        lambda total: total / tf.cast(num_steps, tf.float32), loss_sums)
+      loss_sums += self.strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                        per_replica, axis=None)
+    return losses.unpack_terms(loss_sums / tf.cast(num_steps, tf.float32))
 
   def _eval_loop_fn(self, iterator, num_steps):
     for _ in tf.range(num_steps):
