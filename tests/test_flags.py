@@ -20,7 +20,8 @@ def test_every_config_field_is_a_flag_with_its_default_and_help():
     assert flag.default == default, field.name
     assert flag.help.endswith(field.metadata["help"]), field.name
     if field.metadata["choices"] and not field.metadata["import_path"]:
-      assert tuple(flag.enum_values) == field.metadata["choices"], field.name
+      assert tuple(flag.parser.enum_values) == field.metadata["choices"], (
+          field.name)
 
 
 def test_flags_give_the_config_of_the_same_values():
