@@ -16,6 +16,7 @@ from absl import flags
 
 from dist_train import cluster
 from dist_train import config as config_lib
+from dist_train import console
 from dist_train import flags as flags_lib
 
 
@@ -43,8 +44,10 @@ def main(argv):
     sys.exit(f"dist_train: error: {e}")
 
   # Imported here so that flag errors are reported before TensorFlow loads.
+  console.quiet_tensorflow_startup()
   # pylint: disable=import-outside-toplevel
-  import tensorflow as tf
+  with console.startup_info_hidden():
+    import tensorflow as tf
   from dist_train import checkpoints
   from dist_train import data
   from dist_train import guards
@@ -52,6 +55,7 @@ def main(argv):
   from dist_train import preemption
   from dist_train import train
   # pylint: enable=import-outside-toplevel
+  console.configure_logging()
   try:
     train.run(config)
   except (data.DataError, plugins.PluginError, train.NoCheckpointError,
