@@ -17,6 +17,7 @@ import traceback
 from absl import app
 from absl import flags
 
+from dist_train import console
 from dist_train import errors
 from dist_train import flags as flags_lib
 from dist_train.distribute import cluster
@@ -54,8 +55,11 @@ def main(argv):
     if config.mode != "evaluate":
       ownership.check_writable(config.model_dir)
     # Imported here so that flag errors are reported before TensorFlow loads.
-    # pylint: disable-next=import-outside-toplevel
-    from dist_train import train
+    console.quiet_tensorflow_startup()
+    with console.startup_info_hidden():
+      # pylint: disable-next=import-outside-toplevel
+      from dist_train import train
+    console.configure_logging(verbose=show_traceback)
     train.run(config, resolved=resolved)
   except errors.DistTrainError as e:
     if show_traceback:
