@@ -19,6 +19,7 @@ import keras
 import tensorflow as tf
 
 from dist_train import config as config_lib
+from dist_train import console
 from dist_train import errors
 from dist_train import user_code
 from dist_train.data import datasets
@@ -170,6 +171,7 @@ def _build(config, model_fn, strategy, boundary_checks=()) -> _Run:
       validation=_validation(splits, config), checkpoint=checkpoint,
       summary_writers=summary_writers, preemption_agreement=agreement,
       log=logging.info if is_chief else lambda *args: None,
+      progress_fn=console.EpochProgress if is_chief else None,
       boundary_checks=boundary_checks)
   if is_chief:
     logging.info(

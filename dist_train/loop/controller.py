@@ -2,7 +2,7 @@
 
 import dataclasses
 import time
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import keras
 import tensorflow as tf
@@ -57,6 +57,7 @@ class Controller:
                summary_writers: summaries.SummaryWriters,
                preemption_agreement: preemption.PreemptionAgreement,
                log: Callable[..., None],
+               progress_fn: Optional[Callable[[int, int, int], Any]] = None,
                boundary_checks: tuple = ()):
     """Creates the controller.
 
@@ -70,6 +71,10 @@ class Controller:
       summary_writers: TensorBoard writers (writing nothing off the chief).
       preemption_agreement: whether the workers agreed to save and stop.
       log: `logging.info`-like; a no-op on workers other than the chief.
+      progress_fn: (epoch from 1, epochs, steps per epoch) -> a progress bar
+        with `update(step_in_epoch, examples_per_second)`, `close()` and
+        `enabled` (console.EpochProgress); while a bar is shown, the log line
+        of each interval is left out (TensorBoard still gets its scalars).
       boundary_checks: callables run between compiled loops that raise to
         stop the run (e.g. the model_dir ownership check).
     """
@@ -82,6 +87,7 @@ class Controller:
     self._summaries = summary_writers
     self._preemption = preemption_agreement
     self._log = log
+    self._progress_fn = progress_fn or _NoProgress
     self._boundary_checks = tuple(boundary_checks)
     self._first_loop_end_time = None
 
@@ -105,6 +111,16 @@ class Controller:
   def _train_epoch(self, iterator, epoch, step_in_epoch, throughput):
     schedule = self._schedule
     self._trainer.reset_train_metrics()
+    progress = self._progress_fn(epoch + 1, schedule.num_epochs,
+                                 schedule.steps_per_epoch)
+    try:
+      self._train_loops(iterator, epoch, step_in_epoch, throughput, progress)
+    finally:
+      progress.close()
+
+  def _train_loops(self, iterator, epoch, step_in_epoch, throughput,
+                   progress):
+    schedule = self._schedule
     while step_in_epoch < schedule.steps_per_epoch:
       num_steps = schedule.next_loop_length(global_step=self.global_step,
                                             step_in_epoch=step_in_epoch)
@@ -127,8 +143,11 @@ class Controller:
       else:
         throughput.add(examples=examples_seen - first_examples,
                        steps=num_steps, seconds=seconds)
+      progress.update(step_in_epoch, None if compiling or seconds <= 0 else
+                      (examples_seen - first_examples) / seconds)
       if schedule.is_log_step(self.global_step):
-        self._log_interval(epoch, losses, examples_seen, *throughput.take())
+        self._log_interval(epoch, losses, examples_seen, *throughput.take(),
+                           to_console=not progress.enabled)
       for check in self._boundary_checks:
         check()
       if step_in_epoch == schedule.steps_per_epoch:
@@ -140,11 +159,13 @@ class Controller:
         self._save(epoch=epoch, step_in_epoch=step_in_epoch)
 
   def _log_interval(self, epoch, losses, examples_seen, examples_per_second,
-                    steps_per_second):
-    self._log("step %d | epoch %d/%d | loss %.4f | examples %d | examples/s %s "
+                    steps_per_second, *, to_console=True):
+    if to_console:
+        self._log("step %d | epoch %d/%d | loss %.4f | examples %d | examples/s %s "
               "| steps/s %s", self.global_step, epoch + 1,
-              self._schedule.num_epochs, losses["loss"], examples_seen,
-              _fmt(examples_per_second, ".0f"), _fmt(steps_per_second, ".1f"))
+                self._schedule.num_epochs, losses["loss"], examples_seen,
+                _fmt(examples_per_second, ".0f"),
+                _fmt(steps_per_second, ".1f"))
     scalars = {
         "loss": losses["loss"],
         "accuracy": self._trainer.train_metric_results()["accuracy"],
@@ -218,6 +239,21 @@ class Controller:
                      epochs_completed=epoch, train_metrics=train_metrics,
                      validation_metrics=validation_metrics, history=history,
                      first_loop_end_time=self._first_loop_end_time)
+
+
+class _NoProgress:
+  """No progress bar (workers other than the chief, the Python API)."""
+
+  enabled = False
+
+  def __init__(self, *args):
+    del args
+
+  def update(self, *args):
+    del args
+
+  def close(self):
+    pass
 
 
 def _fmt(value, spec=".4f"):
