@@ -92,5 +92,10 @@ def _exit(code, message):
   sys.exit(code)
 
 
-if __name__ == "__main__":
+def run_cli():
+  """The `dist-train` console script: `python -m dist_train.main`."""
   app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run_cli()
