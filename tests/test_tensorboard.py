@@ -74,8 +74,12 @@ def test_tensorboard_serves_the_curves_config_and_model(model_dir):
                         ("validation", ("loss", "accuracy"))):
       for tag in tags:
         served = _get(f"{url}/data/plugin/scalars/scalars?run={split}&tag={tag}")
-        assert [(step, value) for _, step, value in served] == pytest.approx(
-            on_disk[split][tag]), (split, tag)
+        # Steps exactly, values to a tolerance (pytest.approx takes flat
+        # sequences only, not (step, value) pairs).
+        assert [step for _, step, _ in served] == [
+            step for step, _ in on_disk[split][tag]], (split, tag)
+        assert [value for _, _, value in served] == pytest.approx(
+            [value for _, value in on_disk[split][tag]]), (split, tag)
     assert [s for _, s, _ in _get(
         f"{url}/data/plugin/scalars/scalars?run=train&tag=loss")] == list(
             range(5, 40, 5))
