@@ -94,7 +94,6 @@ def test_tensorboard_serves_the_curves_config_and_model(model_dir):
 
 
 def test_plot_run_writes_a_png(model_dir, tmp_path):
-  pytest.importorskip("matplotlib")
   output = tmp_path / "curves.png"
   result = conftest.run_python(["scripts/plot_run.py", model_dir,
                                 f"--output={output}"], check=True)
