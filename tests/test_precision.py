@@ -16,10 +16,10 @@ import tensorflow as tf
 from dist_train import config as config_lib
 from dist_train.models import mnist
 from dist_train.loop import precision
-from dist_train.distribute import strategy as strategy_lib
+from dist_train import train
 from dist_train.loop import steps
 
-strategy = strategy_lib.create_strategy(
+strategy = train.create_strategy(
     config_lib.Config(model_dir="/tmp/unused", cpu_replicas=2))
 config = config_lib.Config(model_dir="/tmp/unused", hidden_units=8,
                            activity_regularization=1e-3)
