@@ -64,6 +64,10 @@ class Config:
       "train_and_evaluate", "train (no validation pass), evaluate (latest "
       "checkpoint -> <model_dir>/eval_results.json) or train_and_evaluate.",
       choices=MODES)
+  task: Optional[str] = option(
+      None, "A user task_fn(config) -> task as package.module:function (see "
+      "Bring your own training); default: the built-in classification of "
+      "--model on --dataset.", shown="built-in")
   # Data.
   dataset: str = option(
       "mnist_sample", "mnist (mnist.npz or the IDX files in --data_dir, else "
@@ -109,6 +113,10 @@ class Config:
   lr_decay_factor: float = option(
       0.1, "Factor of --lr_schedule=step at each boundary.",
       check="non_negative")
+  grad_accum_steps: int = option(
+      1, "Split each replica's share of the global batch into K "
+      "micro-batches, accumulate their gradients and apply them once: the "
+      "same update with less activation memory.", check="positive")
   clip_norm: Optional[float] = option(
       None, "Clip the global norm of the gradient summed over all replicas "
       "to this.", check="positive", shown="off")
@@ -246,6 +254,9 @@ def validate(config: Config) -> None:
         f"--model_dir must be a directory, got the file {config.model_dir}")
   for field in dataclasses.fields(config):
     _check_field(config, field)
+  if config.task is not None and not is_import_path(config.task):
+    raise ConfigError(
+        f"--task must be package.module:function, got {config.task!r}")
   if any(b <= 0 for b in config.lr_boundaries) or list(
       config.lr_boundaries) != sorted(set(config.lr_boundaries)):
     raise ConfigError("--lr_boundaries must be increasing positive steps, got "

@@ -32,11 +32,13 @@ from dist_train.loop import precision
 from dist_train.loop import preemption
 from dist_train.loop import schedule as schedule_lib
 from dist_train.loop import steps
-from dist_train.models import mnist
 from dist_train.outputs import checkpoints
 from dist_train.outputs import export
 from dist_train.outputs import ownership
 from dist_train.outputs import summaries
+from dist_train.tasks import base as tasks_base
+from dist_train.tasks import checks as task_checks
+from dist_train.tasks import classification
 
 ModelFn = Callable[[config_lib.Config], keras.Model]
 RunResult = controller_lib.RunResult
@@ -83,14 +85,37 @@ class _Run:
   is_chief: bool
 
 
-def load_splits(config: config_lib.Config) -> datasets.Splits:
-  """The training and validation splits of the config's data set."""
-  with errors.phase("loading data"):
-    return datasets.load_splits(
-        dataset=config.dataset, data_dir=config.data_dir,
-        num_validation_examples=config.num_validation_examples,
-        num_train_examples=config.num_train_examples, seed=config.seed,
-        user_config=config)
+def create_task(config: config_lib.Config, model_fn: Optional[ModelFn] = None):
+  """The task of `config`: `--task=package.module:function`'s task_fn(config),
+  or the built-in classification task of `--model` (or `model_fn`) on
+  `--dataset`.
+
+  Raises:
+    user_code.UserCodeError: the task_fn cannot be loaded or raises.
+    tasks.TaskError: what it returned is not a usable task.
+  """
+  if not config.task:
+    return classification.ClassificationTask(config, model_fn)
+  if model_fn is not None:
+    raise ValueError("give a task or a model_fn, not both")
+  task_fn = user_code.load_function("task", config.task)
+  task = user_code.call("task", config.task, task_fn, config)
+  tasks_base.check_task(task, f"--task={config.task}")
+  if getattr(task, "name", None) in (None, tasks_base.Task.name):
+    task.name = f"--task={config.task}"
+  return task
+
+
+def load_splits(task) -> datasets.Splits:
+  """The training and validation splits of a task, checked."""
+  where = getattr(task, "name", "the task")
+  splits = {}
+  for split in tasks_base.SPLITS:
+    with errors.phase(f"loading the {split} data"):
+      value = user_code.call("task", where, task.build_dataset, split)
+      splits[split] = datasets.task_split(
+          value, where=f"{where} ({split})", required=split == "train")
+  return datasets.Splits(**splits)
 
 
 def _create_optimizer(config, total_steps):
@@ -106,7 +131,7 @@ def _create_optimizer(config, total_steps):
 
 
 def _validation(splits, config):
-  if not len(splits.validation):
+  if splits.validation is None or not len(splits.validation):
     return None
   return controller_lib.Validation(
       dataset_fn=lambda: pipelines.make_eval_dataset(
@@ -126,14 +151,13 @@ def _train_iterator_fn(splits, config):
   return make
 
 
-def _build(config, model_fn, strategy, boundary_checks=()) -> _Run:
-  """Builds the strategy (first: before any other TensorFlow op, which a user
-  dataset_fn may run), then data, model, optimizer and loop objects."""
-  model_fn = model_fn or mnist.create_model
+def _build(config, task, strategy, boundary_checks=()) -> _Run:
+  """Builds the strategy (first: before any other TensorFlow op, which a
+  task's data may run), then data, model, optimizer and loop objects."""
   if strategy is None:
     strategy = create_strategy(config)
   is_chief = strategy_lib.is_chief(strategy)
-  splits = load_splits(config)
+  splits = load_splits(task)
   schedule = schedule_lib.LoopSchedule(
       num_examples=len(splits.train),
       global_batch_size=config.global_batch_size, num_epochs=config.epochs,
@@ -146,16 +170,20 @@ def _build(config, model_fn, strategy, boundary_checks=()) -> _Run:
   with strategy.scope():
     with errors.phase("building the model"):
       with precision.policy_scope(config.mixed_precision):
-        model = model_fn(config)
-      user_code.check_model_fits("model", config.model, model,
-                                 splits.train.feature_shape)
+        model = user_code.call("task", task.name, task.build_model)
+      user_code.check_returns("task", task.name, model, keras.Model,
+                              "a keras.Model from build_model()")
       optimizer = _create_optimizer(config, schedule.total_steps)
       # Built now, so that a checkpoint restores into existing slot variables.
       optimizer.build(model.trainable_variables)
+  task.model = model  # What a task's own train_step trains.
   trainer = steps.Trainer(
-      strategy=strategy, model=model, optimizer=optimizer,
+      strategy=strategy, task=task, model=model, optimizer=optimizer,
       add_loss_reduction=config.add_loss_reduction,
-      clip_norm=config.clip_norm, jit_compile=config.jit_compile)
+      clip_norm=config.clip_norm, jit_compile=config.jit_compile,
+      grad_accum_steps=config.grad_accum_steps)
+  with errors.phase("checking the task's loss on one batch"):
+    task_checks.check_loss_shapes(task, model, splits.train)
   with errors.phase("opening the checkpoints"):
     checkpoint = checkpoints.RunCheckpoint(
         checkpoints.checkpoint_dir(config.model_dir), model=model,
@@ -177,7 +205,7 @@ def _build(config, model_fn, strategy, boundary_checks=()) -> _Run:
     logging.info(
         "Training %d examples, validating %d, in global batches of %d (%d "
         "steps per epoch) on %d replica(s)", len(splits.train),
-        len(splits.validation), config.global_batch_size,
+        len(splits.validation or ()), config.global_batch_size,
         schedule.steps_per_epoch, strategy.num_replicas_in_sync)
   return _Run(strategy, controller, summary_writers, checkpoint, is_chief)
 
@@ -201,7 +229,8 @@ def _describe_run(run: _Run, config: config_lib.Config) -> None:
 
 
 def train_and_evaluate(
-    config: config_lib.Config, *, model_fn: Optional[ModelFn] = None,
+    config: config_lib.Config, *, task=None,
+    model_fn: Optional[ModelFn] = None,
     strategy: Optional[tf.distribute.Strategy] = None,
     validate: Optional[bool] = None,
 ) -> RunResult:
@@ -209,9 +238,12 @@ def train_and_evaluate(
 
   Args:
     config: the run configuration.
-    model_fn: builds the Keras model (called under the strategy's scope); it
-      must map [batch, 784] floats to [batch, 10] logits. Default:
-      `models.mnist.create_model`, which follows `config.model`.
+    task: what to train (see `tasks.Task`); default: `create_task(config,
+      model_fn)`, the `--task` of the config or the built-in classification.
+    model_fn: for the built-in classification task: builds the Keras model
+      (called under the strategy's scope); it must map [batch, 784] floats to
+      [batch, 10] logits. Default: `models.mnist.create_model`, which follows
+      `config.model`.
     strategy: an existing strategy; by default one is built from `config`
       (which must then happen before any other TensorFlow op).
     validate: run the validation pass after each epoch; default: unless
@@ -234,7 +266,8 @@ def train_and_evaluate(
   owner = (ownership.ModelDirOwnership(config.model_dir)
            if strategy_lib.is_chief(strategy) else None)
   with owner or contextlib.nullcontext():
-    run = _build(config, model_fn, strategy,
+    task = task or create_task(config, model_fn)
+    run = _build(config, task, strategy,
                  boundary_checks=(owner.check,) if owner else ())
     if validate:
       _require_validation(run, config, ": give --num_validation_examples > 0, "
@@ -251,7 +284,8 @@ def train_and_evaluate(
   return result
 
 
-def evaluate(config: config_lib.Config, *, model_fn: Optional[ModelFn] = None,
+def evaluate(config: config_lib.Config, *, task=None,
+             model_fn: Optional[ModelFn] = None,
              strategy: Optional[tf.distribute.Strategy] = None) -> dict:
   """Evaluates the latest checkpoint on the validation split.
 
@@ -261,7 +295,7 @@ def evaluate(config: config_lib.Config, *, model_fn: Optional[ModelFn] = None,
   Raises:
     NoCheckpointError: model_dir holds no checkpoint.
   """
-  run = _build(config, model_fn, strategy)
+  run = _build(config, task or create_task(config, model_fn), strategy)
   try:
     with errors.phase("restoring the latest checkpoint"):
       position = run.checkpoint.restore_latest(model_only=True)

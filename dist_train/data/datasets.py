@@ -30,34 +30,47 @@ class DataError(errors.DistTrainError):
   """The data set cannot be loaded or is unusable; the message says why."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ArraySplit:
-  """A built-in split as arrays."""
+class InMemory:
+  """A split held in memory as arrays: random access, so each epoch's batches
+  are gathered by shuffled indices instead of through a shuffle buffer.
 
-  images: np.ndarray  # uint8 [N, 28, 28]
-  labels: np.ndarray  # int32 [N]
+  `examples` is (features, labels) or (features, labels, sample_weight), each
+  any nested structure of arrays with the same first dimension (examples).
+  """
 
-  feature_shape = (NUM_FEATURES,)
+  def __init__(self, examples, name: str = "the data set"):
+    self.examples = examples
+    self.name = name
+    sizes = {len(a) for a in tf.nest.flatten(examples)}
+    if len(sizes) != 1:
+      raise DataError(
+          f"{name}: arrays of different lengths {sorted(sizes)}; every "
+          "array holds one row per example")
+    self._size = sizes.pop()
 
   def __len__(self):
-    return len(self.labels)
+    return self._size
+
+  @property
+  def feature_shape(self):
+    return tuple(np.shape(self.examples[0])[1:])
 
   @functools.cached_property
-  def decoded(self) -> tuple:
-    """(features float32 [N, 784], labels int32 [N]) as host tensors.
-
-    Decoded once, on first use, and kept: every epoch's pipeline gathers its
-    batches from them.
-    """
+  def tensors(self):
+    """The examples as host tensors, created once: every epoch's pipeline
+    gathers its batches from them."""
     with tf.device("/cpu:0"):
-      features = tf.reshape(tf.cast(self.images, tf.float32) / 255.0,
-                            [-1, NUM_FEATURES])
-      return features, tf.constant(self.labels)
+      return tf.nest.map_structure(tf.constant, self.examples)
+
+  def take(self, num_examples: int) -> "InMemory":
+    """The first `num_examples` examples."""
+    return InMemory(tf.nest.map_structure(lambda a: a[:num_examples],
+                                          self.examples), self.name)
 
 
 @dataclasses.dataclass(frozen=True)
 class StreamSplit:
-  """A user split: a tf.data.Dataset of unbatched (features, labels)."""
+  """A split read as a stream: a tf.data.Dataset of unbatched examples."""
 
   dataset: tf.data.Dataset
   num_examples: int
@@ -70,19 +83,21 @@ class StreamSplit:
   def feature_shape(self):
     return tuple(self.dataset.element_spec[0].shape)
 
-  def preprocess_batch(self, features, labels):
-    if features.dtype.is_floating:
-      # A NaN or Inf in the inputs stops the run with the data set's name,
-      # instead of surfacing later as a NaN loss.
-      features = tf.debugging.check_numerics(
-          features, f"NaN or Inf in the features of {self.name}")
-    return features, labels
+  def preprocess_batch(self, *batch):
+    """Stops the run with the data set's name when a floating feature holds
+    NaN or Inf, instead of surfacing later as a NaN loss."""
+    def check(tensor):
+      if not tensor.dtype.is_floating:
+        return tensor
+      return tf.debugging.check_numerics(
+          tensor, f"NaN or Inf in the features of {self.name}")
+    return (tf.nest.map_structure(check, batch[0]),) + tuple(batch[1:])
 
 
 @dataclasses.dataclass(frozen=True)
 class Splits:
-  train: ArraySplit | StreamSplit
-  validation: ArraySplit | StreamSplit
+  train: InMemory | StreamSplit
+  validation: InMemory | StreamSplit
 
 
 def _mnist_path(data_dir):
@@ -190,11 +205,19 @@ def load_splits(*, dataset: str, data_dir: Optional[str] = None,
         f"--num_validation_examples={num_val} leaves no training examples in "
         f"--dataset={dataset}, which has {len(labels)}")
   cut = len(labels) - num_val
-  train = ArraySplit(images[:cut], labels[:cut])
+  features = decode_images(images)
+  where = f"--dataset={dataset}"
+  train = InMemory((features[:cut], labels[:cut]), f"{where} (train)")
   if num_train_examples is not None:
-    train = ArraySplit(train.images[:num_train_examples],
-                       train.labels[:num_train_examples])
-  return Splits(train=train, validation=ArraySplit(images[cut:], labels[cut:]))
+    train = train.take(num_train_examples)
+  return Splits(train=train, validation=InMemory(
+      (features[cut:], labels[cut:]), f"{where} (validation)"))
+
+
+def decode_images(images: np.ndarray) -> np.ndarray:
+  """uint8 [N, 28, 28] -> float32 [N, 784] in [0, 1]."""
+  return (images.reshape(-1, NUM_FEATURES).astype(np.float32) /
+          np.float32(255.0))
 
 
 def check_labels(labels: np.ndarray, where: str) -> None:
@@ -248,3 +271,59 @@ def _count(dataset, where):
   if cardinality >= 0:
     return cardinality
   return int(dataset.reduce(np.int64(0), lambda count, _: count + 1))
+
+
+def _is_batched(dataset: tf.data.Dataset) -> bool:
+  """Whether `dataset` or one it reads batches examples (a batch, padded
+  batch or ragged batch anywhere upstream; unbatch undoes it)."""
+  seen = [dataset]
+  while seen:
+    current = seen.pop()
+    name = type(current).__name__.lower()
+    if "unbatch" in name:
+      return False
+    if "batch" in name:
+      return True
+    inputs = getattr(current, "_inputs", None)
+    seen.extend(inputs() if callable(inputs) else [])
+  return False
+
+
+def task_split(value, *, where: str, required: bool):
+  """A task's `build_dataset(split)` result as an InMemory or StreamSplit.
+
+  Args:
+    value: what build_dataset returned: a tf.data.Dataset of unbatched
+      examples, an InMemory, or None (no such split).
+    where: how messages name the split, e.g. "--task=m:f (train)".
+    required: the split must exist and hold examples.
+
+  Raises:
+    DataError: the split is missing or empty but required.
+    user_code.UserCodeError: the value cannot be trained on (not a dataset,
+      not (features, labels[, weights]) examples, batched, or infinite).
+  """
+  if value is None:
+    if required:
+      raise DataError(f"{where}: build_dataset returned None")
+    return None
+  if isinstance(value, (InMemory, StreamSplit)):
+    split = value
+  elif isinstance(value, tf.data.Dataset):
+    spec = value.element_spec
+    if not (isinstance(spec, tuple) and len(spec) in (2, 3)):
+      raise user_code.UserCodeError(
+          f"{where} must yield (features, labels) or (features, labels, "
+          f"sample_weight) examples, got {spec}")
+    if _is_batched(value):
+      raise user_code.UserCodeError(
+          f"{where} is batched: return unbatched examples, dist_train "
+          "batches them by the global batch size")
+    split = StreamSplit(value, _count(value, where), where)
+  else:
+    raise user_code.UserCodeError(
+        f"{where}: build_dataset must return a tf.data.Dataset, got "
+        f"{type(value).__name__}")
+  if required and not len(split):
+    raise DataError(f"{where} is empty")
+  return split

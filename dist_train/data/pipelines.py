@@ -35,19 +35,33 @@ def _shard_by_data(ds: tf.data.Dataset) -> tf.data.Dataset:
   return ds.with_options(options)
 
 
-def _gather_batches(split: datasets.ArraySplit, index_batches: tf.data.Dataset):
-  """Global batches gathered from the decoded split by batches of indices.
+def _gather_batches(split: datasets.InMemory, index_batches: tf.data.Dataset):
+  """Global batches gathered from an in-memory split by batches of indices.
 
   Shuffling and batching example indices gives the order that shuffling the
   examples themselves gives (the order depends on the seed only), at a
   fraction of the cost; each batch is then one gather from memory, with no
   decoding and no Python per step.
   """
-  features, labels = split.decoded
+  tensors = split.tensors
   ds = index_batches.map(
-      lambda indices: (tf.gather(features, indices), tf.gather(labels, indices)),
+      lambda indices: tf.nest.map_structure(
+          lambda t: tf.gather(t, indices), tensors),
       num_parallel_calls=tf.data.AUTOTUNE)
   return _shard_by_data(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def _batch(ds: tf.data.Dataset, global_batch_size: int) -> tf.data.Dataset:
+  """Global batches of a stream, the last one partial, each padded to its
+  longest example (variable-length sequences: the padding is 0, so padded
+  sample weights mask it). Examples of one shape are batched as they are."""
+  return ds.padded_batch(global_batch_size, drop_remainder=False)
+
+
+def _checked(split: datasets.StreamSplit, batches: tf.data.Dataset):
+  batches = batches.map(split.preprocess_batch,
+                        num_parallel_calls=tf.data.AUTOTUNE)
+  return _shard_by_data(batches.prefetch(tf.data.AUTOTUNE))
 
 
 def make_train_dataset(split, *, global_batch_size: int,
@@ -70,28 +84,23 @@ def make_train_dataset(split, *, global_batch_size: int,
     datasets = [epoch_dataset(e) for e in range(epoch, epoch + num_epochs)]
     return functools.reduce(tf.data.Dataset.concatenate, datasets)
 
-  if isinstance(split, datasets.ArraySplit):
+  if isinstance(split, datasets.InMemory):
     indices = tf.data.Dataset.range(len(split))
     index_batches = concatenated(
         lambda e: indices.shuffle(
             shuffle_buffer, seed=shuffle_seed(seed, e),
             reshuffle_each_iteration=False).batch(global_batch_size))
     return _gather_batches(split, index_batches.skip(skip_batches))
-  ds = concatenated(
-      lambda e: split.dataset.shuffle(
+  batches = concatenated(
+      lambda e: _batch(split.dataset.shuffle(
           shuffle_buffer, seed=shuffle_seed(seed, e),
-          reshuffle_each_iteration=False).batch(
-              global_batch_size, drop_remainder=False))
-  ds = ds.skip(skip_batches)
-  ds = ds.map(split.preprocess_batch, num_parallel_calls=tf.data.AUTOTUNE)
-  return _shard_by_data(ds.prefetch(tf.data.AUTOTUNE))
+          reshuffle_each_iteration=False), global_batch_size))
+  return _checked(split, batches.skip(skip_batches))
 
 
 def make_eval_dataset(split, *, global_batch_size: int) -> tf.data.Dataset:
   """The split in order, in global batches; the last one may be partial."""
-  if isinstance(split, datasets.ArraySplit):
+  if isinstance(split, datasets.InMemory):
     return _gather_batches(
         split, tf.data.Dataset.range(len(split)).batch(global_batch_size))
-  ds = split.dataset.batch(global_batch_size, drop_remainder=False)
-  ds = ds.map(split.preprocess_batch, num_parallel_calls=tf.data.AUTOTUNE)
-  return _shard_by_data(ds.prefetch(tf.data.AUTOTUNE))
+  return _checked(split, _batch(split.dataset, global_batch_size))

@@ -166,11 +166,9 @@ class Controller:
                 self._schedule.num_epochs, losses["loss"], examples_seen,
                 _fmt(examples_per_second, ".0f"),
                 _fmt(steps_per_second, ".1f"))
-    scalars = {
-        "loss": losses["loss"],
-        "accuracy": self._trainer.train_metric_results()["accuracy"],
-        "learning_rate": self._trainer.learning_rate(),
-    }
+    scalars = {**self._trainer.train_metric_results(),
+               "loss": losses["loss"],
+               "learning_rate": self._trainer.learning_rate()}
     if examples_per_second is not None:
       scalars["examples_per_second"] = examples_per_second
       scalars["steps_per_second"] = steps_per_second
@@ -223,12 +221,10 @@ class Controller:
       if validation_metrics:
         self._summaries.write_scalars("validation", validation_metrics,
                                       self.global_step)
-      self._log("epoch %d/%d done at step %d | train loss %.4f accuracy %.4f | "
-                "validation loss %s accuracy %s", epoch, num_epochs,
-                self.global_step, train_metrics["loss"],
-                train_metrics["accuracy"],
-                _fmt(validation_metrics.get("loss")),
-                _fmt(validation_metrics.get("accuracy")))
+      self._log("epoch %d/%d done at step %d | train %s | validation %s",
+                epoch, num_epochs, self.global_step,
+                _fmt_metrics(train_metrics),
+                _fmt_metrics(validation_metrics) or "loss n/a")
       history.append({"epoch": epoch, "train": train_metrics,
                       "validation": validation_metrics,
                       "train_seconds": train_seconds})
@@ -254,6 +250,12 @@ class _NoProgress:
 
   def close(self):
     pass
+
+
+def _fmt_metrics(metrics: dict) -> str:
+  """"loss 0.4178 accuracy 0.8882": loss first, then the rest by name."""
+  names = sorted(metrics, key=lambda name: (name != "loss", name))
+  return " ".join(f"{name} {metrics[name]:.4f}" for name in names)
 
 
 def _fmt(value, spec=".4f"):

@@ -1,62 +1,40 @@
 """The global-batch loss-scaling contract, in one place.
 
 Every replica's gradient is *summed* across replicas by the optimizer (an
-all-reduce SUM). For N replicas to make exactly the update one device makes on
-the same global batch, each replica must therefore contribute its share of the
-single-device loss, not a loss of its own:
+all-reduce SUM), and with gradient accumulation also across the K
+micro-batches of each replica. For N replicas x K micro-batches to make
+exactly the update one device makes on the whole global batch, each
+(replica, micro-batch) must contribute its share of the single-device
+objective, not an objective of its own:
 
-* Per-example losses: sum over the replica's examples, divided by the number of
-  examples actually in this global step (not per_replica_batch * N, which is
-  wrong for a partial last batch). Summed over replicas this is the global
-  mean.
+* Per-element losses (a task's loss, unreduced, with optional sample
+  weights w): the objective is sum(w * l) / sum(w) over every element of the
+  global batch, for each loss, times its loss weight. Each share is its own
+  sum(w * l) divided by the *global* weight sum, never by a per-replica or
+  per-micro-batch one (that is wrong whenever masks or partial batches make
+  the shares unequal). With no weights w = 1, so the divisor is the number
+  of loss elements in the global batch. A global batch whose weights sum to
+  zero contributes zero, not NaN.
 * Weight regularization (a function of the weights only, identical on every
-  replica): divided by the number of replicas, so the sum counts it once.
-* add_loss terms computed from the replica's inputs: with `mean` each term is a
-  mean over the replica's examples (as Keras activity regularizers are), so it
-  is weighted by local/global example count; with `sum` each term is a sum over
-  the replica's examples, so the replicas' terms add up unscaled.
-"""
+  replica and micro-batch): divided by replicas x micro-batches, so the sum
+  counts it once.
+* add_loss terms computed from the share's inputs: with `mean` each term is a
+  mean over the share's examples (as Keras activity regularizers are), so it
+  is weighted by share/global example count; with `sum` each term is a sum
+  over the share's examples, so the shares' terms add up unscaled.
 
-import dataclasses
+The global weight sums come from the global batch itself (every worker reads
+it whole), computed once per step before it is split, so the contract costs
+no extra collective.
+"""
 
 import keras
 import tensorflow as tf
 
-
-@dataclasses.dataclass(frozen=True)
-class ReplicaLoss:
-  """One replica's share of each term of the single-device loss."""
-
-  cross_entropy: tf.Tensor
-  regularization: tf.Tensor
-  add_loss: tf.Tensor
-
-  # The names of `terms()`, in the order the loop reports them.
-  NAMES = ("loss", "cross_entropy", "regularization", "add_loss")
-
-  @property
-  def total(self) -> tf.Tensor:
-    return self.cross_entropy + self.regularization + self.add_loss
-
-  def terms(self) -> dict:
-    """{name: tensor} of the total (`loss`) and each term."""
-    return {"loss": self.total, "cross_entropy": self.cross_entropy,
-            "regularization": self.regularization, "add_loss": self.add_loss}
-
-
-def pack_terms(terms: dict) -> tf.Tensor:
-  """The terms of `ReplicaLoss.terms()` as one vector, for one all-reduce.
-
-  One reduction per step instead of one per term; and
-  MultiWorkerMirroredStrategy.reduce fails on a dict of per-replica values
-  ("Expected any non-tensor type"). `unpack_terms` names them again.
-  """
-  return tf.stack([terms[name] for name in ReplicaLoss.NAMES])
-
-
-def unpack_terms(vector: tf.Tensor) -> dict:
-  """{name: scalar} of a vector made by `pack_terms`."""
-  return dict(zip(ReplicaLoss.NAMES, tf.unstack(vector)))
+# The loss terms every step reports, besides the task's own data terms.
+REGULARIZATION = "regularization"
+ADD_LOSS = "add_loss"
+TOTAL = "loss"
 
 
 def call_collecting_add_losses(model: keras.Model, inputs, *, training: bool):
@@ -90,33 +68,74 @@ def _sum(terms):
       tf.constant(0.0))
 
 
-def replica_loss(*, per_example_loss: tf.Tensor, global_num_examples: tf.Tensor,
-                 add_losses, weight_regularization, num_replicas: int,
-                 add_loss_reduction: str) -> ReplicaLoss:
-  """Scales one replica's loss terms so that summing over replicas gives the
-  loss one device computes on the whole global batch.
+def weighted_sum(per_element_loss, sample_weight=None) -> tf.Tensor:
+  """sum(w * l) over a share's elements, in float32 (w = 1 when None)."""
+  loss = tf.cast(per_element_loss, tf.float32)
+  if sample_weight is not None:
+    loss *= tf.cast(sample_weight, tf.float32)
+  return tf.reduce_sum(loss)
+
+
+def weight_sum(sample_weight) -> tf.Tensor:
+  """sum(w) in float32: the divisor's part from one share (or the global
+  batch)."""
+  return tf.reduce_sum(tf.cast(sample_weight, tf.float32))
+
+
+def element_count(per_element_loss, num_examples) -> tf.Tensor:
+  """How many loss elements `num_examples` examples have, from one share's
+  per-element loss: its dimensions after the batch are the same in every
+  share, since each global batch is padded before it is split."""
+  per_example = tf.reduce_prod(tf.shape(per_element_loss)[1:])
+  return tf.cast(num_examples, tf.float32) * tf.cast(per_example, tf.float32)
+
+
+def share_of_mean(per_element_loss, sample_weight, global_divisor):
+  """This share's term of the global weighted mean: sum(w * l) / divisor.
+
+  Summed over every share of the global batch this is sum(w * l) / sum(w)
+  over the whole batch; zero when the divisor is zero.
+  """
+  return tf.math.divide_no_nan(
+      weighted_sum(per_element_loss, sample_weight), global_divisor)
+
+
+def regularization_share(model: keras.Model, num_shares: int) -> tf.Tensor:
+  """Weight regularization divided by the number of shares (replicas x
+  micro-batches), so their sum counts it once."""
+  return _sum(regularization_losses(model)) / num_shares
+
+
+def add_loss_share(add_losses, *, num_examples, global_num_examples,
+                   reduction: str) -> tf.Tensor:
+  """This share's add_loss terms, by `reduction` (see the module docstring).
 
   Args:
-    per_example_loss: [local_batch] loss of each of this replica's examples.
-    global_num_examples: examples in this global step, over all replicas.
-    add_losses: add_loss terms this replica's forward pass produced.
-    weight_regularization: weight-regularization terms (same on all replicas).
-    num_replicas: replicas in sync.
-    add_loss_reduction: "mean" or "sum", see the module docstring.
-
-  Returns:
-    The replica's scaled terms; their `total` is what the replica
-    differentiates.
+    add_losses: the terms the share's forward pass produced.
+    num_examples: examples in the share.
+    global_num_examples: examples in the global batch.
+    reduction: "mean" (each term is a mean over the share's examples) or
+      "sum" (each term is a sum over them).
   """
-  global_n = tf.cast(global_num_examples, tf.float32)
-  local_n = tf.cast(tf.shape(per_example_loss)[0], tf.float32)
-  cross_entropy = tf.reduce_sum(tf.cast(per_example_loss, tf.float32)) / global_n
-  regularization = _sum(weight_regularization) / num_replicas
-  if add_loss_reduction == "mean":
-    add_loss = _sum(add_losses) * (local_n / global_n)
-  elif add_loss_reduction == "sum":
-    add_loss = _sum(add_losses)
-  else:
-    raise ValueError(
-        f"add_loss_reduction must be mean or sum, got {add_loss_reduction!r}")
-  return ReplicaLoss(cross_entropy, regularization, add_loss)
+  if reduction == "mean":
+    return _sum(add_losses) * tf.math.divide_no_nan(
+        tf.cast(num_examples, tf.float32),
+        tf.cast(global_num_examples, tf.float32))
+  if reduction == "sum":
+    return _sum(add_losses)
+  raise ValueError(f"add_loss_reduction must be mean or sum, got {reduction!r}")
+
+
+def pack(terms: dict, names) -> tf.Tensor:
+  """Named loss terms as one vector, for one all-reduce per step.
+
+  One reduction per step instead of one per term; and
+  MultiWorkerMirroredStrategy.reduce fails on a dict of per-replica values
+  ("Expected any non-tensor type"). `unpack` names them again.
+  """
+  return tf.stack([tf.cast(terms[name], tf.float32) for name in names])
+
+
+def unpack(vector: tf.Tensor, names) -> dict:
+  """{name: scalar} of a vector made by `pack` with the same names."""
+  return dict(zip(names, tf.unstack(vector, num=len(names))))

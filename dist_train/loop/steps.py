@@ -1,9 +1,11 @@
 """The per-replica step and the compiled multi-step loops that drive it.
 
 Three tiers, kept apart:
-  * `_replica_train_step`: one replica's GradientTape step on its slice of a
-    global batch (runs inside `strategy.run`); with `jit_compile`, its
-    forward and backward pass are compiled by XLA;
+  * the per-replica step: one replica's GradientTape step on its share of a
+    global batch (runs inside `strategy.run`): the task's declarative loss
+    (`_default_step`, with `--grad_accum_steps` micro-batches) or the task's
+    own `train_step(batch, ctx)`; with `jit_compile`, the forward and
+    backward pass of the default step are compiled by XLA;
   * `_train_loop`: a `tf.function` running `num_steps` global steps with a
     `tf.range` loop over an iterator of global batches; `num_steps` is a
     tensor, so a loop of another length does not retrace;
@@ -15,7 +17,8 @@ slices them across replicas itself, instead of going through
 iterator's per-step machinery cost more than the step of the reference model
 (slicing here gave about 2x the examples/second on one replica and 1.7x on
 two). Every worker reads the same global batches, so replica r gets the same
-slice whatever the worker topology.
+share whatever the worker topology, and the global weight sums that scale
+the loss (`losses.py`) are computed from the batch before it is split.
 """
 
 from typing import Optional
@@ -25,10 +28,119 @@ import tensorflow as tf
 
 from dist_train.loop import losses
 from dist_train.loop import precision
+from dist_train.loop import step_context
+from dist_train.tasks import base
+
+
+def split_rows(batch, part: int, num_parts: int):
+  """Rows [n * part // num_parts, n * (part + 1) // num_parts) of every
+  tensor of `batch`: parts differ by at most one row, and a part is empty
+  when n < num_parts."""
+  num_rows = tf.shape(tf.nest.flatten(batch)[0])[0]
+  begin = num_rows * part // num_parts
+  end = num_rows * (part + 1) // num_parts
+  return tf.nest.map_structure(lambda t: t[begin:end], batch)
+
+
+def unpack_batch(batch):
+  """(features, labels, sample_weight or None), as Keras' fit reads them."""
+  if len(batch) == 3:
+    return batch
+  features, labels = batch
+  return features, labels, None
+
+
+def _weight_for(weights, name):
+  """The sample weights of output `name`: a dict by output, or one for all."""
+  if weights is None or name is None or not isinstance(weights, dict):
+    return weights
+  return weights.get(name)
+
+
+def add_gradients(accumulated, gradients):
+  """accumulated + gradients, elementwise over variables (None when there is
+  no gradient); sparse gradients (embeddings) are added as dense ones."""
+  if accumulated is None:
+    return list(gradients)
+  def add(a, g):
+    if a is None or g is None:
+      return a if g is None else g
+    if isinstance(a, tf.IndexedSlices) or isinstance(g, tf.IndexedSlices):
+      return tf.convert_to_tensor(a) + tf.convert_to_tensor(g)
+    return a + g
+  return [add(a, g) for a, g in zip(accumulated, gradients)]
+
+
+def _float32(structure):
+  """Outputs in float32 whatever the model computes in (mixed precision):
+  losses and metrics stay float32."""
+  return tf.nest.map_structure(
+      lambda t: tf.cast(t, tf.float32) if t.dtype.is_floating else t,
+      structure)
+
+
+class _Metrics:
+  """A task's metrics and the mean of each loss, for training or validation.
+
+  Created under the strategy's scope; updated in replica context and read in
+  cross-replica context, which aggregates all replicas.
+  """
+
+  def __init__(self, task, loss_names: dict):
+    self.loss_means = {name: keras.metrics.Mean(name=name)
+                       for name in loss_names.values()}
+    self._loss_names = loss_names  # output name or None -> metric name.
+    self._loss_weights = dict(task.loss_weights or {})
+    metrics = task.metrics() if callable(getattr(task, "metrics", None)) else []
+    self.task_metrics = {}  # metric name -> (output name or None, metric)
+    if isinstance(metrics, dict):
+      for output, output_metrics in metrics.items():
+        for metric in output_metrics:
+          self.task_metrics[f"{output}_{metric.name}"] = (output, metric)
+    else:
+      for metric in metrics or []:
+        self.task_metrics[metric.name] = (None, metric)
+
+  def update_losses(self, per_element_losses: dict, weights) -> None:
+    for output, loss in per_element_losses.items():
+      self.loss_means[self._loss_names[output]].update_state(
+          loss, sample_weight=_weight_for(weights, output))
+
+  def update(self, labels, outputs, weights) -> None:
+    for output, metric in self.task_metrics.values():
+      if output is None:
+        metric.update_state(labels, outputs, sample_weight=weights)
+      else:
+        metric.update_state(labels[output], outputs[output],
+                            sample_weight=_weight_for(weights, output))
+
+  def reset(self) -> None:
+    for metric in self._all():
+      metric.reset_state()
+
+  def _all(self):
+    return list(self.loss_means.values()) + [
+        m for _, m in self.task_metrics.values()]
+
+  def results(self) -> dict:
+    """{name: float}: `loss`, each output's `<output>_loss` when there are
+    several, and every task metric."""
+    results = {name: float(m.result()) for name, m in self.loss_means.items()}
+    if None not in self._loss_names:
+      results[losses.TOTAL] = sum(
+          self._loss_weights.get(output, 1.0) * results[name]
+          for output, name in self._loss_names.items())
+    for name, (_, metric) in self.task_metrics.items():
+      result = metric.result()
+      if isinstance(result, dict):  # A metric of several values.
+        results.update({f"{name}_{k}": float(v) for k, v in result.items()})
+      else:
+        results[name] = float(result)
+    return results
 
 
 class Trainer:
-  """Owns the model, optimizer and metrics of one run, and its compiled loops.
+  """Owns the task's model, optimizer and metrics, and its compiled loops.
 
   The model and optimizer must have been created under `strategy.scope()`;
   the metrics are created under it here. A LossScaleOptimizer (mixed_float16)
@@ -41,72 +153,164 @@ class Trainer:
   XLA off in `fit` under tf.distribute).
   """
 
-  def __init__(self, *, strategy: tf.distribute.Strategy, model: keras.Model,
-               optimizer: keras.optimizers.Optimizer, add_loss_reduction: str,
-               clip_norm: Optional[float] = None, jit_compile: bool = False):
+  def __init__(self, *, strategy: tf.distribute.Strategy, task,
+               model: keras.Model, optimizer: keras.optimizers.Optimizer,
+               add_loss_reduction: str, clip_norm: Optional[float] = None,
+               jit_compile: bool = False, grad_accum_steps: int = 1):
+    if grad_accum_steps < 1:
+      raise ValueError(
+          f"grad_accum_steps must be positive, got {grad_accum_steps}")
     self.strategy = strategy
+    self.task = task
     self.model = model
     self.optimizer = optimizer
-    self._add_loss_reduction = add_loss_reduction
+    self.add_loss_reduction = add_loss_reduction
     self._clip_norm = clip_norm
+    self._grad_accum_steps = grad_accum_steps
     self._loss_scaling = isinstance(optimizer,
                                     keras.optimizers.LossScaleOptimizer)
-    self._gradients_fn = self._replica_gradients
-    self._logits_fn = self._eval_logits
+    self._custom_step = callable(getattr(task, "train_step", None))
+    self._loss_fns = ({} if self._custom_step and not _has_loss(task)
+                      else base.loss_functions(task))
+    loss_names = {output: (losses.TOTAL if output is None else
+                           f"{output}_loss") for output in self._loss_fns}
+    # The data terms the step reports, besides the total and the extra terms.
+    self._data_terms = {output: (getattr(task, "loss_name", "task_loss")
+                                 if output is None else f"{output}_loss")
+                        for output in self._loss_fns}
+    if self._custom_step:
+      self.term_names = (losses.TOTAL,) + tuple(
+          getattr(task, "loss_terms", ()))
+    else:
+      self.term_names = ((losses.TOTAL,) + tuple(self._data_terms.values()) +
+                         (losses.REGULARIZATION, losses.ADD_LOSS))
+    self._gradients_fn = self._micro_gradients
+    self._outputs_fn = self._eval_outputs
     if jit_compile:
       self._gradients_fn = tf.function(self._gradients_fn, jit_compile=True)
-      self._logits_fn = tf.function(self._logits_fn, jit_compile=True)
+      self._outputs_fn = tf.function(self._outputs_fn, jit_compile=True)
     with strategy.scope():
-      self.train_metrics = {
-          "loss": keras.metrics.Mean(name="loss"),
-          "accuracy": keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-      }
-      self.eval_metrics = {
-          "loss": keras.metrics.Mean(name="loss"),
-          "accuracy": keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-      }
+      self.train_metrics = _Metrics(task, loss_names)
+      self.eval_metrics = _Metrics(task, loss_names)
+    if self._custom_step:
+      # A task's own step reports its loss, not per-element losses: the
+      # training `loss` is the mean over the epoch's steps. Created outside
+      # the strategy's scope: it is updated in cross-replica context with the
+      # loss already summed over replicas.
+      self._step_loss = keras.metrics.Mean(name=losses.TOTAL)
     self._train_loop = tf.function(self._train_loop_fn)
     self._eval_loop = tf.function(self._eval_loop_fn)
 
   # Tier 1: one replica, one step.
 
-  def _replica_gradients(self, features, labels, global_num_examples):
-    """Forward and backward pass of one replica; no cross-replica op."""
+  def _micro_gradients(self, features, labels, weights, global_info,
+                       num_shares):
+    """Forward and backward pass of one share; no cross-replica op."""
+    num_examples = tf.shape(tf.nest.flatten(labels)[0])[0]
     with tf.GradientTape() as tape:
-      logits, add_losses = losses.call_collecting_add_losses(
+      outputs, add_losses = losses.call_collecting_add_losses(
           self.model, features, training=True)
-      # The loss stays float32 whatever the model computes in.
-      logits = tf.cast(logits, tf.float32)
-      per_example_loss = keras.losses.sparse_categorical_crossentropy(
-          labels, logits, from_logits=True)
-      loss = losses.replica_loss(
-          per_example_loss=per_example_loss,
-          global_num_examples=global_num_examples,
-          add_losses=add_losses,
-          weight_regularization=losses.regularization_losses(self.model),
-          num_replicas=self.strategy.num_replicas_in_sync,
-          add_loss_reduction=self._add_loss_reduction)
-      total_loss = loss.total  # Inside the tape, so that it is recorded.
+      outputs = _float32(outputs)
+      per_element, terms = {}, {}
+      for output, loss_fn in self._loss_fns.items():
+        target = labels if output is None else labels[output]
+        prediction = outputs if output is None else outputs[output]
+        weight = _weight_for(weights, output)
+        per_element[output] = loss_fn(target, prediction)
+        divisor = (_weight_for(global_info["weight_sums"], output)
+                   if weight is not None else losses.element_count(
+                       per_element[output], global_info["num_examples"]))
+        loss_weight = (self.task.loss_weights or {}).get(output, 1.0)
+        terms[self._data_terms[output]] = loss_weight * losses.share_of_mean(
+            per_element[output], weight, divisor)
+      terms[losses.REGULARIZATION] = losses.regularization_share(
+          self.model, num_shares)
+      terms[losses.ADD_LOSS] = losses.add_loss_share(
+          add_losses, num_examples=num_examples,
+          global_num_examples=global_info["num_examples"],
+          reduction=self.add_loss_reduction)
+      total = tf.add_n(list(terms.values()))  # Inside the tape: recorded.
       # Multiplied by the loss scale under mixed_float16, else unchanged.
-      scaled_loss = self.optimizer.scale_loss(total_loss)
+      scaled_loss = self.optimizer.scale_loss(total)
     gradients = tape.gradient(scaled_loss, self.model.trainable_variables)
-    return gradients, per_example_loss, logits, losses.pack_terms(loss.terms())
+    terms[losses.TOTAL] = total
+    return gradients, losses.pack(terms, self.term_names), outputs, per_element
 
-  def _replica_train_step(self, batch, global_num_examples):
-    features, labels = batch
-    gradients, per_example_loss, logits, terms = self._gradients_fn(
-        features, labels, global_num_examples)
+  def _default_step(self, batch, global_info):
+    """The task's declarative objective on this replica's share, in
+    `grad_accum_steps` micro-batches, applied once."""
+    num_micro = self._grad_accum_steps
+    num_shares = self.strategy.num_replicas_in_sync * num_micro
+    accumulated, packed_terms = None, None
+    for micro in range(num_micro):
+      features, labels, weights = unpack_batch(
+          split_rows(batch, micro, num_micro))
+      gradients, packed, outputs, per_element = self._gradients_fn(
+          features, labels, weights, global_info, num_shares)
+      accumulated = add_gradients(accumulated, gradients)
+      packed_terms = packed if packed_terms is None else packed_terms + packed
+      self.train_metrics.update_losses(per_element, weights)
+      self.train_metrics.update(labels, outputs, weights)
+    self.apply_gradients(accumulated, self.model.trainable_variables)
+    return packed_terms
+
+  def _custom_step_fn(self, batch, global_info):
+    """The task's own train_step on this replica's share (see
+    step_context.py); with micro-batches, a first pass measures divisors."""
+    num_micro = self._grad_accum_steps
+
+    def context(micro_batch, **kwargs):
+      return step_context.StepContext(
+          trainer=self, num_micro_batches=num_micro,
+          num_examples=tf.shape(tf.nest.flatten(micro_batch)[0])[0],
+          global_num_examples=global_info["num_examples"], **kwargs)
+
+    micro_batches = [split_rows(batch, m, num_micro) for m in range(num_micro)]
+    divisors = None
+    if num_micro > 1:
+      parts = None
+      for micro_batch in micro_batches:
+        ctx = context(micro_batch, measuring=True)
+        self.task.train_step(micro_batch, ctx)
+        parts = ctx.measured if parts is None else [
+            a + b for a, b in zip(parts, ctx.measured)]
+      if parts:
+        divisors = tf.unstack(tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, tf.stack(parts)))
+    accumulated, packed_terms = None, None
+    for micro_batch in micro_batches:
+      ctx = context(micro_batch, divisors=divisors)
+      terms = self.task.train_step(micro_batch, ctx)
+      if not isinstance(terms, dict):
+        terms = {losses.TOTAL: terms}
+      packed = losses.pack(terms, self.term_names)
+      packed_terms = packed if packed_terms is None else packed_terms + packed
+      if ctx.gradients is not None:
+        gradients, variables = ctx.gradients
+        accumulated = add_gradients(accumulated, gradients)
+    if accumulated is not None:
+      self.apply_gradients(accumulated, variables)
+    return packed_terms
+
+  def _replica_train_step(self, batch, global_info):
+    step = self._custom_step_fn if self._custom_step else self._default_step
+    return step(batch, global_info)
+
+  def gradients(self, tape, loss, variables):
+    """The gradients of this share's `loss`, scaled as the optimizer expects."""
+    return tape.gradient(self.optimizer.scale_loss(loss), variables)
+
+  def apply_gradients(self, gradients, variables) -> None:
+    """Applies one replica's gradients; the optimizer sums them over
+    replicas (a LossScaleOptimizer first divides them by the loss scale)."""
     if self._loss_scaling:
       gradients = precision.all_replicas_finite_or_nan(gradients)
     if self._clip_norm is not None:
       gradients = self._clip_summed_gradients(gradients)
-    # The optimizer all-reduces (sums) the gradients across replicas; a
-    # LossScaleOptimizer first divides them by the loss scale.
-    self.optimizer.apply_gradients(
-        zip(gradients, self.model.trainable_variables))
-    self.train_metrics["loss"].update_state(per_example_loss)
-    self.train_metrics["accuracy"].update_state(labels, logits)
-    return terms
+    self.optimizer.apply_gradients(zip(gradients, variables))
+
+  def update_train_metrics(self, labels, outputs, sample_weight=None) -> None:
+    self.train_metrics.update(labels, _float32(outputs), sample_weight)
 
   def _clip_summed_gradients(self, gradients):
     """Scales this replica's gradients so that their cross-replica sum is
@@ -125,96 +329,82 @@ class Trainer:
     scale = self._clip_norm / tf.maximum(norm, self._clip_norm)
     return [None if g is None else g * scale for g in gradients]
 
-  def _eval_logits(self, features):
-    return tf.cast(self.model(features, training=False), tf.float32)
+  def _eval_outputs(self, features):
+    return _float32(self.model(features, training=False))
 
   def _replica_eval_step(self, batch):
-    features, labels = batch
-    logits = self._logits_fn(features)
-    per_example_loss = keras.losses.sparse_categorical_crossentropy(
-        labels, logits, from_logits=True)
-    self.eval_metrics["loss"].update_state(per_example_loss)
-    self.eval_metrics["accuracy"].update_state(labels, logits)
+    features, labels, weights = unpack_batch(batch)
+    outputs = self._outputs_fn(features)
+    per_element = {}
+    for output, loss_fn in self._loss_fns.items():
+      per_element[output] = loss_fn(
+          labels if output is None else labels[output],
+          outputs if output is None else outputs[output])
+    self.eval_metrics.update_losses(per_element, weights)
+    self.eval_metrics.update(labels, outputs, weights)
 
   # Tier 2: many global steps in one compiled call.
 
-  def _split_global_batch(self, batch):
-    """The per-replica slices of a global batch of n examples.
+  def _distribute(self, batch):
+    """This replica's share of a global batch (see `split_rows`)."""
+    def share(context):
+      return split_rows(batch, context.replica_id_in_sync_group,
+                        context.num_replicas_in_sync)
+    return self.strategy.experimental_distribute_values_from_function(share)
 
-    Replica r of R gets rows [n * r // R, n * (r + 1) // R): slices differ by
-    at most one example, and a replica gets none when n < R.
-    """
-    num_examples = tf.shape(batch[1])[0]
-
-    def replica_slice(context):
-      r, num_replicas = (context.replica_id_in_sync_group,
-                         context.num_replicas_in_sync)
-      begin = num_examples * r // num_replicas
-      end = num_examples * (r + 1) // num_replicas
-      return tf.nest.map_structure(lambda t: t[begin:end], batch)
-
-    return self.strategy.experimental_distribute_values_from_function(
-        replica_slice)
-
-  def _checked_labels(self, batch):
-    """The batch, after checking every label is in [0, classes).
-
-    On CPU the cross-entropy kernel rejects such labels itself; on GPU it
-    returns NaN instead, so the check is explicit. It runs on the global
-    batch, outside any XLA cluster (XLA compiles no assertion).
-    """
-    features, labels = batch
-    num_classes = self.model.outputs[0].shape[-1] if self.model.outputs else None
-    if num_classes is None:
-      return batch
-    outside = tf.logical_or(labels < 0, labels >= num_classes)
-    check = tf.debugging.Assert(
-        tf.logical_not(tf.reduce_any(outside)),
-        ["label", tf.boolean_mask(labels, outside)[:1],
-         f"is outside [0, {num_classes}) ({num_classes} classes)"],
-        summarize=1)
-    with tf.control_dependencies([check]):
-      return features, tf.identity(labels)
+  @staticmethod
+  def _global_info(batch) -> dict:
+    """What the loss divisors need from the whole global batch: its number of
+    examples (a partial last batch is scaled exactly) and the sum of each
+    sample weight."""
+    _, _, weights = unpack_batch(batch)
+    return {
+        "num_examples": tf.cast(tf.shape(tf.nest.flatten(batch)[0])[0],
+                                tf.float32),
+        "weight_sums": (None if weights is None else
+                        tf.nest.map_structure(losses.weight_sum, weights)),
+    }
 
   def _train_loop_fn(self, iterator, num_steps):
     """Runs `num_steps` global steps; returns the mean of each loss term."""
-    loss_sums = tf.zeros([len(losses.ReplicaLoss.NAMES)])
+    loss_sums = tf.zeros([len(self.term_names)])
     for _ in tf.range(num_steps):
-      batch = self._checked_labels(next(iterator))
-      # The examples actually in this global step, so that a partial last
-      # batch is scaled exactly.
-      global_num_examples = tf.cast(tf.shape(batch[1])[0], tf.float32)
+      batch = self.task.validate_batch(next(iterator))
       per_replica = self.strategy.run(
           self._replica_train_step,
-          args=(self._split_global_batch(batch), global_num_examples))
-      loss_sums += self.strategy.reduce(tf.distribute.ReduceOp.SUM,
+          args=(self._distribute(batch), self._global_info(batch)))
+      step_terms = self.strategy.reduce(tf.distribute.ReduceOp.SUM,
                                         per_replica, axis=None)
-    return losses.unpack_terms(loss_sums / tf.cast(num_steps, tf.float32))
+      if self._custom_step:
+        self._step_loss.update_state(step_terms[0])
+      loss_sums += step_terms
+    return losses.unpack(loss_sums / tf.cast(num_steps, tf.float32),
+                         self.term_names)
 
   def _eval_loop_fn(self, iterator, num_steps):
     for _ in tf.range(num_steps):
       self.strategy.run(self._replica_eval_step,
-                        args=(self._split_global_batch(next(iterator)),))
+                        args=(self._distribute(next(iterator)),))
 
   # The interface the outer loop uses.
 
   def train_steps(self, iterator, num_steps: int) -> dict:
-    """Runs `num_steps` global steps from `iterator`, an iterator over
-    (features, labels) global batches (`iter(dataset)`).
+    """Runs `num_steps` global steps from `iterator`, an iterator over global
+    batches (`iter(dataset)`).
 
     Returns:
-      The mean over those steps of the global-batch loss (`loss`) and of its
-      terms (`cross_entropy`, `regularization`, `add_loss`), as floats.
+      The mean over those steps of the global-batch objective (`loss`) and
+      of its terms (the task's data terms, `regularization`, `add_loss`), as
+      floats.
     """
     means = self._train_loop(iterator, tf.constant(num_steps, tf.int32))
     return {name: float(value) for name, value in means.items()}
 
   def eval_steps(self, dataset: tf.data.Dataset, num_steps: int) -> dict:
     """One pass over a dataset of global batches; returns the metric values."""
-    for metric in self.eval_metrics.values():
-      metric.reset_state()
+    self.eval_metrics.reset()
     self._eval_loop(iter(dataset), tf.constant(num_steps, tf.int32))
-    return metric_results(self.eval_metrics)
+    return self.eval_metrics.results()
 
   @property
   def train_traces(self) -> int:
@@ -225,13 +415,23 @@ class Trainer:
     return float(self.optimizer.learning_rate.numpy())
 
   def reset_train_metrics(self):
-    for metric in self.train_metrics.values():
-      metric.reset_state()
+    self.train_metrics.reset()
+    if self._custom_step:
+      self._step_loss.reset_state()
 
   def train_metric_results(self) -> dict:
-    return metric_results(self.train_metrics)
+    results = self.train_metrics.results()
+    if self._custom_step:
+      results[losses.TOTAL] = float(self._step_loss.result())
+    return results
 
 
-def metric_results(metrics: dict) -> dict:
-  """Reads metrics in cross-replica context, which aggregates all replicas."""
-  return {name: float(metric.result()) for name, metric in metrics.items()}
+def _has_loss(task) -> bool:
+  loss = getattr(task, "loss", None)
+  if isinstance(loss, dict):
+    return True
+  if not callable(loss):
+    return False
+  # The base class's loss raises NotImplementedError: a custom step then
+  # has no declarative loss.
+  return getattr(type(task), "loss", None) is not base.Task.loss
