@@ -106,8 +106,10 @@ def create_task(config: config_lib.Config, model_fn: Optional[ModelFn] = None):
   return task
 
 
-def load_splits(task) -> datasets.Splits:
-  """The training and validation splits of a task, checked."""
+def load_splits(config: config_lib.Config, task=None) -> datasets.Splits:
+  """The training and validation splits of a task (default: the config's),
+  checked."""
+  task = task or create_task(config)
   where = getattr(task, "name", "the task")
   splits = {}
   for split in tasks_base.SPLITS:
@@ -157,7 +159,7 @@ def _build(config, task, strategy, boundary_checks=()) -> _Run:
   if strategy is None:
     strategy = create_strategy(config)
   is_chief = strategy_lib.is_chief(strategy)
-  splits = load_splits(task)
+  splits = load_splits(config, task)
   schedule = schedule_lib.LoopSchedule(
       num_examples=len(splits.train),
       global_batch_size=config.global_batch_size, num_epochs=config.epochs,

@@ -94,8 +94,9 @@ def run_loop(args):
   with strategy.scope():
     optimizer = keras.optimizers.SGD(learning_rate=1e-3)
     optimizer.build(result.model.trainable_variables)
-  trainer = steps_lib.Trainer(strategy=strategy, model=result.model,
-                                  optimizer=optimizer, add_loss_reduction="mean")
+  trainer = steps_lib.Trainer(
+      strategy=strategy, task=train.create_task(config), model=result.model,
+      optimizer=optimizer, add_loss_reduction="mean")
   steps = schedule.num_batches(len(splits.train), config.global_batch_size)
 
   def pipeline(epoch):

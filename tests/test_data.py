@@ -32,8 +32,9 @@ def test_mnist_npz_in_data_dir(tmp_path):
                                     data_dir=str(tmp_path),
                                     num_validation_examples=20))
   assert len(splits.train) == 100 and len(splits.validation) == 20
-  np.testing.assert_array_equal(splits.train.images, images[:100])
-  np.testing.assert_array_equal(splits.validation.labels, labels[100:])
+  np.testing.assert_array_equal(splits.train.examples[0],
+                                datasets.decode_images(images[:100]))
+  np.testing.assert_array_equal(splits.validation.examples[1], labels[100:])
 
 
 def test_mnist_keras_cache(tmp_path, monkeypatch):
@@ -75,9 +76,10 @@ def test_mnist_sample_holds_out_every_class(tmp_path):
   splits = train.load_splits(_config(tmp_path, dataset="mnist_sample",
                                     num_validation_examples=1000))
   assert len(splits.train) == 4000
-  assert splits.train.images.dtype == np.uint8
-  assert splits.train.images.shape[1:] == (28, 28)
-  counts = np.bincount(splits.validation.labels, minlength=10)
+  features = splits.train.examples[0]
+  assert features.dtype == np.float32 and features.shape[1:] == (784,)
+  assert 0.0 <= features.min() and features.max() <= 1.0
+  counts = np.bincount(splits.validation.examples[1], minlength=10)
   assert counts.min() >= 50, counts
 
 
@@ -91,9 +93,9 @@ def test_synthetic_is_deterministic_and_learnable(tmp_path):
   config = _config(tmp_path, dataset="synthetic", num_train_examples=300,
                    num_validation_examples=50)
   a, b = train.load_splits(config), train.load_splits(config)
-  np.testing.assert_array_equal(a.train.images, b.train.images)
+  np.testing.assert_array_equal(a.train.examples[0], b.train.examples[0])
   assert len(a.train) == 300 and len(a.validation) == 50
-  assert len(np.unique(a.train.labels)) > 5
+  assert len(np.unique(a.train.examples[1])) > 5
 
 
 def test_train_dataset_batches_and_scales(tmp_path):

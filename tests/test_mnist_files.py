@@ -53,11 +53,11 @@ def test_idx_and_npz_load_to_the_same_arrays(tmp_path, digits, gz):
 
   from_idx, from_npz = load(idx_dir), load(npz_dir)
   for split in ("train", "validation"):
-    np.testing.assert_array_equal(getattr(from_idx, split).images,
-                                  getattr(from_npz, split).images)
-    np.testing.assert_array_equal(getattr(from_idx, split).labels,
-                                  getattr(from_npz, split).labels)
-  np.testing.assert_array_equal(from_idx.train.images, images[:40])
+    for a, b in zip(getattr(from_idx, split).examples,
+                    getattr(from_npz, split).examples):
+      np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(from_idx.train.examples[0],
+                                datasets.decode_images(images[:40]))
 
 
 def test_bad_magic_is_named(tmp_path, digits):

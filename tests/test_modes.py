@@ -72,7 +72,7 @@ def _features(num_examples=64):
                              num_train_examples=num_examples,
                              num_validation_examples=0, seed=5)
   split = train.load_splits(config).train
-  return (split.images.reshape(len(split), -1) / 255.0).astype(np.float32)
+  return split.examples[0]
 
 
 def _restored_model(model_dir):

@@ -18,6 +18,7 @@ from dist_train.models import mnist
 from dist_train.loop import precision
 from dist_train import train
 from dist_train.loop import steps
+from dist_train.tasks import classification
 
 strategy = train.create_strategy(
     config_lib.Config(model_dir="/tmp/unused", cpu_replicas=2))
@@ -44,8 +45,10 @@ with strategy.scope():
                                        "mixed_float16")
   optimizer.build(model.trainable_variables)
 out["optimizer"] = type(optimizer).__name__
-trainer = steps.Trainer(strategy=strategy, model=model,
-                              optimizer=optimizer, add_loss_reduction="sum")
+trainer = steps.Trainer(strategy=strategy,
+                        task=classification.ClassificationTask(config),
+                        model=model, optimizer=optimizer,
+                        add_loss_reduction="sum")
 before = [v.numpy() for v in model.trainable_variables]
 features = np.full([4, 784], 0.5, np.float32)
 features[2:] = 1e6
