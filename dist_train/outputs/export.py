@@ -73,8 +73,8 @@ def _export_error(path: str, partial: str):
         shutil.rmtree(partial)
       elif os.path.exists(partial):
         os.remove(partial)
-    previous = ("the previous export is unchanged" if os.path.exists(path)
-                else "nothing was exported")
+    previous = ("the previous one is unchanged" if os.path.exists(path)
+                else "there was none before")
     raise ExportError(
         f"cannot write the export {path}: {errors.reason(e)}; {previous}; "
         "the checkpoints hold the trained model, and rerunning the same "
