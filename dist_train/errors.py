@@ -6,7 +6,10 @@ before TensorFlow loads.
 """
 
 import contextlib
+import os
 import re
+import sysconfig
+import traceback
 
 # Exit codes, as documented in the README ("Failure behaviour").
 EXIT_BAD_INPUT = 1  # Flags, data, user code, checkpoints or model_dir unusable.
@@ -26,17 +29,34 @@ class DistTrainError(Exception):
   exit_code = EXIT_BAD_INPUT
 
 
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def first_line(error: BaseException) -> str:
   """The first line of an error's message, or its type when it has none.
 
   Library errors (TensorFlow's, numpy's) often run to many lines; dist_train
   reports each failure on one.
   """
-  lines = [line.strip() for line in str(error).strip().splitlines()
+  lines = [line.strip() for line in
+           _ANSI_ESCAPE.sub("", str(error)).strip().splitlines()
            if line.strip()]
   if lines and lines[0] == "in user code:":
-    # AutoGraph puts the traced function's stack first; the cause is last.
-    return lines[-1]
+    # AutoGraph puts the traced function's stack first, then "Type: message".
+    frames = [i for i, line in enumerate(lines) if line.startswith("File ")]
+    rest = lines[frames[-1] + 1:] if frames else lines[1:]
+    prefix = f"{type(error).__name__}: "
+    start = next((i for i, line in enumerate(rest) if line.startswith(prefix)),
+                 len(rest) - 1)
+    lines = rest[start:]
+    if lines:
+      lines[0] = lines[0].removeprefix(prefix)
+  if (len(lines) > 1 and
+      lines[0].startswith("Exception encountered when calling ")):
+    # Keras wraps an error raised in a layer's call(): "Exception encountered
+    # when calling Boom.call().", the message, then the call's arguments.
+    where = lines[0].removeprefix("Exception encountered when calling ")
+    return f"{lines[1]} (in {where.rstrip('.')})"
   return lines[0] if lines else type(error).__name__
 
 
@@ -54,9 +74,12 @@ def op_error_summary(message: str) -> str:
     lines = [l.strip() for l in message.splitlines()]
     line = next((l for l in lines if l and not l.startswith(skip)),
                 message.strip())
+  # Ops run by a tf.function name it first: "{{function_node ...}} message".
+  line = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", line)
   # tf.data prefixes the message of an op inside a map with where it ran.
-  line = re.sub(r"^Error in user-defined function .*?Iterator::\S+: ", "",
-                line)
+  line = re.sub(r"^Error in user-defined function passed to (\w+?)(:\d+)? "
+                r"transformation with iterator: \w*Iterator::\S+: ",
+                r"in the input pipeline (\1): ", line)
   return re.split(r"\s+Label values:|\s*\[\[|\s*\[Op:", line)[0].strip()
 
 
@@ -74,13 +97,61 @@ def summary(error: BaseException) -> str:
   return f"{type(error).__name__}: {text}"
 
 
+def reason(error: BaseException) -> str:
+  """Why a file could not be written, e.g. "No space left on device".
+
+  TensorFlow's file errors end in the operating system's reason, after the
+  file's (often temporary) name: "<path>; No space left on device".
+  """
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
+  text = summary(error)
+  if _is_op_error(error) and "; " in text:
+    return text.rsplit("; ", 1)[-1]
+  return text
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+_PATHS = sysconfig.get_paths()
+# Where code that is not the user's lives: dist_train itself and Python's and
+# the installed packages' folders.
+_LIBRARY_DIRS = tuple(sorted({
+    os.path.join(os.path.abspath(path), "")
+    for path in (os.path.dirname(__file__), _PATHS["stdlib"],
+                 _PATHS["platstdlib"], _PATHS["purelib"], _PATHS["platlib"])
+}))
+
+
+def _is_user_file(path: str) -> bool:
+  path = os.path.abspath(path) if not path.startswith("<") else path
+  return not (path.startswith(("<",) + _LIBRARY_DIRS)
+              or "site-packages" in path or "dist-packages" in path
+              or "__autograph_generated_file" in path)
+
+
+def user_location(error: BaseException) -> str | None:
+  """`file:line` of the innermost frame of user code in `error`, or None.
+
+  Frames come from the traceback and, for errors raised inside TensorFlow
+  graphs (AutoGraph, tf.py_function), from the stack the message quotes.
+  """
+  frames = [(frame.filename, frame.lineno)
+            for frame in traceback.extract_tb(error.__traceback__)]
+  message = error.message if _is_op_error(error) else str(error)
+  frames += [(path, int(line)) for path, line in _FRAME.findall(message)]
+  user = [frame for frame in frames if _is_user_file(frame[0])]
+  return f"{user[-1][0]}:{user[-1][1]}" if user else None
+
+
 class PhaseError(DistTrainError):
   """An unexpected exception, labelled with the phase of the run it ended."""
 
   def __init__(self, phase: str, error: BaseException):
+    location = user_location(error)
+    where = f" (at {location})" if location else ""
     hint = "" if _is_op_error(error) else (
         " (rerun with --traceback for the full traceback)")
-    super().__init__(f"{phase}: {summary(error)}{hint}")
+    super().__init__(f"{phase}: {summary(error)}{where}{hint}")
     self.phase = phase
 
 

@@ -10,6 +10,7 @@ and the exit code of its error class (README, "Failure behaviour");
 --traceback also prints the Python traceback.
 """
 
+import logging
 import os
 import sys
 import traceback
@@ -24,20 +25,44 @@ from dist_train.distribute import cluster
 from dist_train.outputs import ownership
 
 
+def _drop_coordinator_errors(record: logging.LogRecord) -> bool:
+  """MirroredStrategy's coordinator logs an exception raised in a replica,
+  traceback and all, then raises it to the caller, which reports it once."""
+  return not str(record.msg).startswith("Error reported to Coordinator")
+
+
 def _fail(message, exit_code=errors.EXIT_BAD_INPUT):
   print(f"dist_train: error: {message}", file=sys.stderr)
   sys.exit(exit_code)
+
+
+def _flagfile_being_read(error):
+  """The flagfile absl was reading when `error` was raised, if it says."""
+  name = None
+  frame = error.__traceback__
+  while frame is not None:  # Nested flagfiles: the innermost one.
+    if frame.tb_frame.f_code.co_name == "_get_flag_file_lines":
+      name = frame.tb_frame.f_locals.get("filename", name)
+    frame = frame.tb_next
+  return name
 
 
 def parse_flags(argv):
   """Parses flags; a bad flag or flagfile exits 1 with one line on stderr."""
   try:
     return flags.FLAGS(argv)
+  except flags.CantOpenFlagFileError as e:
+    cause = e.__context__
+    if isinstance(cause, OSError) and cause.filename:
+      _fail(f"cannot read --flagfile={cause.filename}: {cause.strerror}")
+    _fail(errors.first_line(e))
   except flags.Error as e:
     _fail(errors.first_line(e))
   except UnicodeDecodeError as e:
-    _fail(f"cannot read a --flagfile as UTF-8 text ({e.reason} at byte "
-          f"{e.start}); a flagfile holds one --flag=value per line")
+    name = _flagfile_being_read(e)
+    _fail(f"cannot read {f'--flagfile={name}' if name else 'a --flagfile'}: "
+          f"it is not UTF-8 text (byte 0x{e.object[e.start]:02x}: {e.reason}); "
+          "a flagfile holds one --flag=value per line")
   except OSError as e:
     _fail(f"cannot read {e.filename or 'a --flagfile'}: {e.strerror}")
 
@@ -54,6 +79,7 @@ def main(argv):
                                environ=os.environ)
     if config.mode != "evaluate":
       ownership.check_writable(config.model_dir)
+    logging.getLogger("tensorflow").addFilter(_drop_coordinator_errors)
     # Imported here so that flag errors are reported before TensorFlow loads.
     console.quiet_tensorflow_startup()
     with console.startup_info_hidden():

@@ -11,13 +11,10 @@ user's own file and line.
 
 import importlib
 import inspect
-import os
 import traceback
 from typing import Callable
 
 from dist_train import errors
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 class UserCodeError(errors.DistTrainError):
@@ -81,18 +78,25 @@ def check_model_fits(flag: str, name: str, model, feature_shape) -> None:
         f"[batch, classes], got rank {output_rank}")
 
 
-def _user_frame(error: BaseException):
-  """`file:line` of the innermost traceback frame outside dist_train, Python
-  and installed packages: where the user's code raised (or called what
-  raised)."""
+def _user_frame(error: BaseException) -> str:
+  """`file:line` where the user's code raised (or called what raised): the
+  innermost frame outside dist_train, Python and installed packages."""
+  location = errors.user_location(error)
+  if location:
+    return location
   frames = traceback.extract_tb(error.__traceback__)
-  def is_user(frame):
-    path = os.path.abspath(frame.filename)
-    return not (path.startswith(_PACKAGE_DIR) or "site-packages" in path
-                or "dist-packages" in path or path.startswith("<"))
-  user = [f for f in frames if is_user(f)]
-  frame = user[-1] if user else (frames[-1] if frames else None)
-  return f"{frame.filename}:{frame.lineno}" if frame else "unknown location"
+  return (f"{frames[-1].filename}:{frames[-1].lineno}" if frames
+          else "unknown location")
+
+
+def _definition(function: Callable) -> str:
+  """` (defined at file:line)` for a Python function, else ''."""
+  try:
+    path = inspect.getsourcefile(function)
+    _, line = inspect.getsourcelines(function)
+  except (OSError, TypeError):  # A builtin, a C extension, no source.
+    return ""
+  return f" (defined at {path}:{line})"
 
 
 def call(flag: str, path: str, function: Callable, *args):
@@ -105,12 +109,13 @@ def call(flag: str, path: str, function: Callable, *args):
   """
   try:
     inspect.signature(function).bind(*args)
-  except TypeError:
+  except TypeError as e:
     raise UserCodeError(
-        f"--{flag}={path}: {getattr(function, '__name__', path)}"
+        f"--{flag}={path}: TypeError: {getattr(function, '__name__', path)}"
         f"{inspect.signature(function)} cannot be called with "
         f"{len(args)} positional argument(s) "
-        f"({', '.join(type(a).__name__ for a in args)})") from None
+        f"({', '.join(type(a).__name__ for a in args)}): {e}"
+        f"{_definition(function)}") from None
   except ValueError:  # No signature (a builtin): just call it.
     pass
   try:

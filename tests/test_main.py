@@ -118,7 +118,8 @@ def test_rerun_resumes_from_the_latest_checkpoint(trained_dir, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--flagfile=/nonexistent/flags.cfg"], "Unable to open flagfile"),
+    (["--flagfile=/nonexistent/flags.cfg"],
+     "cannot read --flagfile=/nonexistent/flags.cfg: No such file"),
     (["--bogus_flag=1"], "Unknown command line flag 'bogus_flag'"),
     (["--dataset=imagenet"], "--dataset must be one of"),
     (["--global_batch_size=0"],

@@ -208,8 +208,9 @@ class Controller:
     history = []
     train_metrics = {}
     validation_metrics = {}
-    iterator = (self._train_iterator_fn(epoch, step_in_epoch)
-                if epoch < num_epochs else None)
+    with errors.phase("building the training input pipeline"):
+      iterator = (self._train_iterator_fn(epoch, step_in_epoch)
+                  if epoch < num_epochs else None)
     while epoch < num_epochs:
       start = time.perf_counter()
       self._train_epoch(iterator, epoch, step_in_epoch, throughput)

@@ -5,6 +5,7 @@ The global step is the optimizer's `iterations`. The position in the data is
 next batch exactly.
 """
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -254,11 +255,18 @@ class RunCheckpoint:
     except Exception as e:  # OS and TensorFlow errors of many types.
       # TensorFlow writes into ckpt-<step>_temp* and renames only when
       # complete, so older checkpoints and the state file are untouched.
+      # What the failed save left takes space that the next attempt needs.
+      with contextlib.suppress(Exception):
+        self._remove_interrupted_saves()
+      rerun = ("free the space or fix the mount and rerun the same command "
+               "to")
+      rerun = (f"the latest intact checkpoint is {latest} (step "
+               f"{step_of(latest)}): {rerun} resume from it" if latest else
+               f"there is no earlier checkpoint: {rerun} start again")
       raise CheckpointWriteError(
-          f"cannot write the checkpoint of step {step} to {self.directory}: "
-          f"{errors.summary(e)}; the latest intact checkpoint is "
-          f"{latest or 'none (the run starts over)'}; free the space or fix "
-          "the mount and rerun the same command to resume") from e
+          f"cannot write the checkpoint of step {step} to "
+          f"{os.path.join(self.directory, f'ckpt-{step}')}: "
+          f"{errors.reason(e)}; {rerun}") from e
     logging.info("Saved checkpoint %s", path)
     return path
 

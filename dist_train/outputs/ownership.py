@@ -456,4 +456,20 @@ def check_writable(model_dir: str) -> None:
       f.write("dist_train")
     os.remove(probe)
   except OSError as e:
+    in_the_way = (_file_in_the_way(model_dir)
+                  if isinstance(e, NotADirectoryError) else None)
+    if in_the_way:
+      raise ModelDirNotWritableError(
+          f"cannot create --model_dir={model_dir}: {in_the_way} is a file, "
+          "not a directory") from e
     raise _not_writable(model_dir, path, e, doing="write to") from e
+
+
+def _file_in_the_way(path: str) -> str | None:
+  """The nearest existing ancestor of `path` if it is not a directory."""
+  path = os.path.abspath(path)
+  while os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+    if os.path.lexists(path):
+      return None if os.path.isdir(path) else path
+  return None

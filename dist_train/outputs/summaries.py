@@ -2,13 +2,66 @@
 
 Every worker computes the same aggregated metrics; one copy of the event files
 is what a reader expects, so other tasks get writers that write nothing.
+
+TensorFlow's event writer ignores the error of a failed write: on a full disk
+an event that does not fit its stdio buffer is dropped (or cut short) without
+an error, and only a failed flush of the buffer raises. So after every flush
+the whole records that reached a local events file are counted.
 """
 
+import contextlib
+import errno
+import glob
 import os
+import struct
 
+from absl import logging
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import api as hparams_api
+
+from dist_train import errors
+
+_EVENTS_FILES = "events.out.tfevents.*"
+_UNAFFECTED = ("the checkpoints are unaffected: free the space and rerun the "
+               "same command to resume from the latest one")
+
+
+class SummaryWriteError(errors.DistTrainError):
+  """TensorBoard events could not be written (a full disk, a lost mount)."""
+
+
+class _EventsFile:
+  """A local events file being written, and the records known to be in it."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._offset = 0  # Where the first record not yet counted starts.
+
+  def check(self, num_events: int) -> None:
+    """Raises SummaryWriteError unless `num_events` more whole records (or
+    more) reached the file since the last check."""
+    count = 0
+    with open(self.path, "rb") as f:
+      f.seek(self._offset)
+      while True:
+        # A TFRecord: length (8 bytes), its CRC (4), the data, its CRC (4).
+        header = f.read(12)
+        if len(header) < 12:
+          break
+        length = struct.unpack("<Q", header[:8])[0]
+        if len(f.read(length + 4)) < length + 4:
+          break
+        count += 1
+        self._offset += 12 + length + 4
+    if count < num_events:
+      stat = os.statvfs(self.path)
+      why = (os.strerror(errno.ENOSPC) if stat.f_bavail == 0
+             else "the file system did not keep them")
+      raise SummaryWriteError(
+          f"cannot write TensorBoard events to {self.path}: {why} "
+          f"({num_events - count} of {num_events} events lost; TensorFlow's "
+          f"summary writer reports no error); {_UNAFFECTED}")
 
 
 class SummaryWriters:
@@ -18,36 +71,86 @@ class SummaryWriters:
     self._model_dir = model_dir
     self._enabled = enabled
     self._writers = {}
+    self._events_files = {}  # Split -> _EventsFile, for local model_dirs.
 
   def _writer(self, split):
     if split not in self._writers:
-      self._writers[split] = (
-          tf.summary.create_file_writer(os.path.join(self._model_dir, split))
-          if self._enabled else tf.summary.create_noop_writer())
+      self._writers[split] = (self._create_writer(split) if self._enabled
+                              else tf.summary.create_noop_writer())
     return self._writers[split]
 
-  def write_scalars(self, split: str, scalars: dict, step: int) -> None:
-    """Writes each name -> float of `scalars` at `step` under `split`."""
+  def _create_writer(self, split):
+    directory = os.path.join(self._model_dir, split)
+    pattern = os.path.join(directory, _EVENTS_FILES)
+    local = "://" not in directory
+    before = set(glob.glob(pattern)) if local else set()
+    try:
+      writer = tf.summary.create_file_writer(directory)
+    except Exception as e:  # OS and TensorFlow errors of many types.
+      raise SummaryWriteError(
+          f"cannot write TensorBoard events to {directory}: "
+          f"{errors.reason(e)}; {_UNAFFECTED}") from e
+    new = set(glob.glob(pattern)) - before if local else set()
+    if len(new) == 1:  # The file this writer writes.
+      self._events_files[split] = _EventsFile(new.pop())
+      self._events_files[split].check(1)  # Its header, written already.
+    return writer
+
+  @contextlib.contextmanager
+  def _writing(self, split, step, num_events):
+    """Runs the block, which writes `num_events` events to `split` at `step`,
+    then flushes them and checks that they reached the file.
+
+    Raises:
+      SummaryWriteError: the events could not be written.
+    """
     writer = self._writer(split)
-    with writer.as_default(step=step):
+    try:
+      with writer.as_default(step=step):  # Flushes on exit.
+        yield
+    except Exception as e:  # OS and TensorFlow errors of many types.
+      raise SummaryWriteError(
+          f"cannot write TensorBoard events to "
+          f"{os.path.join(self._model_dir, split)}: {errors.reason(e)}; "
+          f"{_UNAFFECTED}") from e
+    if split in self._events_files:
+      self._events_files[split].check(num_events)
+
+  def write_scalars(self, split: str, scalars: dict, step: int) -> None:
+    """Writes each name -> float of `scalars` at `step` under `split`.
+
+    Raises:
+      SummaryWriteError: the events could not be written.
+    """
+    with self._writing(split, step, len(scalars)):
       for name, value in scalars.items():
         tf.summary.scalar(name, value)
-    writer.flush()
 
   def write_run_description(self, hparams: dict, model_summary: str,
                             num_parameters: int) -> None:
-    """Logs the run's configuration (HParams plugin) and its model as text."""
-    writer = self._writer("train")
-    with writer.as_default(step=0):
+    """Logs the run's configuration (HParams plugin) and its model as text.
+
+    Raises:
+      SummaryWriteError: the events could not be written.
+    """
+    with self._writing("train", 0, 2):
       hparams_api.hparams({k: _hparam_value(v) for k, v in hparams.items()})
       tf.summary.text("model_summary",
                       f"{num_parameters:,} parameters\n\n"
                       f"```\n{model_summary}\n```")
-    writer.flush()
 
   def close(self):
+    """Closes the writers; a failure only logs a warning.
+
+    Every write was flushed and checked already, and close() runs while
+    another error may be ending the run, which it must not replace.
+    """
     for writer in self._writers.values():
-      writer.close()
+      try:
+        writer.close()
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("Cannot close a TensorBoard writer: %s",
+                        errors.summary(e))
 
 
 def _hparam_value(value):
