@@ -40,4 +40,4 @@ def test_readme_flag_table_is_generated_from_the_config():
     readme = f.read()
   assert flags_lib.flag_table() in readme, (
       "README's flag table is out of date; replace it with the output of "
-      "python -c 'from dist_train import flags; print(flags.flag_table())'")
+      "python scripts/update_flag_table.py")
