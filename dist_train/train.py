@@ -106,6 +106,14 @@ def create_task(config: config_lib.Config, model_fn: Optional[ModelFn] = None):
   return task
 
 
+def _checked(task):
+  """A task given to the Python API, checked as a --task is."""
+  tasks_base.check_task(task, getattr(task, "name", type(task).__name__))
+  if not getattr(task, "name", None):
+    task.name = type(task).__name__
+  return task
+
+
 def load_splits(config: config_lib.Config, task=None) -> datasets.Splits:
   """The training and validation splits of a task (default: the config's),
   checked."""
@@ -268,7 +276,8 @@ def train_and_evaluate(
   owner = (ownership.ModelDirOwnership(config.model_dir)
            if strategy_lib.is_chief(strategy) else None)
   with owner or contextlib.nullcontext():
-    task = task or create_task(config, model_fn)
+    task = _checked(task) if task is not None else create_task(config,
+                                                               model_fn)
     run = _build(config, task, strategy,
                  boundary_checks=(owner.check,) if owner else ())
     if validate:
@@ -297,7 +306,8 @@ def evaluate(config: config_lib.Config, *, task=None,
   Raises:
     NoCheckpointError: model_dir holds no checkpoint.
   """
-  run = _build(config, task or create_task(config, model_fn), strategy)
+  task = _checked(task) if task is not None else create_task(config, model_fn)
+  run = _build(config, task, strategy)
   try:
     with errors.phase("restoring the latest checkpoint"):
       position = run.checkpoint.restore_latest(model_only=True)

@@ -30,8 +30,14 @@ def check_losses(losses: dict, *, first_step: int, last_step: int) -> None:
 
 
 def check_variables(variables) -> None:
-  """Raises NonFiniteError naming the first variable with a NaN or Inf."""
+  """Raises NonFiniteError naming the first variable with a NaN or Inf.
+
+  Only floating-point variables can hold either; integer ones (a layer's
+  random seed state, counters) are passed over.
+  """
   for variable in variables:
+    if not variable.dtype.is_floating:
+      continue
     if not bool(tf.reduce_all(tf.math.is_finite(variable))):
       raise NonFiniteError(
           f"variable {variable.path if hasattr(variable, 'path') else variable.name} "

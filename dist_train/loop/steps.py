@@ -90,7 +90,7 @@ class _Metrics:
     self.loss_means = {name: keras.metrics.Mean(name=name)
                        for name in loss_names.values()}
     self._loss_names = loss_names  # output name or None -> metric name.
-    self._loss_weights = dict(task.loss_weights or {})
+    self._loss_weights = dict(getattr(task, "loss_weights", None) or {})
     metrics = task.metrics() if callable(getattr(task, "metrics", None)) else []
     self.task_metrics = {}  # metric name -> (output name or None, metric)
     if isinstance(metrics, dict):
@@ -101,10 +101,19 @@ class _Metrics:
       for metric in metrics or []:
         self.task_metrics[metric.name] = (None, metric)
 
+  def loss_weight(self, output) -> float:
+    return self._loss_weights.get(output, 1.0)
+
   def update_losses(self, per_element_losses: dict, weights) -> None:
+    """Each loss's weighted mean over every element seen: flattened, so that
+    every token of a padded batch counts once (Keras' Mean would average
+    each example's elements first)."""
     for output, loss in per_element_losses.items():
+      weight = _weight_for(weights, output)
       self.loss_means[self._loss_names[output]].update_state(
-          loss, sample_weight=_weight_for(weights, output))
+          tf.reshape(loss, [-1]),
+          sample_weight=None if weight is None else tf.reshape(
+              tf.cast(weight, loss.dtype), [-1]))
 
   def update(self, labels, outputs, weights) -> None:
     for output, metric in self.task_metrics.values():
@@ -126,7 +135,7 @@ class _Metrics:
     """{name: float}: `loss`, each output's `<output>_loss` when there are
     several, and every task metric."""
     results = {name: float(m.result()) for name, m in self.loss_means.items()}
-    if None not in self._loss_names:
+    if self._loss_names and None not in self._loss_names:
       results[losses.TOTAL] = sum(
           self._loss_weights.get(output, 1.0) * results[name]
           for output, name in self._loss_names.items())
@@ -220,7 +229,7 @@ class Trainer:
         divisor = (_weight_for(global_info["weight_sums"], output)
                    if weight is not None else losses.element_count(
                        per_element[output], global_info["num_examples"]))
-        loss_weight = (self.task.loss_weights or {}).get(output, 1.0)
+        loss_weight = self.train_metrics.loss_weight(output)
         terms[self._data_terms[output]] = loss_weight * losses.share_of_mean(
             per_element[output], weight, divisor)
       terms[losses.REGULARIZATION] = losses.regularization_share(
