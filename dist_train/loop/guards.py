@@ -36,7 +36,7 @@ def check_variables(variables) -> None:
   random seed state, counters) are passed over.
   """
   for variable in variables:
-    if not variable.dtype.is_floating:
+    if not tf.as_dtype(variable.dtype).is_floating:
       continue
     if not bool(tf.reduce_all(tf.math.is_finite(variable))):
       raise NonFiniteError(
