@@ -1,6 +1,7 @@
 """Tasks used by the tests (--task=tests.task_fixtures:...): a masked
-variable-length sequence task, a weighted two-output task, and a task with
-its own train_step. Small and synthetic, so that runs take seconds."""
+variable-length sequence task, a weighted two-output task, a task with its
+own train_step, a task with a global batch of zero weights, and unusable
+tasks. Small and synthetic, so that runs take seconds."""
 
 import keras
 import numpy as np
@@ -126,3 +127,109 @@ def two_heads(config):
 
 def own_step(config):
   return OwnStep(config)
+
+
+class ZeroWeightBatch(tasks.Task):
+  """Weighted regression whose last examples all have weight 0, with an L2
+  kernel regularizer. Read in order (--shuffle_buffer=1) in global batches of
+  15, the last global batch is those 8 examples: its data term is 0 (not
+  NaN), so that step changes the weights by the regularization's gradient
+  only."""
+
+  L2 = 0.01
+  NUM_EXAMPLES = 158
+  FIRST_ZERO_WEIGHT = 150
+
+  def __init__(self, config, num_train=NUM_EXAMPLES):
+    self._config = config
+    self._num_train = num_train
+
+  def build_model(self):
+    inputs = keras.Input(shape=(4,))
+    hidden = keras.layers.Dense(
+        8, activation="tanh", name="hidden",
+        kernel_regularizer=keras.regularizers.L2(self.L2))(inputs)
+    return keras.Model(inputs, keras.layers.Dense(1, name="value")(hidden))
+
+  def build_dataset(self, split):
+    rng = np.random.default_rng(self._config.seed + (split == "validation"))
+    size = self.NUM_EXAMPLES if split == "train" else 20
+    features = rng.normal(size=(size, 4)).astype(np.float32)
+    targets = np.tanh(features[:, :2].sum(axis=1, keepdims=True))
+    weights = rng.uniform(0.5, 2.0, size=size).astype(np.float32)
+    weights[self.FIRST_ZERO_WEIGHT:] = 0.0
+    if split == "train":
+      features, targets, weights = (
+          a[:self._num_train] for a in (features, targets, weights))
+    return tf.data.Dataset.from_tensor_slices((features, targets, weights))
+
+  def loss(self, labels, outputs):
+    return keras.losses.mean_squared_error(labels, outputs)
+
+
+def zero_weight_batch(config):
+  return ZeroWeightBatch(config)
+
+
+def zero_weight_batch_dropped(config):
+  """The same examples without the zero-weight ones."""
+  return ZeroWeightBatch(config, num_train=ZeroWeightBatch.FIRST_ZERO_WEIGHT)
+
+
+# Unusable tasks (--task=tests.task_fixtures:<class>: a class taking the
+# config is a task_fn); each must stop the run with one line saying why.
+
+
+class NoBuildModel:
+  """A task object without build_model."""
+
+  def __init__(self, config):
+    self._sequences = MaskedSequences(config)
+
+  def build_dataset(self, split):
+    return self._sequences.build_dataset(split)
+
+  def loss(self, labels, outputs):
+    return self._sequences.loss(labels, outputs)
+
+
+class NoLoss(tasks.Task):
+  """A Task with a model and data but neither loss nor train_step."""
+
+  def __init__(self, config):
+    self._sequences = MaskedSequences(config)
+
+  def build_model(self):
+    return self._sequences.build_model()
+
+  def build_dataset(self, split):
+    return self._sequences.build_dataset(split)
+
+
+class BatchedData(MaskedSequences):
+  """Returns batches instead of examples."""
+
+  def build_dataset(self, split):
+    return super().build_dataset(split).padded_batch(4)
+
+
+class InfiniteData(MaskedSequences):
+  """Returns a dataset that never ends."""
+
+  def build_dataset(self, split):
+    return super().build_dataset(split).repeat()
+
+
+class LossOverTime(MaskedSequences):
+  """Averages the loss over time steps ([batch]) though the sample weights
+  are per token ([batch, time])."""
+
+  def loss(self, labels, outputs):
+    return tf.reduce_mean(super().loss(labels, outputs), axis=-1)
+
+
+class ReducedLoss(MaskedSequences):
+  """Returns the batch's mean loss, a scalar."""
+
+  def loss(self, labels, outputs):
+    return tf.reduce_mean(super().loss(labels, outputs))

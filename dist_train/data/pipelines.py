@@ -17,6 +17,9 @@ def shuffle_seed(seed: int, epoch: int) -> int:
 
   A fresh, known order per epoch (instead of a reshuffling iterator) means an
   epoch's order does not depend on how many epochs this process has run.
+  tf.data derives the order from this seed and TensorFlow's global seed,
+  which `train` sets to `seed` (keras.utils.set_random_seed) before it builds
+  the pipeline: to reproduce an epoch's order elsewhere, set both.
   """
   return seed * 1_000_003 + epoch
 

@@ -311,7 +311,17 @@ class Trainer:
 
   def apply_gradients(self, gradients, variables) -> None:
     """Applies one replica's gradients; the optimizer sums them over
-    replicas (a LossScaleOptimizer first divides them by the loss scale)."""
+    replicas (a LossScaleOptimizer first divides them by the loss scale).
+
+    Sparse gradients (an embedding's IndexedSlices) are summed as dense
+    ones: TensorFlow all-gathers IndexedSlices across replicas, and a
+    collective inside the compiled loop must keep its shape from one step
+    to the next, which rows looked up by data of varying lengths (or a
+    partial last batch) do not ("Shape mismatch in the collective
+    instance").
+    """
+    gradients = [None if g is None else tf.convert_to_tensor(g)
+                 for g in gradients]
     if self._loss_scaling:
       gradients = precision.all_replicas_finite_or_nan(gradients)
     if self._clip_norm is not None:
