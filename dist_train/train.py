@@ -176,10 +176,14 @@ def _selection(config, summary_writers, is_chief, callbacks):
       callbacks=callbacks, log=logging.info if is_chief else lambda *a: None)
 
 
-def _build(config, task, strategy, boundary_checks=(),
-           callbacks=()) -> _Run:
+def _build(config, task, strategy, boundary_checks=(), callbacks=(), *,
+           writes_checkpoints=True) -> _Run:
   """Builds the strategy (first: before any other TensorFlow op, which a
-  task's data may run), then data, model, optimizer and loop objects."""
+  task's data may run), then data, model, optimizer and loop objects.
+
+  An evaluator (`writes_checkpoints=False`) only reads the checkpoints: it
+  leaves alone the `ckpt-<step>_temp*` files of a save in progress beside it.
+  """
   if strategy is None:
     strategy = create_strategy(config)
   is_chief = strategy_lib.is_chief(strategy)
@@ -218,7 +222,8 @@ def _build(config, task, strategy, boundary_checks=(),
     checkpoint = checkpoints.RunCheckpoint(
         checkpoints.checkpoint_dir(config.model_dir), model=model,
         optimizer=optimizer, max_to_keep=config.keep_checkpoints,
-        is_chief=is_chief, on_corrupt=config.on_corrupt_checkpoint,
+        is_chief=is_chief and writes_checkpoints,
+        on_corrupt=config.on_corrupt_checkpoint,
         extra=(selection.early_stopping.variables
                if selection.early_stopping else None))
   agreement = preemption.PreemptionAgreement(
@@ -362,7 +367,8 @@ def evaluate(config: config_lib.Config, *, task=None,
   Raises:
     NoCheckpointError: model_dir holds no checkpoint.
   """
-  run = _build(config, task or create_task(config, model_fn), strategy)
+  run = _build(config, task or create_task(config, model_fn), strategy,
+               writes_checkpoints=False)
   try:
     with errors.phase("restoring the latest checkpoint"):
       position = run.checkpoint.restore_latest(model_only=True)
@@ -396,7 +402,8 @@ def continuous_evaluate(config: config_lib.Config, *, task=None,
   Returns:
     The results of the last evaluation ({} when there was none).
   """
-  run = _build(config, task or create_task(config, model_fn), strategy)
+  run = _build(config, task or create_task(config, model_fn), strategy,
+               writes_checkpoints=False)
   _require_validation(run, config, "")
   best = (best_lib.BestModel(config.model_dir, metric=config.best_metric,
                              mode=config.best_mode, is_chief=run.is_chief)
