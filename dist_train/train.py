@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import time
 from typing import Callable, Optional, Sequence
 
 from absl import logging
@@ -48,6 +49,8 @@ ModelFn = Callable[[config_lib.Config], keras.Model]
 # Written by the chief when training ends (at its last step or early): an
 # evaluator beside the run stops after the checkpoint of that step.
 TRAINING_DONE = "training_done.json"
+# How often an evaluator without a new checkpoint looks for TRAINING_DONE.
+_EVALUATOR_POLL_S = 2.0
 RunResult = controller_lib.RunResult
 
 
@@ -396,8 +399,9 @@ def continuous_evaluate(config: config_lib.Config, *, task=None,
   TensorBoard under <model_dir>/eval/ (at the checkpoint's step) and to
   <model_dir>/eval_results.json, keeps <model_dir>/best/ when given
   --best_metric (give it to the trainers or to the evaluator, not both), and
-  returns after the run's final checkpoint or after --eval_timeout_s without
-  a new one.
+  returns after the run's final checkpoint (its last step, or the step
+  <model_dir>/training_done.json names when it stopped early) or after
+  --eval_timeout_s without a new one.
 
   Returns:
     The results of the last evaluation ({} when there was none).
@@ -408,39 +412,58 @@ def continuous_evaluate(config: config_lib.Config, *, task=None,
   best = (best_lib.BestModel(config.model_dir, metric=config.best_metric,
                              mode=config.best_mode, is_chief=run.is_chief)
           if config.best_metric else None)
-  final_step = run.controller.total_steps
+  total_steps = run.controller.total_steps
   results = {}
+  last_new = time.monotonic()
+
+  def training_ended():
+    return bool(results) and (
+        results["global_step"] >= _final_step(config, total_steps))
+
+  def stop_waiting():
+    # Called after each poll without a new checkpoint.
+    return training_ended() or (
+        time.monotonic() - last_new >= config.eval_timeout_s)
+
   try:
     for path in tf.train.checkpoints_iterator(
         run.checkpoint.directory, min_interval_secs=0.5,
-        timeout=config.eval_timeout_s):
-      try:
-        position = run.checkpoint.restore_model(path)
-      except checkpoints.CheckpointError as e:
-        # Deleted by --keep_checkpoints before it could be read: go on.
-        logging.warning("Skipping %s: %s", path, e)
-        continue
-      metrics = run.controller.validate()
-      results = {"checkpoint": path, "global_step": position.global_step,
-                 **metrics}
-      run.summary_writers.write_scalars("eval", metrics,
-                                        position.global_step)
-      if best is not None:
-        best.update(global_step=position.global_step, metrics=metrics,
-                    model=run.controller.model)
-      if run.is_chief:
-        _write_eval_results(config.model_dir, results)
-      logging.info("Evaluated %s | %s", path, " ".join(
-          f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
-      final_step = _final_step(config, final_step)
-      if position.global_step >= final_step:
-        logging.info("Evaluated the final checkpoint (step %d); done",
-                     final_step)
+        timeout=min(config.eval_timeout_s, _EVALUATOR_POLL_S),
+        timeout_fn=stop_waiting):
+      last_new = time.monotonic()
+      results = _evaluate_checkpoint(run, path, best, config) or results
+      if training_ended():
         break
-    else:
-      logging.info("No new checkpoint for %gs; done", config.eval_timeout_s)
   finally:
     run.summary_writers.close()
+  if training_ended():
+    logging.info("Evaluated the final checkpoint (step %d); done",
+                 results["global_step"])
+  else:
+    logging.info("No new checkpoint for %gs; done", config.eval_timeout_s)
+  return results
+
+
+def _evaluate_checkpoint(run: _Run, path: str, best, config) -> dict:
+  """Evaluates one checkpoint for continuous_evaluate and writes the results;
+  {} when it is gone."""
+  try:
+    position = run.checkpoint.restore_model(path)
+  except checkpoints.CheckpointError as e:
+    # Deleted by --keep_checkpoints before it could be read: go on.
+    logging.warning("Skipping %s: %s", path, e)
+    return {}
+  metrics = run.controller.validate()
+  results = {"checkpoint": path, "global_step": position.global_step,
+             **metrics}
+  run.summary_writers.write_scalars("eval", metrics, position.global_step)
+  if best is not None:
+    best.update(global_step=position.global_step, metrics=metrics,
+                model=run.controller.model)
+  if run.is_chief:
+    _write_eval_results(config.model_dir, results)
+  logging.info("Evaluated %s | %s", path, " ".join(
+      f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
   return results
 
 
