@@ -263,19 +263,19 @@ class RunCheckpoint:
     """
     self._epoch.assign(epoch)
     self._step_in_epoch.assign(step_in_epoch)
+    # Named by global step (ckpt-<step>), which is what a reader looks for.
+    step = int(self._step_counter.numpy())
     if not self._is_chief:
       temp_dir = tempfile.mkdtemp(prefix="dist_train_worker_checkpoint_")
       try:
         tf.train.CheckpointManager(self._checkpoint, temp_dir,
-                                   max_to_keep=1).save(
-            checkpoint_number=int(self._step_counter.numpy()))
+                                   max_to_keep=1).save(checkpoint_number=step)
       finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
-      logging.info("Saved this worker's copy of the checkpoint to %s and "
-                   "removed it; the chief writes %s", temp_dir, self.directory)
+      logging.info("Saved this worker's copy of the checkpoint of step %d to "
+                   "%s and removed it; the chief writes %s", step, temp_dir,
+                   self.directory)
       return None
-    # Named by global step (ckpt-<step>), which is what a reader looks for.
-    step = int(self._step_counter.numpy())
     latest = self.latest
     try:
       path = self._manager.save(checkpoint_number=step)
