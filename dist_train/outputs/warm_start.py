@@ -13,6 +13,7 @@ classification head) fails the run with one line naming it, unless
 
 import io
 import os
+import re
 import tempfile
 import zipfile
 
@@ -70,9 +71,30 @@ def _weight_shapes(h5_file) -> dict:
           for layer, shapes in layers.items()}
 
 
+def _snake_case(name: str) -> str:
+  """Keras' naming.to_snake_case: "InputLayer" -> "input_layer"."""
+  name = re.sub(r"\W+", "", name)
+  name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+  return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def _layer_names(model: keras.Model) -> dict:
+  """{"layers/dense_2": "predictions", ...}: where a Keras weights file keeps
+  each layer of `model`. Keras files a layer under its class name, numbered
+  in model order (saving_lib._save_container_state), which may be the name
+  of another layer of the model."""
+  names, used = {}, {}
+  for layer in model.layers:
+    path = _snake_case(type(layer).__name__)
+    used[path] = used.get(path, -1) + 1
+    names["layers/" + (f"{path}_{used[path]}" if used[path] else path)] = (
+        layer.name)
+  return names
+
+
 def _mismatched_layers(model: keras.Model, keras_file: str) -> list:
-  """Layers of `model` whose weights the file lacks or has in other shapes,
-  named as Keras names them when it saves and loads weights."""
+  """Layers of `model` whose weights the file lacks or has in other shapes:
+  `layer <name> (<path in the file>) <shapes> (in the file: <shapes>)`."""
   with zipfile.ZipFile(keras_file) as archive:
     with h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r") as f:
       source = _weight_shapes(f)
@@ -81,9 +103,14 @@ def _mismatched_layers(model: keras.Model, keras_file: str) -> list:
     model.save_weights(path)
     with h5py.File(path, "r") as f:
       target = _weight_shapes(f)
-  return [f"{layer} {shapes} (in the file: {source.get(layer, 'none')})"
-          for layer, shapes in sorted(target.items())
-          if source.get(layer) != shapes]
+  names = _layer_names(model)
+  def describe(path):
+    name = names.get("/".join(path.split("/")[:2]))
+    return f"layer {name} ({path})" if name else path
+  return [f"{describe(path)} {shapes} (in the file: "
+          f"{source.get(path, 'none')})"
+          for path, shapes in sorted(target.items())
+          if source.get(path) != shapes]
 
 
 def initialize(model: keras.Model, path: str, *,
