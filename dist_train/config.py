@@ -179,8 +179,9 @@ class Config:
       "dist_train model_dir, a checkpoint prefix or a .keras file when "
       "--model_dir has no checkpoint yet.", shown="off")
   init_skip_mismatch: bool = option(
-      False, "With --init_checkpoint, load the variables that match in name "
-      "and shape and list the others instead of failing.")
+      False, "With --init_checkpoint from a .keras file (or a model_dir "
+      "holding one), skip the layers whose weights differ in shape (such as "
+      "a new head) and list them, instead of failing.")
   eval_timeout_s: float = option(
       600.0, "--mode=continuous_eval stops after waiting this long for a new "
       "checkpoint.", check="positive")
