@@ -16,7 +16,8 @@ DATASETS = ("mnist", "mnist_sample", "synthetic")
 MODELS = ("mlp", "cnn")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "step")
-MODES = ("train", "evaluate", "train_and_evaluate")
+MODES = ("train", "evaluate", "train_and_evaluate", "continuous_eval")
+BEST_MODES = ("auto", "max", "min")
 STRATEGIES = ("auto", "mirrored", "one_device", "multi_worker")
 CLUSTERS = ("auto", "tf_config", "slurm")
 COLLECTIVES = ("auto", "ring", "nccl")
@@ -62,8 +63,9 @@ class Config:
       "directory resumes from its latest checkpoint.", shown="(required)")
   mode: str = option(
       "train_and_evaluate", "train (no validation pass), evaluate (latest "
-      "checkpoint -> <model_dir>/eval_results.json) or train_and_evaluate.",
-      choices=MODES)
+      "checkpoint -> <model_dir>/eval_results.json), train_and_evaluate, or "
+      "continuous_eval (evaluate each new checkpoint of a training run "
+      "beside it).", choices=MODES)
   task: Optional[str] = option(
       None, "A user task_fn(config) -> task as package.module:function (see "
       "Bring your own training); default: the built-in classification of "
@@ -154,6 +156,35 @@ class Config:
       "fail", "When the latest checkpoint cannot be read: fail (naming the "
       "file), or fall back to the newest intact one (previous).",
       choices=ON_CORRUPT_CHECKPOINT)
+  # Evaluation and model selection (see outputs/best.py).
+  eval_every_steps: Optional[int] = option(
+      None, "A validation pass every N global steps and at the end.",
+      check="positive", shown="every epoch")
+  best_metric: Optional[str] = option(
+      None, "Keep the model with the best value of this validation metric "
+      "(loss, or any metric of the task) in <model_dir>/best/.", shown="off")
+  best_mode: str = option(
+      "auto", "max or min: which values of --best_metric are better; auto is "
+      "min for names ending in loss, error, perplexity, mae or mse, else "
+      "max.", choices=BEST_MODES)
+  early_stopping_patience: Optional[int] = option(
+      None, "Stop after this many evaluations without an improvement of "
+      "--best_metric by more than --early_stopping_min_delta.",
+      check="positive", shown="off")
+  early_stopping_min_delta: float = option(
+      0.0, "The least change of --best_metric that counts as an "
+      "improvement for early stopping.", check="non_negative")
+  init_checkpoint: Optional[str] = option(
+      None, "Initialise the model (not the optimizer or step) from a "
+      "dist_train model_dir, a checkpoint prefix or a .keras file when "
+      "--model_dir has no checkpoint yet.", shown="off")
+  init_skip_mismatch: bool = option(
+      False, "With --init_checkpoint from a .keras file (or a model_dir "
+      "holding one), skip the layers whose weights differ in shape (such as "
+      "a new head) and list them, instead of failing.")
+  eval_timeout_s: float = option(
+      600.0, "--mode=continuous_eval stops after waiting this long for a new "
+      "checkpoint.", check="positive")
   export_saved_model: bool = option(
       False, "Besides <model_dir>/export/model.keras, write a TensorFlow "
       "SavedModel to <model_dir>/export/saved_model.")
@@ -254,6 +285,11 @@ def validate(config: Config) -> None:
         f"--model_dir must be a directory, got the file {config.model_dir}")
   for field in dataclasses.fields(config):
     _check_field(config, field)
+  if config.early_stopping_patience is not None and not config.best_metric:
+    raise ConfigError(
+        "--early_stopping_patience needs --best_metric, the validation metric "
+        f"it watches (got --early_stopping_patience="
+        f"{config.early_stopping_patience})")
   if config.task is not None and not is_import_path(config.task):
     raise ConfigError(
         f"--task must be package.module:function, got {config.task!r}")

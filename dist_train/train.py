@@ -12,7 +12,8 @@ import contextlib
 import dataclasses
 import json
 import os
-from typing import Callable, Optional
+import time
+from typing import Callable, Optional, Sequence
 
 from absl import logging
 import keras
@@ -30,17 +31,26 @@ from dist_train.loop import controller as controller_lib
 from dist_train.loop import optimizers
 from dist_train.loop import precision
 from dist_train.loop import preemption
+from dist_train.loop import early_stopping as early_stopping_lib
 from dist_train.loop import schedule as schedule_lib
+from dist_train.loop import selection as selection_lib
 from dist_train.loop import steps
+from dist_train.outputs import best as best_lib
 from dist_train.outputs import checkpoints
 from dist_train.outputs import export
 from dist_train.outputs import ownership
 from dist_train.outputs import summaries
+from dist_train.outputs import warm_start
 from dist_train.tasks import base as tasks_base
 from dist_train.tasks import checks as task_checks
 from dist_train.tasks import classification
 
 ModelFn = Callable[[config_lib.Config], keras.Model]
+# Written by the chief when training ends (at its last step or early): an
+# evaluator beside the run stops after the checkpoint of that step.
+TRAINING_DONE = "training_done.json"
+# How often an evaluator without a new checkpoint looks for TRAINING_DONE.
+_EVALUATOR_POLL_S = 2.0
 RunResult = controller_lib.RunResult
 
 
@@ -161,9 +171,30 @@ def _train_iterator_fn(splits, config):
   return make
 
 
-def _build(config, task, strategy, boundary_checks=()) -> _Run:
+def _selection(config, summary_writers, is_chief, callbacks):
+  """Best model and early stopping, as the config asks; and the state the
+  run's checkpoint keeps for them."""
+  best = (best_lib.BestModel(config.model_dir, metric=config.best_metric,
+                             mode=config.best_mode, is_chief=is_chief)
+          if config.best_metric else None)
+  stopping = (early_stopping_lib.EarlyStopping(
+      metric=config.best_metric, mode=config.best_mode,
+      patience=config.early_stopping_patience,
+      min_delta=config.early_stopping_min_delta)
+              if config.early_stopping_patience else None)
+  return selection_lib.Selection(
+      summary_writers=summary_writers, best=best, early_stopping=stopping,
+      callbacks=callbacks, log=logging.info if is_chief else lambda *a: None)
+
+
+def _build(config, task, strategy, boundary_checks=(), callbacks=(), *,
+           writes_checkpoints=True) -> _Run:
   """Builds the strategy (first: before any other TensorFlow op, which a
-  task's data may run), then data, model, optimizer and loop objects."""
+  task's data may run), then data, model, optimizer and loop objects.
+
+  An evaluator (`writes_checkpoints=False`) only reads the checkpoints: it
+  leaves alone the `ckpt-<step>_temp*` files of a save in progress beside it.
+  """
   if strategy is None:
     strategy = create_strategy(config)
   is_chief = strategy_lib.is_chief(strategy)
@@ -173,7 +204,8 @@ def _build(config, task, strategy, boundary_checks=()) -> _Run:
       global_batch_size=config.global_batch_size, num_epochs=config.epochs,
       steps_per_loop=config.steps_per_loop,
       log_every_steps=config.log_every_steps,
-      checkpoint_every_steps=config.checkpoint_every_steps)
+      checkpoint_every_steps=config.checkpoint_every_steps,
+      eval_every_steps=config.eval_every_steps)
 
   # Identical initial weights in every process and for every replica count.
   keras.utils.set_random_seed(config.seed)
@@ -194,12 +226,17 @@ def _build(config, task, strategy, boundary_checks=()) -> _Run:
       grad_accum_steps=config.grad_accum_steps)
   with errors.phase("checking the task's loss on one batch"):
     task_checks.check_loss_shapes(task, model, splits.train)
+  summary_writers = summaries.SummaryWriters(config.model_dir, enabled=is_chief)
+  callback_list = keras.callbacks.CallbackList(list(callbacks), model=model)
+  selection = _selection(config, summary_writers, is_chief, callback_list)
   with errors.phase("opening the checkpoints"):
     checkpoint = checkpoints.RunCheckpoint(
         checkpoints.checkpoint_dir(config.model_dir), model=model,
         optimizer=optimizer, max_to_keep=config.keep_checkpoints,
-        is_chief=is_chief, on_corrupt=config.on_corrupt_checkpoint)
-  summary_writers = summaries.SummaryWriters(config.model_dir, enabled=is_chief)
+        is_chief=is_chief and writes_checkpoints,
+        on_corrupt=config.on_corrupt_checkpoint,
+        extra=(selection.early_stopping.variables
+               if selection.early_stopping else None))
   agreement = preemption.PreemptionAgreement(
       strategy=strategy, num_workers=strategy_lib.num_workers(strategy),
       watcher=preemption.SigtermWatcher())
@@ -210,7 +247,8 @@ def _build(config, task, strategy, boundary_checks=()) -> _Run:
       summary_writers=summary_writers, preemption_agreement=agreement,
       log=logging.info if is_chief else lambda *args: None,
       progress_fn=console.EpochProgress if is_chief else None,
-      boundary_checks=boundary_checks)
+      boundary_checks=boundary_checks, selection=selection,
+      callbacks=callback_list)
   if is_chief:
     logging.info(
         "Training %d examples, validating %d, in global batches of %d (%d "
@@ -218,6 +256,23 @@ def _build(config, task, strategy, boundary_checks=()) -> _Run:
         len(splits.validation or ()), config.global_batch_size,
         schedule.steps_per_epoch, strategy.num_replicas_in_sync)
   return _Run(strategy, controller, summary_writers, checkpoint, is_chief)
+
+
+def _warm_start(config, run: _Run) -> None:
+  """--init_checkpoint, while the run has no checkpoint of its own."""
+  if not config.init_checkpoint:
+    return
+  if run.checkpoint.latest is not None:
+    logging.info("Ignoring --init_checkpoint=%s: the run resumes from its own "
+                 "checkpoint %s", config.init_checkpoint,
+                 run.checkpoint.latest)
+    return
+  with errors.phase(f"initialising from {config.init_checkpoint}"):
+    skipped = warm_start.initialize(run.controller.model,
+                                    config.init_checkpoint,
+                                    skip_mismatch=config.init_skip_mismatch)
+  logging.info("Initialised the model from %s%s", config.init_checkpoint,
+               f"; skipped {'; '.join(skipped)}" if skipped else "")
 
 
 def _require_validation(run: _Run, config: config_lib.Config, hint: str):
@@ -243,6 +298,7 @@ def train_and_evaluate(
     model_fn: Optional[ModelFn] = None,
     strategy: Optional[tf.distribute.Strategy] = None,
     validate: Optional[bool] = None,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> RunResult:
   """Trains as the config says, resuming from model_dir, then exports.
 
@@ -256,8 +312,15 @@ def train_and_evaluate(
       `config.model`.
     strategy: an existing strategy; by default one is built from `config`
       (which must then happen before any other TensorFlow op).
-    validate: run the validation pass after each epoch; default: unless
-      `config.mode` is "train".
+    validate: run validation passes (every epoch, or every
+      `config.eval_every_steps`); default: unless `config.mode` is "train".
+    callbacks: keras.callbacks.Callback objects, called at loop boundaries
+      with the logs the console shows: on_train_begin/end,
+      on_epoch_begin/end (validation metrics as `val_<name>`),
+      on_train_batch_end after each compiled loop (with the global step),
+      on_test_end after each evaluation. A callback that sets
+      `model.stop_training = True` ends the run at the next loop boundary,
+      agreed across workers.
 
   Returns:
     The trained model, its final metrics and position.
@@ -279,7 +342,14 @@ def train_and_evaluate(
     task = _checked(task) if task is not None else create_task(config,
                                                                model_fn)
     run = _build(config, task, strategy,
-                 boundary_checks=(owner.check,) if owner else ())
+                 boundary_checks=(owner.check,) if owner else (),
+                 callbacks=callbacks)
+    _warm_start(config, run)
+    if run.is_chief and tf.io.gfile.exists(
+        os.path.join(config.model_dir, TRAINING_DONE)):
+      # Training (again, e.g. with more epochs): an evaluator beside it
+      # waits for the new final checkpoint.
+      tf.io.gfile.remove(os.path.join(config.model_dir, TRAINING_DONE))
     if validate:
       _require_validation(run, config, ": give --num_validation_examples > 0, "
                           "or --mode=train to train without validation")
@@ -292,6 +362,9 @@ def train_and_evaluate(
       with errors.phase("exporting the model"):
         export.export_model(result.model, config.model_dir,
                             saved_model=config.export_saved_model)
+        _write_json(os.path.join(config.model_dir, TRAINING_DONE),
+                    {"global_step": result.global_step,
+                     "stopped_early": result.stopped_early})
   return result
 
 
@@ -307,7 +380,7 @@ def evaluate(config: config_lib.Config, *, task=None,
     NoCheckpointError: model_dir holds no checkpoint.
   """
   task = _checked(task) if task is not None else create_task(config, model_fn)
-  run = _build(config, task, strategy)
+  run = _build(config, task, strategy, writes_checkpoints=False)
   try:
     with errors.phase("restoring the latest checkpoint"):
       position = run.checkpoint.restore_latest(model_only=True)
@@ -321,13 +394,109 @@ def evaluate(config: config_lib.Config, *, task=None,
   results = {"checkpoint": position.path, "global_step": position.global_step,
              **metrics}
   if run.is_chief:
-    with errors.phase("writing eval_results.json"):
-      path = os.path.join(config.model_dir, "eval_results.json")
-      with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-      tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
-    logging.info("Wrote %s", path)
+    _write_eval_results(config.model_dir, results)
   return results
+
+
+def continuous_evaluate(config: config_lib.Config, *, task=None,
+                        model_fn: Optional[ModelFn] = None,
+                        strategy: Optional[tf.distribute.Strategy] = None
+                        ) -> dict:
+  """Evaluates each new checkpoint of a training run beside it, once.
+
+  Watches <model_dir>/checkpoints, writes each evaluation's metrics to
+  TensorBoard under <model_dir>/eval/ (at the checkpoint's step) and to
+  <model_dir>/eval_results.json, keeps <model_dir>/best/ when given
+  --best_metric (give it to the trainers or to the evaluator, not both), and
+  returns after the run's final checkpoint (its last step, or the step
+  <model_dir>/training_done.json names when it stopped early) or after
+  --eval_timeout_s without a new one.
+
+  Returns:
+    The results of the last evaluation ({} when there was none).
+  """
+  task = _checked(task) if task is not None else create_task(config, model_fn)
+  run = _build(config, task, strategy, writes_checkpoints=False)
+  _require_validation(run, config, "")
+  best = (best_lib.BestModel(config.model_dir, metric=config.best_metric,
+                             mode=config.best_mode, is_chief=run.is_chief)
+          if config.best_metric else None)
+  total_steps = run.controller.total_steps
+  results = {}
+  last_new = time.monotonic()
+
+  def training_ended():
+    return bool(results) and (
+        results["global_step"] >= _final_step(config, total_steps))
+
+  def stop_waiting():
+    # Called after each poll without a new checkpoint.
+    return training_ended() or (
+        time.monotonic() - last_new >= config.eval_timeout_s)
+
+  try:
+    for path in tf.train.checkpoints_iterator(
+        run.checkpoint.directory, min_interval_secs=0.5,
+        timeout=min(config.eval_timeout_s, _EVALUATOR_POLL_S),
+        timeout_fn=stop_waiting):
+      last_new = time.monotonic()
+      results = _evaluate_checkpoint(run, path, best, config) or results
+      if training_ended():
+        break
+  finally:
+    run.summary_writers.close()
+  if training_ended():
+    logging.info("Evaluated the final checkpoint (step %d); done",
+                 results["global_step"])
+  else:
+    logging.info("No new checkpoint for %gs; done", config.eval_timeout_s)
+  return results
+
+
+def _evaluate_checkpoint(run: _Run, path: str, best, config) -> dict:
+  """Evaluates one checkpoint for continuous_evaluate and writes the results;
+  {} when it is gone."""
+  try:
+    position = run.checkpoint.restore_model(path)
+  except checkpoints.CheckpointError as e:
+    # Deleted by --keep_checkpoints before it could be read: go on.
+    logging.warning("Skipping %s: %s", path, e)
+    return {}
+  metrics = run.controller.validate()
+  results = {"checkpoint": path, "global_step": position.global_step,
+             **metrics}
+  run.summary_writers.write_scalars("eval", metrics, position.global_step)
+  if best is not None:
+    best.update(global_step=position.global_step, metrics=metrics,
+                model=run.controller.model)
+  if run.is_chief:
+    _write_eval_results(config.model_dir, results)
+  logging.info("Evaluated %s | %s", path, " ".join(
+      f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+  return results
+
+
+def _write_eval_results(model_dir, results):
+  path = os.path.join(model_dir, "eval_results.json")
+  with errors.phase("writing eval_results.json"):
+    _write_json(path, results)
+  logging.info("Wrote %s", path)
+
+
+def _write_json(path, value):
+  """Writes JSON to a temporary name and renames it: never half a file."""
+  with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=2)
+  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+
+
+def _final_step(config, default):
+  """The last step of the training run in model_dir, once it has ended."""
+  path = os.path.join(config.model_dir, TRAINING_DONE)
+  if not tf.io.gfile.exists(path):
+    return default
+  with tf.io.gfile.GFile(path) as f:
+    return json.load(f)["global_step"]
 
 
 def run(config: config_lib.Config,
@@ -339,6 +508,8 @@ def run(config: config_lib.Config,
     resolved: the cluster `cluster.resolve` found for `config`, if known.
   """
   strategy = create_strategy(config, resolved)
+  if config.mode == "continuous_eval":
+    return continuous_evaluate(config, strategy=strategy)
   if config.mode == "evaluate":
     results = evaluate(config, strategy=strategy)
     print(json.dumps(results))

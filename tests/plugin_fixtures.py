@@ -91,3 +91,17 @@ def blobs_with_label_12(split, config):
 def empty_train(split, config):
   dataset = blobs(split, config)
   return dataset.take(0) if split == "train" else dataset
+
+
+def mlp_with_12_classes(config):
+  """The built-in MLP (--model=mlp) with a new head: 12 classes, not 10.
+
+  Its other layers match the built-in model's, so a warm start from an mlp
+  run can load them (--init_skip_mismatch skips the head).
+  """
+  inputs = keras.Input(shape=(784,), name="digits")
+  x = keras.layers.Dense(config.hidden_units, activation="relu",
+                         name="dense_1")(inputs)
+  x = keras.layers.Dense(config.hidden_units, activation="relu",
+                         name="dense_2")(x)
+  return keras.Model(inputs, keras.layers.Dense(12, name="predictions")(x))

@@ -1,5 +1,6 @@
 """The README's code examples run as printed."""
 
+import csv
 import os
 import re
 
@@ -38,3 +39,22 @@ def test_plugin_example_runs_from_the_command_line(tmp_path):
       env_overrides={"PYTHONPATH": f"{tmp_path}{os.pathsep}"
                                    f"{conftest.REPO_ROOT}"}, check=True)
   assert "Training 1000 examples, validating 1000" in result.stderr
+
+
+def test_callbacks_example_runs(tmp_path):
+  model_dir = tmp_path / "callbacks"
+  code = _python_block_after(
+      "## Evaluation, model selection and fine-tuning").replace(
+          "/tmp/dist_train/callbacks", str(model_dir))
+  script = tmp_path / "example.py"
+  script.write_text(code)
+  result = conftest.run_python([str(script)], check=True)
+  step, reason = result.stdout.strip().splitlines()[-1].split(" ", 1)
+  assert reason == "a callback set model.stop_training"
+  with open(model_dir / "history.csv") as f:
+    rows = list(csv.DictReader(f))
+  print(f"stopped at step {step} after {len(rows)} epochs: {rows[-1]}")
+  # Validation after each epoch of 63 steps; it stops at the first >= 0.88.
+  assert int(step) == 63 * len(rows) < 630
+  assert [float(row["val_accuracy"]) >= 0.88 for row in rows] == [
+      False] * (len(rows) - 1) + [True]

@@ -11,6 +11,7 @@ from dist_train import errors
 from dist_train.loop import guards
 from dist_train.loop import preemption
 from dist_train.loop import schedule as schedule_lib
+from dist_train.loop import selection as selection_lib
 from dist_train.loop import steps
 from dist_train.loop import throughput as throughput_lib
 from dist_train.outputs import checkpoints
@@ -29,6 +30,8 @@ class RunResult:
   history: list  # One dict per epoch run in this process.
   # time.time() when the first training loop of this process returned.
   first_loop_end_time: Optional[float] = None
+  # Why training ended before its last step (early stopping, a callback).
+  stopped_early: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +61,9 @@ class Controller:
                preemption_agreement: preemption.PreemptionAgreement,
                log: Callable[..., None],
                progress_fn: Optional[Callable[[int, int, int], Any]] = None,
-               boundary_checks: tuple = ()):
+               boundary_checks: tuple = (),
+               selection: Optional[selection_lib.Selection] = None,
+               callbacks=None):
     """Creates the controller.
 
     Args:
@@ -77,6 +82,9 @@ class Controller:
         of each interval is left out (TensorBoard still gets its scalars).
       boundary_checks: callables run between compiled loops that raise to
         stop the run (e.g. the model_dir ownership check).
+      selection: what follows each validation pass (summaries, best model,
+        early stopping); by default only the summaries.
+      callbacks: a keras.callbacks.CallbackList called at loop boundaries.
     """
     self._trainer = trainer
     self._schedule = schedule
@@ -89,11 +97,21 @@ class Controller:
     self._log = log
     self._progress_fn = progress_fn or _NoProgress
     self._boundary_checks = tuple(boundary_checks)
+    self._selection = selection or selection_lib.Selection(
+        summary_writers=summary_writers)
+    self._callbacks = callbacks or keras.callbacks.CallbackList([])
     self._first_loop_end_time = None
+    self._stop_reason = None  # Set when training should end early.
+    self._validate = True
+    self._last_validation = {}
 
   @property
   def model(self) -> keras.Model:
     return self._trainer.model
+
+  @property
+  def total_steps(self) -> int:
+    return self._schedule.total_steps
 
   @property
   def has_validation(self) -> bool:
@@ -128,6 +146,7 @@ class Controller:
       compiling = self._trainer.train_traces == 0
       start = time.perf_counter()
       first_step = self.global_step + 1
+      self._callbacks.on_train_batch_begin(first_step)
       with errors.phase(f"training steps {first_step}-"
                         f"{first_step + num_steps - 1}"):
         losses = self._trainer.train_steps(iterator, num_steps)
@@ -148,15 +167,48 @@ class Controller:
       if schedule.is_log_step(self.global_step):
         self._log_interval(epoch, losses, examples_seen, *throughput.take(),
                            to_console=not progress.enabled)
+      self._callbacks.on_train_batch_end(self.global_step, logs=dict(losses))
+      if self._validate and schedule.is_eval_step(self.global_step):
+        self._evaluate()
       for check in self._boundary_checks:
         check()
       if step_in_epoch == schedule.steps_per_epoch:
-        break  # The epoch end saves.
-      if self._preemption.agreed():
-        path = self._save(epoch=epoch, step_in_epoch=step_in_epoch)
-        raise preemption.Preempted(path, self.global_step)
+        return  # The epoch end saves.
+      if self._agreed_stop(epoch, step_in_epoch):
+        return
       if schedule.is_checkpoint_step(self.global_step):
         self._save(epoch=epoch, step_in_epoch=step_in_epoch)
+
+  def _agreed_stop(self, epoch, step_in_epoch, *, saved=False) -> bool:
+    """Whether every worker agreed to stop here: on SIGTERM it saves (unless
+    `saved`) and raises Preempted; when training should end early it saves
+    and returns True."""
+    preempted, stop = self._preemption.agreed(
+        self._stop_reason is not None or self.model.stop_training)
+    if preempted:
+      path = (self._checkpoint.latest if saved else
+              self._save(epoch=epoch, step_in_epoch=step_in_epoch))
+      raise preemption.Preempted(path, self.global_step)
+    if stop:
+      self._stop_reason = self._stop_reason or (
+          "a callback set model.stop_training")
+      if not saved:
+        self._save(epoch=epoch, step_in_epoch=step_in_epoch)
+    return stop
+
+  def _evaluate(self) -> dict:
+    """A validation pass and what follows it (best model, early stopping)."""
+    self._callbacks.on_test_begin()
+    metrics = self.validate()
+    self._last_validation = metrics
+    reason = self._selection.after_validation(
+        global_step=self.global_step, metrics=metrics, model=self.model)
+    if metrics and self._schedule.eval_every_steps:
+      self._log("validation at step %d | %s", self.global_step,
+                _fmt_metrics(metrics))
+    if reason:
+      self._stop_reason = reason
+    return metrics
 
   def _log_interval(self, epoch, losses, examples_seen, examples_per_second,
                     steps_per_second, *, to_console=True):
@@ -185,11 +237,14 @@ class Controller:
                                       self._validation.num_steps)
 
   def train(self, *, validate: bool = True) -> RunResult:
-    """Trains from the latest checkpoint (if any) to the last epoch.
+    """Trains from the latest checkpoint (if any) to the last epoch, or
+    until early stopping or a callback ends it.
 
     Args:
-      validate: run a validation pass after every epoch.
+      validate: run validation passes (every epoch, or every
+        `eval_every_steps` steps and at the end).
     """
+    self._validate = validate
     with errors.phase("restoring the latest checkpoint"):
       position = self._checkpoint.restore_latest()
     if position:
@@ -199,29 +254,38 @@ class Controller:
                 self._schedule.steps_per_epoch)
     else:
       epoch, step_in_epoch = 0, 0
+    self.model.stop_training = False
+    self._callbacks.on_train_begin()
     with self._preemption.watcher:
-      return self._run_epochs(epoch, step_in_epoch, validate)
+      result = self._run_epochs(epoch, step_in_epoch)
+    self._callbacks.on_train_end(
+        logs={**result.train_metrics, **_val_logs(result.validation_metrics)})
+    return result
 
-  def _run_epochs(self, epoch, step_in_epoch, validate):
+  def _run_epochs(self, epoch, step_in_epoch):
     num_epochs = self._schedule.num_epochs
     throughput = throughput_lib.Throughput()
     history = []
     train_metrics = {}
-    validation_metrics = {}
     with errors.phase("building the training input pipeline"):
       iterator = (self._train_iterator_fn(epoch, step_in_epoch)
                   if epoch < num_epochs else None)
-    while epoch < num_epochs:
+    while epoch < num_epochs and self._stop_reason is None:
+      self._callbacks.on_epoch_begin(epoch)
       start = time.perf_counter()
       self._train_epoch(iterator, epoch, step_in_epoch, throughput)
       train_seconds = time.perf_counter() - start
       train_metrics = self._trainer.train_metric_results()
-      validation_metrics = self.validate() if validate else {}
+      if self._stop_reason is not None and (
+          self._schedule.steps_per_epoch != self._position(epoch)):
+        break  # Stopped inside the epoch, where it was saved.
+      validation_metrics = {}
+      if self._validate and not self._schedule.eval_every_steps:
+        validation_metrics = self._evaluate()
+      elif self._schedule.eval_every_steps:
+        validation_metrics = self._last_validation
       epoch, step_in_epoch = epoch + 1, 0
       self._save(epoch=epoch, step_in_epoch=0)
-      if validation_metrics:
-        self._summaries.write_scalars("validation", validation_metrics,
-                                      self.global_step)
       self._log("epoch %d/%d done at step %d | train %s | validation %s",
                 epoch, num_epochs, self.global_step,
                 _fmt_metrics(train_metrics),
@@ -229,13 +293,26 @@ class Controller:
       history.append({"epoch": epoch, "train": train_metrics,
                       "validation": validation_metrics,
                       "train_seconds": train_seconds})
-    if not history:
+      self._callbacks.on_epoch_end(
+          epoch - 1, logs={**train_metrics, **_val_logs(validation_metrics)})
+      if epoch < num_epochs and self._agreed_stop(epoch, 0, saved=True):
+        break
+    if not history and self._stop_reason is None:
       self._log("Already trained for %d epochs; nothing to do", num_epochs)
-      validation_metrics = self.validate() if validate else {}
+      self._last_validation = self.validate() if self._validate else {}
+    if self._stop_reason is not None:
+      self._log("Stopped early at step %d: %s", self.global_step,
+                self._stop_reason)
     return RunResult(model=self.model, global_step=self.global_step,
                      epochs_completed=epoch, train_metrics=train_metrics,
-                     validation_metrics=validation_metrics, history=history,
-                     first_loop_end_time=self._first_loop_end_time)
+                     validation_metrics=self._last_validation,
+                     history=history,
+                     first_loop_end_time=self._first_loop_end_time,
+                     stopped_early=self._stop_reason)
+
+  def _position(self, epoch) -> int:
+    """Steps of `epoch` done, from the global step."""
+    return self.global_step - epoch * self._schedule.steps_per_epoch
 
 
 class _NoProgress:
@@ -251,6 +328,11 @@ class _NoProgress:
 
   def close(self):
     pass
+
+
+def _val_logs(metrics: dict) -> dict:
+  """Validation metrics as Keras callbacks name them: `val_<name>`."""
+  return {f"val_{name}": value for name, value in metrics.items()}
 
 
 def _fmt_metrics(metrics: dict) -> str:

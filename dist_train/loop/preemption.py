@@ -73,7 +73,9 @@ class PreemptionAgreement:
   Every worker must stop at the same step boundary (the checkpoint save runs
   collectives), so with several workers the local requests are summed across
   workers with one small all-reduce; one process decides alone. Call
-  `agreed()` at the same loop boundaries on every worker.
+  `agreed()` at the same loop boundaries on every worker. Two requests are
+  agreed at once: SIGTERM (save and exit 75) and a request to end training
+  early (a callback's `model.stop_training`; save, export and exit 0).
   """
 
   def __init__(self, *, strategy: tf.distribute.Strategy, num_workers: int,
@@ -82,11 +84,14 @@ class PreemptionAgreement:
     self._num_workers = num_workers
     self.watcher = watcher
 
-  def agreed(self) -> bool:
-    requested = self.watcher.requested
+  def agreed(self, stop_requested: bool = False) -> tuple[bool, bool]:
+    """(preempted, stop): whether any worker got SIGTERM, and whether any
+    asked to end training early."""
+    requests = [self.watcher.requested, bool(stop_requested)]
     if self._num_workers > 1:
       flags = self._strategy.run(
-          lambda flag: flag, args=(tf.constant(float(requested)),))
-      requested = float(self._strategy.reduce(
-          tf.distribute.ReduceOp.SUM, flags, axis=None)) > 0
-    return requested
+          lambda flags: flags, args=(tf.constant(requests, tf.float32),))
+      summed = self._strategy.reduce(tf.distribute.ReduceOp.SUM, flags,
+                                     axis=None).numpy()
+      requests = [bool(value > 0) for value in summed]
+    return requests[0], requests[1]

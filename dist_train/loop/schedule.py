@@ -23,6 +23,7 @@ class LoopSchedule:
   steps_per_loop: int
   log_every_steps: int
   checkpoint_every_steps: Optional[int] = None
+  eval_every_steps: Optional[int] = None
 
   def __post_init__(self):
     for name in ("num_examples", "global_batch_size", "num_epochs",
@@ -41,18 +42,17 @@ class LoopSchedule:
   def next_loop_length(self, *, global_step: int, step_in_epoch: int) -> int:
     """Steps to run in the next compiled call.
 
-    A loop never crosses a log or checkpoint boundary (a multiple of
-    `log_every_steps` or `checkpoint_every_steps`) or the end of the epoch,
-    so logging, checkpoints and epoch ends happen between calls.
+    A loop never crosses a log, checkpoint or evaluation boundary (a
+    multiple of `log_every_steps`, `checkpoint_every_steps` or
+    `eval_every_steps`) or the end of the epoch, so logging, checkpoints,
+    evaluations and epoch ends happen between calls.
     """
-    to_log = self.log_every_steps - global_step % self.log_every_steps
     to_epoch_end = self.steps_per_epoch - step_in_epoch
-    to_checkpoint = (
-        self.checkpoint_every_steps -
-        global_step % self.checkpoint_every_steps
-        if self.checkpoint_every_steps else to_epoch_end)
-    return max(1, min(self.steps_per_loop, to_log, to_epoch_end,
-                      to_checkpoint))
+    def to_next(every):
+      return every - global_step % every if every else to_epoch_end
+    return max(1, min(self.steps_per_loop, to_next(self.log_every_steps),
+                      to_epoch_end, to_next(self.checkpoint_every_steps),
+                      to_next(self.eval_every_steps)))
 
   def is_log_step(self, global_step: int) -> bool:
     return global_step % self.log_every_steps == 0
@@ -60,6 +60,14 @@ class LoopSchedule:
   def is_checkpoint_step(self, global_step: int) -> bool:
     return bool(self.checkpoint_every_steps and
                 global_step % self.checkpoint_every_steps == 0)
+
+  def is_eval_step(self, global_step: int) -> bool:
+    """Whether a validation pass follows this step: every
+    `eval_every_steps`, and after the last step of the run."""
+    if not self.eval_every_steps:
+      return False
+    return (global_step % self.eval_every_steps == 0 or
+            global_step == self.total_steps)
 
   def examples_seen(self, epoch: int, step_in_epoch: int) -> int:
     """Training examples consumed before (epoch, step_in_epoch)."""

@@ -36,15 +36,15 @@ class CheckpointMismatchError(CheckpointError):
   """A checkpoint was written by a different model (a variable's shape)."""
 
 
-_SHAPE_MISMATCH = re.compile(
+SHAPE_MISMATCH = re.compile(
     r"variable\.shape=(?P<model>\([^)]*\)), Received: "
     r"value\.shape=(?P<checkpoint>\([^)]*\)).*?path=(?P<name>[^,>]+)", re.S)
 
 
-def _mismatch_error(path, error):
+def mismatch_error(path, error):
   """A CheckpointMismatchError naming the variable and both shapes, if the
   restore error says them (Keras' shape check does)."""
-  match = _SHAPE_MISMATCH.search(str(error))
+  match = SHAPE_MISMATCH.search(str(error))
   if match:
     return CheckpointMismatchError(
         f"{path} does not fit the model: variable {match['name']} has shape "
@@ -84,7 +84,20 @@ class RunCheckpoint:
 
   def __init__(self, directory: str, *, model: keras.Model,
                optimizer: keras.optimizers.Optimizer, max_to_keep: int,
-               is_chief: bool = True, on_corrupt: str = "fail"):
+               is_chief: bool = True, on_corrupt: str = "fail",
+               extra: Optional[dict] = None):
+    """Creates the checkpoint of a run.
+
+    Args:
+      directory: where the chief writes and every worker reads checkpoints.
+      model: the model.
+      optimizer: the optimizer; its `iterations` is the global step.
+      max_to_keep: how many checkpoints to keep.
+      is_chief: whether this task writes to `directory`.
+      on_corrupt: "fail" or "previous", see `restore_latest`.
+      extra: more trackables to save with the run, by name (the early
+        stopping state).
+    """
     # Plain (non-distributed) variables: they are read and assigned only by
     # the eager outer loop.
     self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
@@ -97,7 +110,7 @@ class RunCheckpoint:
     self._step_counter = optimizer.iterations
     self._checkpoint = tf.train.Checkpoint(
         model=model, optimizer=optimizer, epoch=self._epoch,
-        step_in_epoch=self._step_in_epoch)
+        step_in_epoch=self._step_in_epoch, **(extra or {}))
     try:
       self._manager = tf.train.CheckpointManager(
           self._checkpoint, directory, max_to_keep=max_to_keep,
@@ -182,29 +195,44 @@ class RunCheckpoint:
         self.directory, p)
     return [resolve(p) for p in reversed(paths)]
 
+  def restore_model(self, path: str) -> Position:
+    """Restores only the model's weights from the checkpoint `path` (an
+    evaluator beside a training run evaluates each one it sees).
+
+    Raises:
+      CorruptCheckpointError, CheckpointMismatchError: as `restore_latest`.
+    """
+    self._restore_one(tf.train.Checkpoint(model=self._model), path,
+                      partial=True)
+    return Position(path=path, global_step=step_of(path), epoch=-1,
+                    step_in_epoch=-1)
+
+  def _restore_one(self, checkpoint, path, *, partial):
+    missing = _missing_files(path)
+    if missing:
+      raise CorruptCheckpointError(
+          f"checkpoint {path} is incomplete: {', '.join(missing)} is "
+          "missing")
+    try:
+      status = checkpoint.restore(path)
+      if partial:
+        status.expect_partial()
+      # Every variable of this run that the checkpoint names must be
+      # restored, so a changed model fails loudly.
+      status.assert_existing_objects_matched()
+    except Exception as e:  # Readers raise many types for bad files.
+      if isinstance(e, AssertionError) or SHAPE_MISMATCH.search(str(e)):
+        raise mismatch_error(path, e) from e
+      files = [path + ".index"] + tf.io.gfile.glob(path + ".data-*")
+      raise CorruptCheckpointError(
+          f"checkpoint {', '.join(files)} is unreadable: "
+          f"{errors.first_line(e)}") from e
+
   def _restore(self, checkpoint, *, partial: bool) -> Optional[Position]:
     candidates = self._candidates()
     for i, path in enumerate(candidates):
       try:
-        missing = _missing_files(path)
-        if missing:
-          raise CorruptCheckpointError(
-              f"checkpoint {path} is incomplete: {', '.join(missing)} is "
-              "missing")
-        try:
-          status = checkpoint.restore(path)
-          if partial:
-            status.expect_partial()
-          # Every variable of this run that the checkpoint names must be
-          # restored, so a changed model fails loudly.
-          status.assert_existing_objects_matched()
-        except Exception as e:  # Readers raise many types for bad files.
-          if isinstance(e, AssertionError) or _SHAPE_MISMATCH.search(str(e)):
-            raise _mismatch_error(path, e) from e
-          files = [path + ".index"] + tf.io.gfile.glob(path + ".data-*")
-          raise CorruptCheckpointError(
-              f"checkpoint {', '.join(files)} is unreadable: "
-              f"{errors.first_line(e)}") from e
+        self._restore_one(checkpoint, path, partial=partial)
       except CorruptCheckpointError as e:
         older = candidates[i + 1:]
         if self._on_corrupt != "previous":
@@ -236,19 +264,19 @@ class RunCheckpoint:
     """
     self._epoch.assign(epoch)
     self._step_in_epoch.assign(step_in_epoch)
+    # Named by global step (ckpt-<step>), which is what a reader looks for.
+    step = int(self._step_counter.numpy())
     if not self._is_chief:
       temp_dir = tempfile.mkdtemp(prefix="dist_train_worker_checkpoint_")
       try:
         tf.train.CheckpointManager(self._checkpoint, temp_dir,
-                                   max_to_keep=1).save(
-            checkpoint_number=int(self._step_counter.numpy()))
+                                   max_to_keep=1).save(checkpoint_number=step)
       finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
-      logging.info("Saved this worker's copy of the checkpoint to %s and "
-                   "removed it; the chief writes %s", temp_dir, self.directory)
+      logging.info("Saved this worker's copy of the checkpoint of step %d to "
+                   "%s and removed it; the chief writes %s", step, temp_dir,
+                   self.directory)
       return None
-    # Named by global step (ckpt-<step>), which is what a reader looks for.
-    step = int(self._step_counter.numpy())
     latest = self.latest
     try:
       path = self._manager.save(checkpoint_number=step)
