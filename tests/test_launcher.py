@@ -1,7 +1,6 @@
 """The launcher supervising real processes: small Python workers, no TF."""
 
 import io
-import os
 import signal
 import subprocess
 import sys
