@@ -1,7 +1,6 @@
 """The launcher supervising real processes: small Python workers, no TF."""
 
 import io
-import os
 import signal
 import subprocess
 import sys
@@ -45,6 +44,13 @@ def _run(commands, **kwargs):
   return code, out.getvalue(), err.getvalue(), time.monotonic() - start
 
 
+def _after_file(path, code):
+  """Worker code that runs `code` once `path` exists: the file another
+  worker creates when it is ready, instead of a guess at how long it takes."""
+  return (f"import os, time\nwhile not os.path.exists({str(path)!r}):\n"
+          f"  time.sleep(0.01)\n{textwrap.dedent(code)}")
+
+
 def test_output_is_prefixed_and_success_is_zero():
   code, out, err, _ = _run([
       _worker("print('hello from 0'); print('bye')"),
@@ -54,12 +60,20 @@ def test_output_is_prefixed_and_success_is_zero():
   assert "[worker 0] bye\n" in out
   assert "[worker 1] hello from 1\n" in out
   assert "[launcher] all 2 worker(s) finished" in err
+  pids = _pids(err)
+  assert len(pids) == 2 and not any(_alive(pid) for pid in pids.values())
 
 
-def test_a_failing_worker_stops_the_others_and_is_named():
+def test_a_failing_worker_stops_the_others_and_is_named(tmp_path):
+  ready = tmp_path / "worker0.ready"
   code, out, err, seconds = _run([
-      _worker("import time; print('waiting', flush=True); time.sleep(120)"),
-      _worker("import time, sys; time.sleep(1); sys.exit(3)")], grace_s=10)
+      _worker(f"""
+          import time
+          print('waiting', flush=True)
+          open({str(ready)!r}, 'w').close()
+          time.sleep(120)
+          """),
+      _worker(_after_file(ready, "import sys; sys.exit(3)"))], grace_s=10)
   pids = _pids(err)
   assert code == 3  # The failing worker's own exit code.
   assert (f"[launcher] worker 1 (pid {pids[1]}) failed: it exited with code 3; "
@@ -71,21 +85,22 @@ def test_a_failing_worker_stops_the_others_and_is_named():
   assert not any(_alive(pid) for pid in pids.values())
 
 
-def test_a_worker_ignoring_sigterm_is_killed_after_the_grace_period():
+def test_a_worker_ignoring_sigterm_is_killed_after_the_grace_period(tmp_path):
+  ready = tmp_path / "worker0.ready"
   code, _, err, seconds = _run([
-      _worker("""
+      _worker(f"""
           import signal, time
           signal.signal(signal.SIGTERM, signal.SIG_IGN)
-          print('ready', flush=True)
+          open({str(ready)!r}, 'w').close()
           time.sleep(120)
           """),
-      _worker("import time; time.sleep(2); raise SystemExit(1)")], grace_s=2)
+      _worker(_after_file(ready, "raise SystemExit(1)"))], grace_s=2)
   pids = _pids(err)
   assert code == 1
   assert f"worker 0 (pid {pids[0]}) did not stop within 2s; killing it" in err
   assert f"stopped worker 0 (pid {pids[0]}): it was killed by SIGKILL" in err
   assert seconds < 30
-  assert not _alive(pids[0])
+  assert not any(_alive(pid) for pid in pids.values())
 
 
 _HARNESS = """
@@ -93,10 +108,11 @@ import os, sys
 from launch import supervisor as launcher
 sleeper = [sys.executable, "-c", '''
 import signal, sys, time
-def on_term(signum, frame):
-  open(sys.argv[1], "w").write("got SIGTERM")
+def on_signal(signum, frame):
+  open(sys.argv[1], "w").write("got " + signal.Signals(signum).name)
   sys.exit(0)
-signal.signal(signal.SIGTERM, on_term)
+for signum in (signal.SIGINT, signal.SIGTERM):
+  signal.signal(signum, on_signal)
 print("ready", flush=True)
 time.sleep(120)
 ''']
@@ -107,6 +123,7 @@ sys.exit(launcher.run_workers([sleeper + [m] for m in marks],
 
 
 def _start_harness(tmp_path):
+  """A launcher process running 2 workers that record the signal they get."""
   marks = [str(tmp_path / f"worker{i}.mark") for i in range(2)]
   process = subprocess.Popen(
       [sys.executable, "-c", _HARNESS, *marks], cwd=conftest.REPO_ROOT,
@@ -120,16 +137,24 @@ def _start_harness(tmp_path):
   return process, marks
 
 
-def test_sigterm_to_the_launcher_is_forwarded_to_the_workers(tmp_path):
+# SIGINT is what Ctrl-C sends to the launcher; the workers lead sessions of
+# their own, away from the terminal, and get it only from the launcher.
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM],
+                         ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_launcher_is_forwarded_to_the_workers(tmp_path,
+                                                              signum):
   process, marks = _start_harness(tmp_path)
-  process.send_signal(signal.SIGTERM)
+  process.send_signal(signum)
   out, err = process.communicate(timeout=60)
-  assert process.returncode == 128 + signal.SIGTERM, out + err
-  assert "[launcher] got SIGTERM; forwarding it to the workers" in err
-  for mark in marks:
+  assert process.returncode == 128 + signum, out + err
+  assert f"[launcher] got {signum.name}; forwarding it to the workers" in err
+  pids = _pids(err)
+  for index, mark in enumerate(marks):
     with open(mark) as f:
-      assert f.read() == "got SIGTERM"
-  assert not any(_alive(pid) for pid in _pids(err).values())
+      assert f.read() == f"got {signum.name}"
+    assert (f"[launcher] stopped worker {index} (pid {pids[index]}): it "
+            "exited with code 0") in err
+  assert not any(_alive(pid) for pid in pids.values())
 
 
 def test_workers_die_with_a_killed_launcher(tmp_path):

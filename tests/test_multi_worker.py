@@ -1,10 +1,16 @@
 """MultiWorkerMirroredStrategy with real worker processes on loopback.
 
 On CPU each worker is one replica. The parity runs train the reference case of
-`parity_run.py` on 641 examples: 64-example global batches split 32/32 over
-2 workers and 22/22/20 over 3, and the last batch of each epoch holds one
+`parity_run.py` on 641 examples: replica r of R gets rows
+[n*r//R, n*(r+1)//R) of each global batch of n, so batches of 64 split 32/32
+over 2 workers and 21/21/22 over 3, and the last batch of each epoch holds one
 example, so some workers get an empty slice. Every global step must still
 consume exactly the single-device batch.
+
+Workers listen on ports found free beforehand (TensorFlow binds the port of
+its TF_CONFIG itself): a worker whose port another process took in between
+fails with "Could not start gRPC server", and the cluster is started again.
+Every test checks that no process is left behind.
 """
 
 import concurrent.futures
@@ -23,6 +29,7 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
+from launch import workers
 from tests import conftest
 from tests import parity_run
 from tests import test_parity
@@ -36,17 +43,19 @@ PARITY_FLAGS = parity_run.cli_flags(
     "reference_sum", num_train_examples=NUM_TRAIN_EXAMPLES)
 
 
-class Launch:
-  """A `python -m launch.local` process, its output collected as it comes."""
+# What a worker prints when it cannot bind the port its TF_CONFIG gives it.
+PORT_CLASH = "Could not start gRPC server"
+# How often a cluster is started again on other ports after a port clash.
+PORT_CLASH_RESTARTS = 2
 
-  def __init__(self, num_workers, args, env_overrides=None):
-    """Runs `launch.local --num_workers=N -- ARGS`, or with ARGS alone."""
-    if num_workers is not None:
-      args = [f"--num_workers={num_workers}", "--", *args]
+
+class Streamed:
+  """A process whose output (stdout and stderr) is collected as it comes."""
+
+  def __init__(self, command, env):
     self.process = subprocess.Popen(
-        [sys.executable, "-m", "launch.local", *args],
-        cwd=conftest.REPO_ROOT, env=conftest.subprocess_env(env_overrides),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        command, cwd=conftest.REPO_ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
     self.lines = []
     self._reader = threading.Thread(target=self._read, daemon=True)
     self._reader.start()
@@ -59,37 +68,137 @@ class Launch:
   def output(self):
     return "".join(self.lines)
 
+  def find_line(self, pattern):
+    """The first output line so far matching `pattern`, or None."""
+    return next((line for line in list(self.lines)
+                 if re.search(pattern, line)), None)
+
+  def ended(self):
+    """True once the process exited and all its output was read."""
+    if self.process.poll() is None:
+      return False
+    self._reader.join(timeout=10)
+    return True
+
+  def port_clash(self):
+    """True if the process ended because a port was taken."""
+    return self.ended() and PORT_CLASH in self.output
+
   def wait_for_line(self, pattern, timeout):
     """The first output line matching `pattern`, waiting up to `timeout` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-      for line in list(self.lines):
-        if re.search(pattern, line):
+      line = self.find_line(pattern)
+      if line:
+        return line
+      if self.ended():
+        line = self.find_line(pattern)
+        if line:
           return line
-      if self.process.poll() is not None and not self._reader.is_alive():
         break
       time.sleep(0.1)
     raise AssertionError(f"no line matches {pattern!r}:\n{self.output[-6000:]}")
+
+  def stop(self):
+    """Kills the process unless it ended, and waits for it."""
+    if self.process.poll() is None:
+      self.process.kill()
+    self.process.wait(timeout=60)
+    self._reader.join(timeout=10)
+
+  def wait(self, timeout):
+    try:
+      self.process.wait(timeout=timeout)
+    finally:
+      if self.process.poll() is None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+      self._reader.join(timeout=10)
+    return self.process.returncode
+
+
+class Launch(Streamed):
+  """A `python -m launch.local` process, its output collected as it comes.
+
+  When a worker could not bind its port, the launcher fails at once; it is
+  started again (it picks other ports) instead of failing the test.
+  """
+
+  def __init__(self, num_workers, args, env_overrides=None):
+    """Runs `launch.local --num_workers=N -- ARGS`, or with ARGS alone."""
+    if num_workers is not None:
+      args = [f"--num_workers={num_workers}", "--", *args]
+    self._command = [sys.executable, "-m", "launch.local", *args]
+    self._env = conftest.subprocess_env(env_overrides)
+    self._restarts = PORT_CLASH_RESTARTS
+    super().__init__(self._command, self._env)
+
+  def _restarted(self):
+    """Starts the launcher again if it ended on a port clash."""
+    if self._restarts == 0 or not self.port_clash():
+      return False
+    self._restarts -= 1
+    super().__init__(self._command, self._env)
+    return True
+
+  def wait_for_line(self, pattern, timeout):
+    deadline = time.monotonic() + timeout
+    while True:
+      try:
+        return super().wait_for_line(
+            pattern, max(0.0, deadline - time.monotonic()))
+      except AssertionError:
+        if not self._restarted():
+          raise
+
+  def wait(self, timeout):
+    deadline = time.monotonic() + timeout
+    while True:
+      returncode = super().wait(max(0.0, deadline - time.monotonic()))
+      if not self._restarted():
+        return returncode
 
   def worker_pids(self):
     """{worker index: pid} from the launcher's `started worker` lines."""
     return {int(i): int(pid) for i, pid in re.findall(
         r"\[launcher\] started worker (\d+) \(pid (\d+)\)", self.output)}
 
-  def wait(self, timeout):
-    try:
-      self.process.wait(timeout=timeout)
-    finally:
-      if self.process.poll() is None:  # The launcher stops its workers.
-        self.process.terminate()
-        self.process.wait(timeout=60)
-      self._reader.join(timeout=10)
-    return self.process.returncode
-
   def worker_lines(self, index):
     prefix = f"[worker {index}] "
     return [line[len(prefix):] for line in self.lines
             if line.startswith(prefix)]
+
+
+def start_cluster(make_workers, until, timeout):
+  """Starts the `dist_train.main` workers of one cluster, without a launcher.
+
+  Args:
+    make_workers: () -> [Streamed], each worker with its TF_CONFIG (or SLURM
+      step) on ports found free now.
+    until: [Streamed] -> bool, what to wait for.
+    timeout: seconds to wait for it.
+
+  Returns:
+    The workers, once `until` holds. On a port clash they are stopped and
+    made again, on other ports.
+  """
+  for _ in range(1 + PORT_CLASH_RESTARTS):
+    processes = make_workers()
+    deadline = time.monotonic() + timeout
+    try:
+      while not any(p.port_clash() for p in processes):
+        if until(processes):
+          return processes
+        assert time.monotonic() < deadline, "\n".join(
+            p.output[-3000:] for p in processes)
+        time.sleep(0.1)
+    except BaseException:
+      for process in processes:
+        process.stop()
+      raise
+    for process in processes:
+      process.stop()
+  raise AssertionError(f"{PORT_CLASH} on {1 + PORT_CLASH_RESTARTS} tries")
 
 
 def _running_processes_mentioning(text):
@@ -168,44 +277,33 @@ def _run_reference(model_dir):
 
 
 def _run_two_workers_with_launcher(model_dir, temp_dir):
-  """Through `launch.local`; the workers' temporary files go to temp_dir."""
+  """Through `launch.local`, with the ring all-reduce asked for by name (the
+  SLURM step leaves it at auto); the workers' temporary files go to
+  temp_dir."""
   launch = Launch(2, [*PARITY_FLAGS, f"--model_dir={model_dir}",
+                      "--collective=ring",
                       f"--collective_timeout_s={COLLECTIVE_TIMEOUT_S}"],
                   env_overrides={"TMPDIR": temp_dir})
   launch.wait(timeout=300)
   return launch
 
 
-def _run_three_workers_as_a_slurm_step(model_dir, log_dir):
+def _run_three_workers_as_a_slurm_step(model_dir):
   """Three `dist_train.main` tasks of a fake srun step on this host."""
-  port_base = _consecutive_free_ports(3)
-  processes = []
-  try:
-    for proc_id in range(3):
-      env = conftest.subprocess_env({
-          "SLURM_PROCID": str(proc_id), "SLURM_STEP_NUM_TASKS": "3",
-          "SLURM_STEP_NODELIST": "127.0.0.1",
-          "SLURM_STEP_TASKS_PER_NODE": "3"})
-      log = open(os.path.join(log_dir, f"task{proc_id}.log"), "w+")
-      processes.append((subprocess.Popen(
-          [sys.executable, "-m", "dist_train.main", *PARITY_FLAGS,
-           f"--model_dir={model_dir}", f"--slurm_port_base={port_base}",
-           f"--collective_timeout_s={COLLECTIVE_TIMEOUT_S}"],
-          cwd=conftest.REPO_ROOT, env=env, stdout=log,
-          stderr=subprocess.STDOUT), log))
-    for process, _ in processes:
-      process.wait(timeout=300)
-  finally:
-    for process, _ in processes:
-      if process.poll() is None:
-        process.kill()
-        process.wait()
-  logs = []
-  for process, log in processes:
-    log.seek(0)
-    logs.append(log.read())
-    log.close()
-  return [process.returncode for process, _ in processes], logs
+  def make_workers():
+    port_base = _consecutive_free_ports(3)
+    return [Streamed(
+        [sys.executable, "-m", "dist_train.main", *PARITY_FLAGS,
+         f"--model_dir={model_dir}", f"--slurm_port_base={port_base}",
+         f"--collective_timeout_s={COLLECTIVE_TIMEOUT_S}"],
+        conftest.subprocess_env({
+            "SLURM_PROCID": str(proc_id), "SLURM_STEP_NUM_TASKS": "3",
+            "SLURM_STEP_NODELIST": "127.0.0.1",
+            "SLURM_STEP_TASKS_PER_NODE": "3"})) for proc_id in range(3)]
+
+  tasks = start_cluster(make_workers, until=lambda ps: all(
+      p.ended() for p in ps), timeout=300)
+  return [t.process.returncode for t in tasks], [t.output for t in tasks]
 
 
 @pytest.fixture(scope="module")
@@ -213,26 +311,32 @@ def runs(tmp_path_factory):
   """The reference and the 2-worker run side by side, then the 3 workers."""
   root = tmp_path_factory.mktemp("multi_worker")
   dirs = {name: str(root / name) for name in
-          ("reference", "two_workers", "three_workers", "worker_tmp", "logs")}
+          ("reference", "two_workers", "three_workers", "worker_tmp")}
   os.makedirs(dirs["worker_tmp"])
-  os.makedirs(dirs["logs"])
   with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
     reference = pool.submit(_run_reference, dirs["reference"])
     two = pool.submit(_run_two_workers_with_launcher, dirs["two_workers"],
                       dirs["worker_tmp"])
     results = {"reference": reference.result(), "two_workers": two.result()}
   results["three_workers"] = _run_three_workers_as_a_slurm_step(
-      dirs["three_workers"], dirs["logs"])
+      dirs["three_workers"])
+  for name in ("two_workers", "three_workers"):
+    assert _running_processes_mentioning(dirs[name]) == [], name
   return dirs, results
 
 
-def test_two_workers_through_the_launcher_match_one_device(runs):
+def test_two_workers_on_the_ring_collective_match_one_device(runs):
   dirs, results = runs
   launch = results["two_workers"]
   assert launch.process.returncode == 0, launch.output[-6000:]
+  for index in (0, 1):
+    log = "".join(launch.worker_lines(index))
+    assert re.search(r"MultiWorkerMirroredStrategy with 2 replica\(s\) on 2 "
+                     rf"worker\(s\); this is task worker:{index}.*; "
+                     r"collective ring,", log), log[-3000:]
+    # What TensorFlow's strategy says it uses.
+    assert "communication = CommunicationImplementation.RING" in log
   chief_log = "".join(launch.worker_lines(0))
-  assert re.search(r"MultiWorkerMirroredStrategy with 2 replica\(s\) on 2 "
-                   r"worker\(s\); this is task worker:0", chief_log)
   difference = _max_weight_difference(dirs["reference"], dirs["two_workers"])
   print(f"2 workers vs 1 device: max weight difference {difference:.2e}")
   assert difference < test_parity.TOLERANCE
@@ -247,8 +351,8 @@ def test_three_workers_of_a_slurm_step_match_one_device(runs):
   assert returncodes == [0, 0, 0], logs[0][-6000:]
   for proc_id, log in enumerate(logs):
     assert re.search(
-        rf"with 3 replica\(s\) on 3 worker\(s\); this is task worker:{proc_id}",
-        log), log[-3000:]
+        rf"with 3 replica\(s\) on 3 worker\(s\); this is task worker:{proc_id}"
+        r".*; collective auto,", log), log[-3000:]
   difference = _max_weight_difference(dirs["reference"],
                                       dirs["three_workers"])
   print(f"3 workers vs 1 device: max weight difference {difference:.2e}")
@@ -356,6 +460,48 @@ def test_a_failed_worker_ends_the_run_within_the_bound(tmp_path, stop_signal,
         r"by SIGTERM|exited with code 1)", launch.output), launch.output[-6000:]
   assert _running_processes_mentioning(model_dir) == []
   assert not any(os.path.exists(f"/proc/{pid}") for pid in pids.values())
+
+
+def test_a_dead_worker_is_noticed_by_its_peer_without_a_launcher(tmp_path):
+  """Two `dist_train.main` processes with their own TF_CONFIG and no launcher
+  to stop them: SIGKILL to worker 1 must end worker 0 by itself, with one
+  error line, within the collective timeout and a margin."""
+  model_dir = str(tmp_path / "run")
+  collective_timeout_s = 20
+  flags = _long_run_flags(model_dir, collective_timeout_s)
+
+  def make_workers():
+    envs = workers.local_worker_envs(2, base_env=conftest.subprocess_env())
+    return [Streamed(workers.worker_command(flags), env) for env in envs]
+
+  def chief_at_step_10(processes):
+    assert not any(p.ended() for p in processes), "\n".join(
+        p.output[-3000:] for p in processes)
+    return processes[0].find_line(r"step 10 \| epoch 1/1000")
+
+  chief, worker = start_cluster(make_workers, until=chief_at_step_10,
+                                timeout=240)
+  try:
+    worker.process.kill()
+    killed = time.monotonic()
+    bound = collective_timeout_s + 30
+    returncode = chief.wait(timeout=bound + 60)
+    seconds = time.monotonic() - killed
+  finally:
+    chief.stop()
+    worker.stop()
+  print(f"SIGKILL to worker 1: worker 0 exited {returncode} after "
+        f"{seconds:.1f}s (bound {bound}s)")
+  assert returncode == 1, chief.output[-6000:]
+  assert seconds < bound, chief.output[-6000:]
+  errors = [line for line in chief.lines
+            if line.startswith("dist_train: error: ")]
+  assert len(errors) == 1, chief.output[-6000:]
+  # The coordination service missing worker 1's heartbeats, or a collective
+  # timing out or losing its connection: whichever comes first.
+  assert re.search(r"unhealthy|Collective has timed out|Connection reset",
+                   errors[0]), errors[0]
+  assert _running_processes_mentioning(model_dir) == []
 
 
 def test_readme_two_worker_example_runs(tmp_path):

@@ -1,5 +1,6 @@
 """User models by import path, and a clear error for each malformed one."""
 
+import numpy as np
 import pytest
 
 from dist_train import train
@@ -9,6 +10,7 @@ from dist_train.models import mnist
 from dist_train import user_code
 from dist_train.outputs import summaries
 from tests import conftest
+from tests import plugin_fixtures
 
 CPU_TEST_FLAGS = f"--flagfile={conftest.FLAGS_DIR}/cpu_test.cfg"
 
@@ -109,3 +111,28 @@ def test_user_dataset_is_checked_against_the_model(tmp_path):
                            r"data has features of shape \(12,\)"):
     user_code.check_model_fits("model", "mlp", mnist.create_model(config),
                              splits.train.feature_shape)
+
+
+def test_num_train_examples_takes_the_first_user_examples(tmp_path):
+  config = config_lib.Config(model_dir=str(tmp_path), num_train_examples=100,
+                             dataset="tests.plugin_fixtures:blobs")
+  splits = train.load_splits(config)
+  # --num_validation_examples does not apply to a user dataset.
+  assert (len(splits.train), len(splits.validation)) == (100, 90)
+  taken = list(splits.train.dataset.as_numpy_iterator())
+  full = list(plugin_fixtures.blobs("train", config).as_numpy_iterator())
+  assert len(taken) == 100 and len(full) == 300
+  for (features, label), (full_features, full_label) in zip(taken, full):
+    np.testing.assert_array_equal(features, full_features)
+    assert label == full_label
+
+
+def test_num_train_examples_of_a_user_dataset_from_the_command_line(tmp_path):
+  result = conftest.run_cli(
+      f"--model_dir={tmp_path / 'run'}", "--num_train_examples=100",
+      "--dataset=tests.plugin_fixtures:blobs",
+      "--model=tests.plugin_fixtures:blob_model", "--hidden_units=8",
+      "--global_batch_size=32", "--epochs=1", check=True)
+  assert ("Training 100 examples, validating 90, in global batches of 32 "
+          "(4 steps per epoch)") in result.stderr
+  assert "epoch 1/1 done at step 4 " in result.stderr

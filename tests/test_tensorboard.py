@@ -3,9 +3,10 @@
 import contextlib
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,22 +25,39 @@ def model_dir(tmp_path_factory):
   return directory
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+def _wait_for_url(lines, reader, deadline):
+  """The URL of TensorBoard's `TensorBoard <version> at <url>` line."""
+  while time.monotonic() < deadline:
+    for line in list(lines):
+      match = re.search(r"TensorBoard \S+ at (http://127\.0\.0\.1:\d+)", line)
+      if match:
+        return match.group(1)
+    if not reader.is_alive():
+      break
+    time.sleep(0.1)
+  raise AssertionError(f"tensorboard printed no URL:\n{''.join(lines)}")
 
 
 @contextlib.contextmanager
 def tensorboard_server(logdir):
-  """Starts `tensorboard` on a free loopback port; yields its base URL."""
-  port = _free_port()
+  """Starts `tensorboard` on a port the OS picks (--port=0); yields its URL."""
   process = subprocess.Popen(
       [sys.executable, "-m", "tensorboard.main", "--logdir", logdir,
-       "--host", "127.0.0.1", "--port", str(port)],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  url = f"http://127.0.0.1:{port}"
+       "--host", "127.0.0.1", "--port", "0"],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      env={**os.environ, "PYTHONUNBUFFERED": "1"})
+  lines = []
+
+  def read():
+    for line in process.stdout:
+      lines.append(line)
+
+  reader = threading.Thread(target=read, daemon=True)
+  reader.start()
   try:
+    # TensorBoard binds the port itself and prints it: no port is probed,
+    # released and then bound, which another process could take between.
+    url = _wait_for_url(lines, reader, deadline=time.monotonic() + 120)
     deadline = time.monotonic() + 120
     while True:
       try:
@@ -50,7 +68,7 @@ def tensorboard_server(logdir):
         pass
       if process.poll() is not None or time.monotonic() > deadline:
         raise AssertionError(f"tensorboard did not serve {logdir}:\n"
-                             f"{process.communicate()[0] if process.poll() is not None else ''}")
+                             f"{''.join(lines)}")
       time.sleep(0.5)
     yield url
   finally:
