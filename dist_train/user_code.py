@@ -95,8 +95,8 @@ def _user_frame(error: BaseException):
   return f"{frame.filename}:{frame.lineno}" if frame else "unknown location"
 
 
-def call(flag: str, path: str, function: Callable, *args):
-  """Calls the user's `function(*args)` given by `--flag=path`.
+def call(flag: str, path: str, function: Callable, *args, **kwargs):
+  """Calls the user's `function(*args, **kwargs)` given by `--flag=path`.
 
   Raises:
     UserCodeError: the function cannot take these arguments (naming the
@@ -104,7 +104,7 @@ def call(flag: str, path: str, function: Callable, *args):
       message and the user's file:line where it was raised).
   """
   try:
-    inspect.signature(function).bind(*args)
+    inspect.signature(function).bind(*args, **kwargs)
   except TypeError:
     raise UserCodeError(
         f"--{flag}={path}: {getattr(function, '__name__', path)}"
@@ -114,7 +114,7 @@ def call(flag: str, path: str, function: Callable, *args):
   except ValueError:  # No signature (a builtin): just call it.
     pass
   try:
-    return function(*args)
+    return function(*args, **kwargs)
   except errors.DistTrainError:
     raise
   except Exception as e:  # Whatever the user's code raises: say where.

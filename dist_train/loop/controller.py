@@ -14,6 +14,7 @@ from dist_train.loop import schedule as schedule_lib
 from dist_train.loop import steps
 from dist_train.loop import throughput as throughput_lib
 from dist_train.outputs import checkpoints
+from dist_train.outputs import profiler as profiler_lib
 from dist_train.outputs import summaries
 
 
@@ -58,7 +59,9 @@ class Controller:
                preemption_agreement: preemption.PreemptionAgreement,
                log: Callable[..., None],
                progress_fn: Optional[Callable[[int, int, int], Any]] = None,
-               boundary_checks: tuple = ()):
+               boundary_checks: tuple = (),
+               epoch_end_fns: tuple = (),
+               profiler=None):
     """Creates the controller.
 
     Args:
@@ -77,6 +80,9 @@ class Controller:
         of each interval is left out (TensorBoard still gets its scalars).
       boundary_checks: callables run between compiled loops that raise to
         stop the run (e.g. the model_dir ownership check).
+      epoch_end_fns: callables (epoch from 1) run on every worker when an
+        epoch's training ends (e.g. the input accounting line).
+      profiler: `profiler.StepProfiler`, entered around each compiled loop.
     """
     self._trainer = trainer
     self._schedule = schedule
@@ -89,6 +95,8 @@ class Controller:
     self._log = log
     self._progress_fn = progress_fn or _NoProgress
     self._boundary_checks = tuple(boundary_checks)
+    self._epoch_end_fns = tuple(epoch_end_fns)
+    self._profiler = profiler or profiler_lib.StepProfiler()
     self._first_loop_end_time = None
 
   @property
@@ -128,8 +136,9 @@ class Controller:
       compiling = self._trainer.train_traces == 0
       start = time.perf_counter()
       first_step = self.global_step + 1
-      with errors.phase(f"training steps {first_step}-"
-                        f"{first_step + num_steps - 1}"):
+      last_step = first_step + num_steps - 1
+      with errors.phase(f"training steps {first_step}-{last_step}"), (
+          self._profiler.around_loop(first_step, last_step)):
         losses = self._trainer.train_steps(iterator, num_steps)
       seconds = time.perf_counter() - start
       step_in_epoch += num_steps
@@ -214,6 +223,8 @@ class Controller:
       start = time.perf_counter()
       self._train_epoch(iterator, epoch, step_in_epoch, throughput)
       train_seconds = time.perf_counter() - start
+      for epoch_end_fn in self._epoch_end_fns:
+        epoch_end_fn(epoch + 1)
       train_metrics = self._trainer.train_metric_results()
       validation_metrics = self.validate() if validate else {}
       epoch, step_in_epoch = epoch + 1, 0

@@ -14,7 +14,11 @@ class LoopSchedule:
   """The run's shape: epochs of global steps, and the boundaries between
   compiled loops (log steps, checkpoint steps, epoch ends).
 
-  The one place that knows how many steps an epoch has.
+  The one place that knows how many steps an epoch has: ceil(num_examples /
+  global_batch_size), or `epoch_steps` when the workers agreed on it (each
+  reads its own shard of a stream). With `profile_steps` (first, last),
+  loops also end before step `first` and after step `last`, so that a
+  profile covers exactly those steps.
   """
 
   num_examples: int
@@ -23,6 +27,8 @@ class LoopSchedule:
   steps_per_loop: int
   log_every_steps: int
   checkpoint_every_steps: Optional[int] = None
+  epoch_steps: Optional[int] = None
+  profile_steps: tuple = ()
 
   def __post_init__(self):
     for name in ("num_examples", "global_batch_size", "num_epochs",
@@ -32,6 +38,8 @@ class LoopSchedule:
 
   @property
   def steps_per_epoch(self) -> int:
+    if self.epoch_steps is not None:
+      return self.epoch_steps
     return num_batches(self.num_examples, self.global_batch_size)
 
   @property
@@ -42,8 +50,9 @@ class LoopSchedule:
     """Steps to run in the next compiled call.
 
     A loop never crosses a log or checkpoint boundary (a multiple of
-    `log_every_steps` or `checkpoint_every_steps`) or the end of the epoch,
-    so logging, checkpoints and epoch ends happen between calls.
+    `log_every_steps` or `checkpoint_every_steps`), the end of the epoch or
+    a profile boundary, so logging, checkpoints, epoch ends and the profiler
+    happen between calls.
     """
     to_log = self.log_every_steps - global_step % self.log_every_steps
     to_epoch_end = self.steps_per_epoch - step_in_epoch
@@ -51,8 +60,12 @@ class LoopSchedule:
         self.checkpoint_every_steps -
         global_step % self.checkpoint_every_steps
         if self.checkpoint_every_steps else to_epoch_end)
+    # Profile boundaries: after step first - 1 and after step last.
+    to_profile = [boundary - global_step for boundary in (
+        self.profile_steps[0] - 1, self.profile_steps[1])
+                  if boundary > global_step] if self.profile_steps else []
     return max(1, min(self.steps_per_loop, to_log, to_epoch_end,
-                      to_checkpoint))
+                      to_checkpoint, *to_profile))
 
   def is_log_step(self, global_step: int) -> bool:
     return global_step % self.log_every_steps == 0
