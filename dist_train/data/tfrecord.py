@@ -74,7 +74,9 @@ def read(pattern: str, feature_spec: Mapping[str, object],
     A tf.data.Dataset of unbatched examples; one pass over the files.
   """
   files = shard_files(pattern, input_context)
-  records = tf.data.Dataset.from_tensor_slices(files).interleave(
+  # A worker may have no file (fewer files than workers): an empty shard.
+  records = tf.data.Dataset.from_tensor_slices(
+      tf.constant(files, tf.string)).interleave(
       lambda path: tf.data.TFRecordDataset(path, compression_type),
       cycle_length=min(cycle_length, len(files)) or 1,
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
