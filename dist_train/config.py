@@ -92,13 +92,13 @@ class Config:
       "auto", "Where each replica's examples come from: device (in-memory "
       "data copied once to every replica's device, each step gathered "
       "there), prefetch (gathered or read on the host, copied to the devices "
-      "ahead of the step), host (copied in the step), or auto (device when "
-      "the in-memory splits fit in --device_data_max_mb, else prefetch on "
-      "GPUs and host on CPUs).", choices=INPUT_PLACEMENTS)
+      "ahead of the step), host (copied in the step), or auto (host on CPU "
+      "replicas; on GPUs device when the in-memory splits fit in "
+      "--device_data_max_mb, else prefetch).", choices=INPUT_PLACEMENTS)
   device_data_max_mb: int = option(
-      2048, "With --input_placement=auto, the largest in-memory data set "
-      "(training and validation splits, in MB) copied to every replica's "
-      "device.", check="non_negative")
+      2048, "With --input_placement=auto on GPUs, the largest in-memory data "
+      "set (training and validation splits, in MB) copied to every "
+      "replica's device.", check="non_negative")
   # Optimisation.
   global_batch_size: int = option(
       64, "Examples per optimizer step, summed over all replicas.",

@@ -76,19 +76,22 @@ def worker_values(strategy, layout: pipelines.ReplicaLayout,
 def resolve_placement(placement: str, splits: datasets.Splits,
                       strategy: tf.distribute.Strategy,
                       device_data_max_bytes: int) -> str:
-  """`--input_placement` with `auto` decided: device when every in-memory
-  split fits in `device_data_max_bytes` (per replica), else prefetch on
-  accelerators and host on CPU replicas."""
+  """`--input_placement` with `auto` decided: host on CPU replicas (their
+  device memory is the host's: there is nothing to copy, and the host
+  pipeline gathers ahead of the step in its own threads); on accelerators,
+  device when the in-memory splits fit in `device_data_max_bytes` (per
+  replica), else prefetch."""
   if placement != "auto":
     return placement
+  if all(tf.DeviceSpec.from_string(d).device_type.upper() == "CPU"
+         for d in strategy.extended.worker_devices):
+    return "host"
   in_memory = [s for s in (splits.train, splits.validation)
                if isinstance(s, datasets.InMemory)]
-  size = sum(s.num_bytes for s in in_memory)
-  if in_memory and size <= device_data_max_bytes:
+  if in_memory and sum(s.num_bytes for s in in_memory) <= (
+      device_data_max_bytes):
     return "device"
-  on_cpu = all("CPU" in tf.DeviceSpec.from_string(d).device_type.upper()
-               for d in strategy.extended.worker_devices)
-  return "host" if on_cpu else "prefetch"
+  return "prefetch"
 
 
 class ReplicaInput:
@@ -101,6 +104,7 @@ class ReplicaInput:
     placement: device, prefetch or host (device applies to in-memory splits
       only; a stream is prefetched instead).
     divisors_in_batch: whether `info` holds the global batch's divisors.
+    elements: the split's `pipelines.StepElements` on this worker.
   """
 
   def __init__(self, split, *, strategy: tf.distribute.Strategy,
@@ -123,7 +127,7 @@ class ReplicaInput:
     else:
       self.num_examples = len(split)
       self.steps_per_epoch = -(-len(split) // global_batch_size)
-    self._elements = pipelines.StepElements(
+    self.elements = pipelines.StepElements(
         split, layout, global_batch_size, self.steps_per_epoch,
         gather_on_device=placement == "device")
     self._devices = strategy.extended.worker_devices
@@ -145,15 +149,17 @@ class ReplicaInput:
     """The step elements of epochs epoch .. epoch + num_epochs - 1 less the
     first `skip_batches` steps, to iterate with `iter()` (a tf.data.Dataset,
     or a distributed dataset when prefetching)."""
-    return self._placed(self._elements.train(
+    return self.placed(self.elements.train(
         shuffle_buffer=shuffle_buffer, seed=seed, epoch=epoch,
         num_epochs=num_epochs, skip_batches=skip_batches))
 
   def eval_dataset(self):
     """One pass over the split, in `steps_per_epoch` steps."""
-    return self._placed(self._elements.evaluation())
+    return self.placed(self.elements.evaluation())
 
-  def _placed(self, elements: tf.data.Dataset):
+  def placed(self, elements: tf.data.Dataset):
+    """A dataset of `self.elements`' step elements (possibly transformed:
+    scripts/benchmark.py caches one) as `next_shares` reads it."""
     if self.placement != "prefetch":
       return elements
 
