@@ -148,11 +148,10 @@ class Trainer:
                train_input=None, eval_input=None):
     """Creates the trainer.
 
-    Args:
-      train_input, eval_input: where the loops get each step's per-replica
-        shares (`inputs.ReplicaInput`); default: iterators of whole global
-        batches (`inputs.GlobalBatches`).
-      The others: see the class docstring and `--` flags of the same names.
+    `add_loss_reduction`, `clip_norm`, `jit_compile` and `grad_accum_steps`
+    are the flags of the same names. `train_input` and `eval_input` give the
+    loops each step's per-replica shares (`inputs.ReplicaInput`); by default
+    (`inputs.GlobalBatches`) the iterators yield whole global batches.
     """
     if grad_accum_steps < 1:
       raise ValueError(
