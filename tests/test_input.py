@@ -115,6 +115,25 @@ def test_sharded_streams_pad_shorter_shards_with_empty_shares():
   assert "num_examples" not in steps[0][1]  # An all-reduce in the step.
 
 
+def test_a_resumed_shard_skips_exactly_the_steps_run():
+  """Resuming at step 3 of an epoch gives the rest of that epoch and the next
+  ones, padding included, as an uninterrupted run reads them."""
+  layout = _layout(3, 1)
+  shard = datasets.StreamSplit(
+      tf.data.Dataset.range(40).map(lambda i: (tf.cast(i, tf.float32), i)),
+      40, sharded=True)
+  elements = pipelines.StepElements(shard, layout, 32, steps_per_epoch=6)
+
+  def labels(**kwargs):
+    return [shares[0][1].tolist() for shares, _ in elements.train(
+        shuffle_buffer=64, seed=2, **kwargs).as_numpy_iterator()]
+
+  whole = labels(epoch=1, num_epochs=2)
+  assert len(whole) == 12 and whole[4:6] == [[], []]  # 40 in batches of 10.
+  assert labels(epoch=1, num_epochs=2, skip_batches=3) == whole[3:]
+  assert sorted(sum(whole[:6], [])) == list(range(40))
+
+
 def _run_one_process(model_dir, *flags):
   return conftest.run_cli(*FLAGS, f"--model_dir={model_dir}", *flags,
                           check=True)
