@@ -185,12 +185,10 @@ class ReplicaInput:
   def next_shares(self, iterator):
     """Inside the compiled loop: the next step's per-replica (share, info),
     and the rows the worker read for it counted."""
-    if self.placement == "prefetch":
-      shares, info = next(iterator)
-      rows = self._strategy.experimental_local_results(info["rows_read"])[0]
-    else:
-      shares, info = next(iterator)
-      rows = info["rows_read"]
+    shares, info = next(iterator)
+    rows = info["rows_read"]
+    if self.placement == "prefetch":  # Every local replica's has the count.
+      rows = self._strategy.experimental_local_results(rows)[0]
     self._rows_read.assign_add(tf.cast(rows, tf.int64))
     info = {k: v for k, v in info.items() if k != "rows_read"}
     if self.placement == "prefetch":
