@@ -24,6 +24,7 @@ COLLECTIVES = ("auto", "ring", "nccl")
 ADD_LOSS_REDUCTIONS = ("mean", "sum")
 ON_CORRUPT_CHECKPOINT = ("fail", "previous")
 MIXED_PRECISION_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+INPUT_PLACEMENTS = ("auto", "device", "prefetch", "host")
 
 
 class ConfigError(errors.DistTrainError, ValueError):
@@ -89,6 +90,17 @@ class Config:
                                check="positive")
   seed: int = option(
       0, "Seed of the weights, the shuffling (per epoch) and synthetic data.")
+  input_placement: str = option(
+      "auto", "Where each replica's examples come from: device (in-memory "
+      "data copied once to every replica's device, each step gathered "
+      "there), prefetch (gathered or read on the host, copied to the devices "
+      "ahead of the step), host (copied in the step), or auto (host on CPU "
+      "replicas; on GPUs device when the in-memory splits fit in "
+      "--device_data_max_mb, else prefetch).", choices=INPUT_PLACEMENTS)
+  device_data_max_mb: int = option(
+      2048, "With --input_placement=auto on GPUs, the largest in-memory data "
+      "set (training and validation splits, in MB) copied to every "
+      "replica's device.", check="non_negative")
   # Optimisation.
   global_batch_size: int = option(
       64, "Examples per optimizer step, summed over all replicas.",
@@ -185,6 +197,14 @@ class Config:
   eval_timeout_s: float = option(
       600.0, "--mode=continuous_eval stops after waiting this long for a new "
       "checkpoint.", check="positive")
+  profile_steps: tuple = option(
+      (), "START,END: capture a TensorFlow profiler trace of global steps "
+      "START to END into <model_dir>/train/plugins/profile (TensorBoard's "
+      "Profile tab); on the chief only, unless --profile_all_workers.",
+      shown="off")
+  profile_all_workers: bool = option(
+      False, "With --profile_steps, every worker captures its trace (worker "
+      "i > 0 into <model_dir>/train/worker_<i>/plugins/profile).")
   export_saved_model: bool = option(
       False, "Besides <model_dir>/export/model.keras, write a TensorFlow "
       "SavedModel to <model_dir>/export/saved_model.")
@@ -225,6 +245,8 @@ class Config:
     # Flags give lists of strings; keep an immutable tuple of ints.
     object.__setattr__(self, "lr_boundaries", _int_tuple(
         "lr_boundaries", self.lr_boundaries))
+    object.__setattr__(self, "profile_steps", _int_tuple(
+        "profile_steps", self.profile_steps))
     validate(self)
 
   def replace(self, **changes) -> "Config":
@@ -297,6 +319,10 @@ def validate(config: Config) -> None:
       config.lr_boundaries) != sorted(set(config.lr_boundaries)):
     raise ConfigError("--lr_boundaries must be increasing positive steps, got "
                       f"{','.join(map(str, config.lr_boundaries))}")
+  steps = config.profile_steps
+  if steps and (len(steps) != 2 or not 0 < steps[0] <= steps[1]):
+    raise ConfigError("--profile_steps must be START,END with 0 < START <= "
+                      f"END, got {','.join(map(str, steps))}")
   if config.cpu_replicas is not None:
     if config.strategy == "one_device":
       raise ConfigError(

@@ -10,6 +10,7 @@ every layer below takes the values it uses.
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import os
 import time
@@ -24,8 +25,8 @@ from dist_train import console
 from dist_train import errors
 from dist_train import user_code
 from dist_train.data import datasets
-from dist_train.data import pipelines
 from dist_train.distribute import cluster
+from dist_train.distribute import inputs
 from dist_train.distribute import strategy as strategy_lib
 from dist_train.loop import controller as controller_lib
 from dist_train.loop import optimizers
@@ -39,6 +40,7 @@ from dist_train.outputs import best as best_lib
 from dist_train.outputs import checkpoints
 from dist_train.outputs import export
 from dist_train.outputs import ownership
+from dist_train.outputs import profiler as profiler_lib
 from dist_train.outputs import summaries
 from dist_train.outputs import warm_start
 from dist_train.tasks import base as tasks_base
@@ -93,6 +95,7 @@ class _Run:
   summary_writers: summaries.SummaryWriters
   checkpoint: checkpoints.RunCheckpoint
   is_chief: bool
+  profiler: profiler_lib.StepProfiler
 
 
 def create_task(config: config_lib.Config, model_fn: Optional[ModelFn] = None):
@@ -124,18 +127,37 @@ def _checked(task):
   return task
 
 
-def load_splits(config: config_lib.Config, task=None) -> datasets.Splits:
+def load_splits(config: config_lib.Config, task=None,
+                input_context: Optional[tf.distribute.InputContext] = None
+                ) -> datasets.Splits:
   """The training and validation splits of a task (default: the config's),
-  checked."""
+  checked.
+
+  A task whose `build_dataset` takes an `input_context` gets it; with several
+  workers, a tf.data.Dataset it returns is taken as this worker's shard.
+  """
   task = task or create_task(config)
   where = getattr(task, "name", "the task")
+  takes_context = "input_context" in _parameters(task.build_dataset)
+  sharded = bool(takes_context and input_context and
+                 input_context.num_input_pipelines > 1)
   splits = {}
   for split in tasks_base.SPLITS:
     with errors.phase(f"loading the {split} data"):
-      value = user_code.call("task", where, task.build_dataset, split)
+      kwargs = {"input_context": input_context} if takes_context else {}
+      value = user_code.call("task", where, task.build_dataset, split,
+                             **kwargs)
       splits[split] = datasets.task_split(
-          value, where=f"{where} ({split})", required=split == "train")
+          value, where=f"{where} ({split})", required=split == "train",
+          sharded=sharded)
   return datasets.Splits(**splits)
+
+
+def _parameters(function) -> tuple:
+  try:
+    return tuple(inspect.signature(function).parameters)
+  except (TypeError, ValueError):
+    return ()
 
 
 def _create_optimizer(config, total_steps):
@@ -150,25 +172,54 @@ def _create_optimizer(config, total_steps):
       config.mixed_precision)
 
 
-def _validation(splits, config):
-  if splits.validation is None or not len(splits.validation):
-    return None
-  return controller_lib.Validation(
-      dataset_fn=lambda: pipelines.make_eval_dataset(
-          splits.validation, global_batch_size=config.global_batch_size),
-      num_steps=schedule_lib.num_batches(len(splits.validation),
-                                         config.global_batch_size))
+def _inputs(splits, config, strategy):
+  """The ReplicaInput of each split (validation: None when it is empty on
+  every worker)."""
+  layout = inputs.replica_layout(strategy)
+  placement = inputs.resolve_placement(
+      config.input_placement, splits, strategy,
+      config.device_data_max_mb * 2**20)
+
+  def make(split, where):
+    return inputs.ReplicaInput(
+        split, strategy=strategy, layout=layout,
+        global_batch_size=config.global_batch_size, placement=placement,
+        where=where)
+  train_input = make(splits.train, "the training data")
+  if not train_input.num_examples:
+    raise datasets.DataError("the training split is empty on every worker")
+  validation_input = (make(splits.validation, "the validation data")
+                      if splits.validation is not None else None)
+  if validation_input is not None and not validation_input.num_examples:
+    validation_input = None
+  return layout, train_input, validation_input
 
 
-def _train_iterator_fn(splits, config):
+def _train_iterator_fn(train_input, config):
   def make(epoch, step_in_epoch):
-    # Batches already consumed are skipped on the global dataset, before the
-    # trainer splits it across replicas: a resumed epoch goes on exactly.
-    return iter(pipelines.make_train_dataset(
-        splits.train, global_batch_size=config.global_batch_size,
+    # Batches already consumed are skipped on the global order (or this
+    # worker's shard), before any split across replicas: a resumed epoch
+    # goes on exactly.
+    return iter(train_input.train_dataset(
         shuffle_buffer=config.shuffle_buffer, seed=config.seed, epoch=epoch,
         num_epochs=config.epochs - epoch, skip_batches=step_in_epoch))
   return make
+
+
+def _read_report(train_input, worker_index):
+  def report(epoch):
+    del epoch
+    logging.info("worker %d read %d training examples", worker_index,
+                 train_input.take_read_count())
+  return report
+
+
+def _profiler(config, layout, is_chief):
+  profiled = config.profile_steps and (is_chief or config.profile_all_workers)
+  return profiler_lib.StepProfiler(
+      steps=config.profile_steps,
+      logdir=profiler_lib.profile_dir(config.model_dir, layout.worker_index)
+      if profiled else None)
 
 
 def _selection(config, summary_writers, is_chief, callbacks):
@@ -198,14 +249,18 @@ def _build(config, task, strategy, boundary_checks=(), callbacks=(), *,
   if strategy is None:
     strategy = create_strategy(config)
   is_chief = strategy_lib.is_chief(strategy)
-  splits = load_splits(config, task)
+  splits = load_splits(config, task, inputs.input_context(
+      inputs.replica_layout(strategy)))
+  layout, train_input, validation_input = _inputs(splits, config, strategy)
   schedule = schedule_lib.LoopSchedule(
-      num_examples=len(splits.train),
+      num_examples=train_input.num_examples,
       global_batch_size=config.global_batch_size, num_epochs=config.epochs,
       steps_per_loop=config.steps_per_loop,
       log_every_steps=config.log_every_steps,
       checkpoint_every_steps=config.checkpoint_every_steps,
-      eval_every_steps=config.eval_every_steps)
+      eval_every_steps=config.eval_every_steps,
+      epoch_steps=train_input.steps_per_epoch,
+      profile_steps=config.profile_steps)
 
   # Identical initial weights in every process and for every replica count.
   keras.utils.set_random_seed(config.seed)
@@ -223,9 +278,11 @@ def _build(config, task, strategy, boundary_checks=(), callbacks=(), *,
       strategy=strategy, task=task, model=model, optimizer=optimizer,
       add_loss_reduction=config.add_loss_reduction,
       clip_norm=config.clip_norm, jit_compile=config.jit_compile,
-      grad_accum_steps=config.grad_accum_steps)
-  with errors.phase("checking the task's loss on one batch"):
-    task_checks.check_loss_shapes(task, model, splits.train)
+      grad_accum_steps=config.grad_accum_steps, train_input=train_input,
+      eval_input=validation_input)
+  if len(splits.train):  # A worker's shard of a stream may be empty.
+    with errors.phase("checking the task's loss on one batch"):
+      task_checks.check_loss_shapes(task, model, splits.train)
   summary_writers = summaries.SummaryWriters(config.model_dir, enabled=is_chief)
   callback_list = keras.callbacks.CallbackList(list(callbacks), model=model)
   selection = _selection(config, summary_writers, is_chief, callback_list)
@@ -240,22 +297,31 @@ def _build(config, task, strategy, boundary_checks=(), callbacks=(), *,
   agreement = preemption.PreemptionAgreement(
       strategy=strategy, num_workers=strategy_lib.num_workers(strategy),
       watcher=preemption.SigtermWatcher())
+  profiler = _profiler(config, layout, is_chief)
+  validation = None if validation_input is None else controller_lib.Validation(
+      dataset_fn=validation_input.eval_dataset,
+      num_steps=validation_input.steps_per_epoch)
   controller = controller_lib.Controller(
       trainer=trainer, schedule=schedule,
-      train_iterator_fn=_train_iterator_fn(splits, config),
-      validation=_validation(splits, config), checkpoint=checkpoint,
+      train_iterator_fn=_train_iterator_fn(train_input, config),
+      validation=validation, checkpoint=checkpoint,
       summary_writers=summary_writers, preemption_agreement=agreement,
       log=logging.info if is_chief else lambda *args: None,
       progress_fn=console.EpochProgress if is_chief else None,
       boundary_checks=boundary_checks, selection=selection,
-      callbacks=callback_list)
+      callbacks=callback_list,
+      epoch_end_fns=(_read_report(train_input, layout.worker_index),),
+      profiler=profiler)
   if is_chief:
     logging.info(
         "Training %d examples, validating %d, in global batches of %d (%d "
-        "steps per epoch) on %d replica(s)", len(splits.train),
-        len(splits.validation or ()), config.global_batch_size,
-        schedule.steps_per_epoch, strategy.num_replicas_in_sync)
-  return _Run(strategy, controller, summary_writers, checkpoint, is_chief)
+        "steps per epoch) on %d replica(s); input placement: %s",
+        train_input.num_examples,
+        validation_input.num_examples if validation_input else 0,
+        config.global_batch_size, schedule.steps_per_epoch,
+        strategy.num_replicas_in_sync, train_input.placement)
+  return _Run(strategy, controller, summary_writers, checkpoint, is_chief,
+              profiler)
 
 
 def _warm_start(config, run: _Run) -> None:
@@ -357,6 +423,7 @@ def train_and_evaluate(
       _describe_run(run, config)
       result = run.controller.train(validate=validate)
     finally:
+      run.profiler.close()
       run.summary_writers.close()
     if run.is_chief:
       with errors.phase("exporting the model"):

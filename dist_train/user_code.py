@@ -99,8 +99,8 @@ def _definition(function: Callable) -> str:
   return f" (defined at {path}:{line})"
 
 
-def call(flag: str, path: str, function: Callable, *args):
-  """Calls the user's `function(*args)` given by `--flag=path`.
+def call(flag: str, path: str, function: Callable, *args, **kwargs):
+  """Calls the user's `function(*args, **kwargs)` given by `--flag=path`.
 
   Raises:
     UserCodeError: the function cannot take these arguments (naming the
@@ -108,7 +108,7 @@ def call(flag: str, path: str, function: Callable, *args):
       message and the user's file:line where it was raised).
   """
   try:
-    inspect.signature(function).bind(*args)
+    inspect.signature(function).bind(*args, **kwargs)
   except TypeError as e:
     raise UserCodeError(
         f"--{flag}={path}: TypeError: {getattr(function, '__name__', path)}"
@@ -119,7 +119,7 @@ def call(flag: str, path: str, function: Callable, *args):
   except ValueError:  # No signature (a builtin): just call it.
     pass
   try:
-    return function(*args)
+    return function(*args, **kwargs)
   except errors.DistTrainError:
     raise
   except Exception as e:  # Whatever the user's code raises: say where.

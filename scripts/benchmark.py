@@ -29,6 +29,17 @@ threads take from the step.
 
 --sweep_steps_per_loop=1,10,100 adds a table of the loop's examples/second per
 --steps_per_loop (batch 64), which is how the default was chosen.
+
+The input table (--tables=input, on by default) runs the loop with each
+--input_placement: device (the data copied once to every replica's device,
+each step gathered there), prefetch (gathered on the host, copied to the
+devices ahead of the step by a distributed iterator) and host (gathered on
+the host, copied in the step), for the same replica counts and batches, with
+its "input alone" and "slowdown from input" figures on that placement's
+input. On a machine with GPUs it adds rows for all local GPUs.
+
+--quick (one repetition of 3,200 examples, no waiting for an idle CPU)
+checks that the script runs; its figures are not worth keeping.
 """
 
 import argparse
@@ -60,6 +71,8 @@ def _config(args, model_dir, **changes):
   from dist_train import config as config_lib  # pylint: disable=import-outside-toplevel
   devices = (dict(cpu_replicas=args.replicas) if args.device == "cpu"
              else dict(strategy="mirrored"))
+  if args.input_placement:
+    changes.setdefault("input_placement", args.input_placement)
   return config_lib.Config(
       model_dir=model_dir, mode="train", dataset="synthetic",
       num_train_examples=args.examples, num_validation_examples=0,
@@ -69,8 +82,7 @@ def _config(args, model_dir, **changes):
 
 def run_loop(args):
   """This package's loop, through the API the command line calls."""
-  from dist_train.data import pipelines  # pylint: disable=import-outside-toplevel
-  from dist_train.loop import schedule  # pylint: disable=import-outside-toplevel
+  from dist_train.distribute import inputs  # pylint: disable=import-outside-toplevel
   from dist_train import train  # pylint: disable=import-outside-toplevel
   from dist_train.loop import steps as steps_lib  # pylint: disable=import-outside-toplevel
   import keras  # pylint: disable=import-outside-toplevel
@@ -89,22 +101,28 @@ def run_loop(args):
   first_step = result.first_loop_end_time - args.launch_time
 
   # Input stall: the same number of steps from the real pipeline and from one
-  # cached batch, alternately, with a fresh optimizer on the trained model.
+  # cached step, alternately, with a fresh optimizer on the trained model.
   splits = train.load_splits(config)
+  train_input = inputs.ReplicaInput(
+      splits.train, strategy=strategy, layout=inputs.replica_layout(strategy),
+      global_batch_size=config.global_batch_size, placement=inputs.
+      resolve_placement(config.input_placement, splits, strategy,
+                        config.device_data_max_mb * 2**20))
   with strategy.scope():
     optimizer = keras.optimizers.SGD(learning_rate=1e-3)
     optimizer.build(result.model.trainable_variables)
   trainer = steps_lib.Trainer(
       strategy=strategy, task=train.create_task(config), model=result.model,
-      optimizer=optimizer, add_loss_reduction="mean")
-  steps = schedule.num_batches(len(splits.train), config.global_batch_size)
+      optimizer=optimizer, add_loss_reduction="mean", train_input=train_input)
+  steps = train_input.steps_per_epoch
 
   def pipeline(epoch):
-    return pipelines.make_train_dataset(
-        splits.train, global_batch_size=config.global_batch_size,
+    return train_input.train_dataset(
         shuffle_buffer=config.shuffle_buffer, seed=0, epoch=epoch)
 
-  cached = pipeline(0).take(1).cache().repeat()
+  cached = train_input.placed(train_input.elements.train(
+      shuffle_buffer=config.shuffle_buffer, seed=0, epoch=0).take(1).cache()
+                              .repeat())
   trainer.train_steps(iter(cached), steps)  # Traces.
   real_seconds, cached_seconds = [], []
   for epoch in range(3):
@@ -117,23 +135,29 @@ def run_loop(args):
   stall = 1 - statistics.median(cached_seconds) / statistics.median(
       real_seconds)
 
-  # The pipeline alone: the same batches read by a compiled loop, no step.
+  # The input alone: the same shares on the replicas' devices, no step (the
+  # sum keeps the gathers from being pruned).
   @tf.function
   def read(iterator, num_steps):
+    total = tf.constant(0.0)
     for _ in tf.range(num_steps):
-      next(iterator)
+      shares, _ = train_input.next_shares(iterator)
+      for share in strategy.experimental_local_results(shares):
+        total += tf.reduce_sum(tf.nest.flatten(share)[0])
+    return total
 
   read(iter(cached), tf.constant(1))  # Traces.
   input_seconds = []
   for epoch in range(3):
     iterator = iter(pipeline(epoch))
     start = time.perf_counter()
-    read(iterator, tf.constant(steps))
+    read(iterator, tf.constant(steps)).numpy()
     input_seconds.append(time.perf_counter() - start)
   return dict(epoch_seconds=epoch_seconds, examples=len(splits.train),
               first_step_seconds=first_step, input_stall=stall,
               input_examples_per_second=len(splits.train) / statistics.median(
                   input_seconds),
+              placement=train_input.placement,
               steps_per_loop=config.steps_per_loop, peak_rss_mb=peak_rss_mb)
 
 
@@ -289,10 +313,11 @@ def _wait_for_idle_cpu(notes, max_wait_seconds=120):
 
 
 def _measure(method, device, replicas, global_batch_size, args, **extra):
-  examples = EAGER_EXAMPLES if method == "eager" else EXAMPLES
+  examples = EAGER_EXAMPLES if method == "eager" else args.examples
   repetitions = (args.eager_repetitions if method == "eager"
                  else args.repetitions)
-  _wait_for_idle_cpu(args.notes)
+  if not args.quick:
+    _wait_for_idle_cpu(args.notes)
   command = [sys.executable, os.path.abspath(__file__), f"--child={method}",
              f"--device={device}", f"--replicas={replicas}",
              f"--global_batch_size={global_batch_size}",
@@ -403,10 +428,21 @@ def _machine():
   return f"{model}, {os.cpu_count()} cores"
 
 
-def parent_main(args):
-  start = time.perf_counter()
-  rows, notes = [], []
-  args.notes = notes
+def input_table(rows):
+  lines = ["| replicas | global batch | input placement | loop ex/s "
+           "| input alone ex/s | loop slowdown from input |",
+           "| --- | ---: | --- | ---: | ---: | ---: |"]
+  for (device, replicas, batch, placement), loop in rows:
+    name = f"{replicas} {'CPU' if device == 'cpu' else 'GPU'}"
+    lines.append(
+        f"| {name} | {batch} | {placement} | {_rate(loop)} "
+        f"| {loop.get('input_examples_per_second', 0):,.0f} "
+        f"| {loop.get('input_stall', 0):.0%} |")
+  return "\n".join(lines)
+
+
+def _comparison_rows(args, notes):
+  rows = []
   for device, replicas in _devices(args):
     for batch in args.global_batch_sizes:
       loop = _measure("loop", device, replicas, batch, args)
@@ -425,6 +461,34 @@ def parent_main(args):
       print(f"measured {replicas} {device} batch {batch}: loop {_rate(loop)}, "
             f"fit {_rate(fit)}, eager {_rate(eager)} examples/s",
             file=sys.stderr, flush=True)
+  return rows
+
+
+def _input_rows(args, notes):
+  rows = []
+  for device, replicas in _devices(args):
+    for batch in args.global_batch_sizes:
+      for placement in args.input_placements:
+        loop = _measure("loop", device, replicas, batch, args,
+                        input_placement=placement)
+        if "error" in loop:
+          notes.append(f"{replicas} {device}, batch {batch}, {placement}: "
+                       f"loop failed: {loop['error']}")
+        rows.append(((device, replicas, batch, placement), loop))
+        print(f"measured {replicas} {device} batch {batch} input "
+              f"{placement}: loop {_rate(loop)} examples/s",
+              file=sys.stderr, flush=True)
+  return rows
+
+
+def parent_main(args):
+  start = time.perf_counter()
+  notes = []
+  args.notes = notes
+  if args.quick:
+    args.examples, args.repetitions, args.eager_repetitions = 3_200, 1, 1
+  rows = _comparison_rows(args, notes) if "comparison" in args.tables else []
+  input_rows = _input_rows(args, notes) if "input" in args.tables else []
   sweep = []
   for replicas in args.replicas if args.sweep_steps_per_loop else []:
     for steps in args.sweep_steps_per_loop:
@@ -434,10 +498,17 @@ def parent_main(args):
   sections = [
       f"Machine: {_machine()}. TensorFlow/Keras as installed; reference MLP "
       f"(784-64-64-10), SGD, synthetic data in memory. Median of "
-      f"{args.repetitions} epochs of {EXAMPLES:,} examples (eager: "
+      f"{args.repetitions} epochs of {args.examples:,} examples (eager: "
       f"{args.eager_repetitions} of {EAGER_EXAMPLES:,}) after one warm-up "
-      "epoch, each configuration in its own process.",
-      comparison_table(rows, notes)]
+      "epoch, each configuration in its own process"
+      + (" (--quick: not waiting for an idle CPU)." if args.quick else ".")]
+  if rows:
+    sections.append(comparison_table(rows, notes if not input_rows else []))
+  if input_rows:
+    sections.append("examples/second of the loop by --input_placement:\n\n"
+                    + input_table(input_rows) +
+                    ("\n\n" + "\n".join(f"- {n}" for n in notes)
+                     if notes else ""))
   if sweep:
     sections.append("examples/second of the loop by --steps_per_loop (global "
                     "batch 64; one log line per epoch):\n\n" +
@@ -454,6 +525,10 @@ def _ints(text):
   return [int(v) for v in text.split(",") if v]
 
 
+def _names(text):
+  return [v for v in text.split(",") if v]
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--output", help="also write the Markdown report here")
@@ -466,15 +541,25 @@ def main():
                       default=[100, 10, 1],
                       help="tried in order; the first that works is used")
   parser.add_argument("--sweep_steps_per_loop", type=_ints, default=[])
+  parser.add_argument("--tables", type=_names, default=["comparison", "input"],
+                      help="comparison (loop, fit, eager) and/or input (the "
+                      "loop by --input_placements)")
+  parser.add_argument("--input_placements", type=_names,
+                      default=["device", "prefetch", "host"])
+  parser.add_argument("--examples", type=int, default=EXAMPLES,
+                      help="examples per epoch of loop and fit")
+  parser.add_argument("--quick", action="store_true",
+                      help="one repetition of 3,200 examples, no waiting for "
+                      "an idle CPU: checks that the script runs")
   # Set by the parent for its child processes.
   parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
   parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
   parser.add_argument("--global_batch_size", type=int, help=argparse.SUPPRESS)
-  parser.add_argument("--examples", type=int, help=argparse.SUPPRESS)
   parser.add_argument("--launch_time", type=float, help=argparse.SUPPRESS)
   parser.add_argument("--steps_per_execution", type=int, default=1,
                       help=argparse.SUPPRESS)
   parser.add_argument("--steps_per_loop", type=int, help=argparse.SUPPRESS)
+  parser.add_argument("--input_placement", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
     args.replicas = args.replicas[0]

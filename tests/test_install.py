@@ -24,6 +24,8 @@ def test_pyproject_lists_the_same_ranges_as_the_requirement_files():
   assert project["dependencies"] == _requirements("requirements.txt")
   assert project["optional-dependencies"]["dev"] == _requirements(
       "requirements-dev.txt")
+  assert project["optional-dependencies"]["profile"] == _requirements(
+      "requirements-profile.txt")
 
 
 def _run(args, *, cwd, env, timeout=300):

@@ -55,6 +55,11 @@ class InMemory:
   def feature_shape(self):
     return tuple(np.shape(self.examples[0])[1:])
 
+  @property
+  def num_bytes(self) -> int:
+    """The size of the arrays: what a copy on a device takes."""
+    return sum(np.asarray(a).nbytes for a in tf.nest.flatten(self.examples))
+
   @functools.cached_property
   def tensors(self):
     """The examples as host tensors, created once: every epoch's pipeline
@@ -70,11 +75,16 @@ class InMemory:
 
 @dataclasses.dataclass(frozen=True)
 class StreamSplit:
-  """A split read as a stream: a tf.data.Dataset of unbatched examples."""
+  """A split read as a stream: a tf.data.Dataset of unbatched examples.
+
+  `sharded`: the dataset is this worker's shard only (a task's build_dataset
+  given a tf.distribute.InputContext), and `num_examples` counts the shard.
+  """
 
   dataset: tf.data.Dataset
   num_examples: int
   name: str = "the user dataset"
+  sharded: bool = False
 
   def __len__(self):
     return self.num_examples
@@ -289,7 +299,7 @@ def _is_batched(dataset: tf.data.Dataset) -> bool:
   return False
 
 
-def task_split(value, *, where: str, required: bool):
+def task_split(value, *, where: str, required: bool, sharded: bool = False):
   """A task's `build_dataset(split)` result as an InMemory or StreamSplit.
 
   Args:
@@ -297,6 +307,9 @@ def task_split(value, *, where: str, required: bool):
       examples, an InMemory, or None (no such split).
     where: how messages name the split, e.g. "--task=m:f (train)".
     required: the split must exist and hold examples.
+    sharded: a dataset is this worker's shard (an InMemory is always the
+      whole split: dist_train reads only this worker's rows of it); an empty
+      shard is allowed, the caller checks the total.
 
   Raises:
     DataError: the split is missing or empty but required.
@@ -319,11 +332,11 @@ def task_split(value, *, where: str, required: bool):
       raise user_code.UserCodeError(
           f"{where} is batched: return unbatched examples, dist_train "
           "batches them by the global batch size")
-    split = StreamSplit(value, _count(value, where), where)
+    split = StreamSplit(value, _count(value, where), where, sharded=sharded)
   else:
     raise user_code.UserCodeError(
         f"{where}: build_dataset must return a tf.data.Dataset, got "
         f"{type(value).__name__}")
-  if required and not len(split):
+  if required and not len(split) and not getattr(split, "sharded", False):
     raise DataError(f"{where} is empty")
   return split

@@ -15,6 +15,7 @@ from dist_train.loop import selection as selection_lib
 from dist_train.loop import steps
 from dist_train.loop import throughput as throughput_lib
 from dist_train.outputs import checkpoints
+from dist_train.outputs import profiler as profiler_lib
 from dist_train.outputs import summaries
 
 
@@ -63,7 +64,9 @@ class Controller:
                progress_fn: Optional[Callable[[int, int, int], Any]] = None,
                boundary_checks: tuple = (),
                selection: Optional[selection_lib.Selection] = None,
-               callbacks=None):
+               callbacks=None,
+               epoch_end_fns: tuple = (),
+               profiler=None):
     """Creates the controller.
 
     Args:
@@ -85,6 +88,9 @@ class Controller:
       selection: what follows each validation pass (summaries, best model,
         early stopping); by default only the summaries.
       callbacks: a keras.callbacks.CallbackList called at loop boundaries.
+      epoch_end_fns: callables (epoch from 1) run on every worker when an
+        epoch's training ends (e.g. the input accounting line).
+      profiler: `profiler.StepProfiler`, entered around each compiled loop.
     """
     self._trainer = trainer
     self._schedule = schedule
@@ -100,6 +106,8 @@ class Controller:
     self._selection = selection or selection_lib.Selection(
         summary_writers=summary_writers)
     self._callbacks = callbacks or keras.callbacks.CallbackList([])
+    self._epoch_end_fns = tuple(epoch_end_fns)
+    self._profiler = profiler or profiler_lib.StepProfiler()
     self._first_loop_end_time = None
     self._stop_reason = None  # Set when training should end early.
     self._validate = True
@@ -146,9 +154,10 @@ class Controller:
       compiling = self._trainer.train_traces == 0
       start = time.perf_counter()
       first_step = self.global_step + 1
+      last_step = first_step + num_steps - 1
       self._callbacks.on_train_batch_begin(first_step)
-      with errors.phase(f"training steps {first_step}-"
-                        f"{first_step + num_steps - 1}"):
+      with errors.phase(f"training steps {first_step}-{last_step}"), (
+          self._profiler.around_loop(first_step, last_step)):
         losses = self._trainer.train_steps(iterator, num_steps)
       seconds = time.perf_counter() - start
       step_in_epoch += num_steps
@@ -275,6 +284,8 @@ class Controller:
       start = time.perf_counter()
       self._train_epoch(iterator, epoch, step_in_epoch, throughput)
       train_seconds = time.perf_counter() - start
+      for epoch_end_fn in self._epoch_end_fns:
+        epoch_end_fn(epoch + 1)
       train_metrics = self._trainer.train_metric_results()
       if self._stop_reason is not None and (
           self._schedule.steps_per_epoch != self._position(epoch)):

@@ -23,9 +23,14 @@ objective, not an objective of its own:
   is weighted by share/global example count; with `sum` each term is a sum
   over the share's examples, so the shares' terms add up unscaled.
 
-The global weight sums come from the global batch itself (every worker reads
-it whole), computed once per step before it is split, so the contract costs
-no extra collective.
+The global example count and weight sums come with each step's shares: the
+input pipeline computes them from the whole global batch (an in-memory split:
+every worker knows the global batch's indices and gathers its weights, a few
+floats an example; a stream every worker reads whole) in the order one device
+sums them, so the contract costs no collective. Only when each worker reads
+its own shard of a stream does no worker see the global batch: then
+`all_reduced_divisors` sums the shares' counts and weight sums with one
+all-reduce per step.
 """
 
 import keras
@@ -80,6 +85,27 @@ def weight_sum(sample_weight) -> tf.Tensor:
   """sum(w) in float32: the divisor's part from one share (or the global
   batch)."""
   return tf.reduce_sum(tf.cast(sample_weight, tf.float32))
+
+
+def all_reduced_divisors(share) -> dict:
+  """The global batch's {"num_examples", "weight_sums"} from this replica's
+  share and everyone else's: one SUM all-reduce of [count, sums...], in
+  replica context.
+
+  With examples of variable length, the element count of an unweighted loss
+  assumes every share is padded alike, which workers batching their own
+  shards do not: give such examples sample weights (a padding mask).
+  """
+  weights = share[2] if len(share) == 3 else None
+  parts = [tf.cast(tf.shape(tf.nest.flatten(share)[0])[0], tf.float32)]
+  if weights is not None:
+    parts += [weight_sum(w) for w in tf.nest.flatten(weights)]
+  summed = tf.unstack(tf.distribute.get_replica_context().all_reduce(
+      tf.distribute.ReduceOp.SUM, tf.stack(parts)), num=len(parts))
+  divisors = {"num_examples": summed[0]}
+  if weights is not None:
+    divisors["weight_sums"] = tf.nest.pack_sequence_as(weights, summed[1:])
+  return divisors
 
 
 def element_count(per_element_loss, num_examples) -> tf.Tensor:

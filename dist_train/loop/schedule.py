@@ -14,7 +14,11 @@ class LoopSchedule:
   """The run's shape: epochs of global steps, and the boundaries between
   compiled loops (log steps, checkpoint steps, epoch ends).
 
-  The one place that knows how many steps an epoch has.
+  The one place that knows how many steps an epoch has: ceil(num_examples /
+  global_batch_size), or `epoch_steps` when the workers agreed on it (each
+  reads its own shard of a stream). With `profile_steps` (first, last),
+  loops also end before step `first` and after step `last`, so that a
+  profile covers exactly those steps.
   """
 
   num_examples: int
@@ -24,6 +28,8 @@ class LoopSchedule:
   log_every_steps: int
   checkpoint_every_steps: Optional[int] = None
   eval_every_steps: Optional[int] = None
+  epoch_steps: Optional[int] = None
+  profile_steps: tuple = ()
 
   def __post_init__(self):
     for name in ("num_examples", "global_batch_size", "num_epochs",
@@ -33,6 +39,8 @@ class LoopSchedule:
 
   @property
   def steps_per_epoch(self) -> int:
+    if self.epoch_steps is not None:
+      return self.epoch_steps
     return num_batches(self.num_examples, self.global_batch_size)
 
   @property
@@ -44,15 +52,20 @@ class LoopSchedule:
 
     A loop never crosses a log, checkpoint or evaluation boundary (a
     multiple of `log_every_steps`, `checkpoint_every_steps` or
-    `eval_every_steps`) or the end of the epoch, so logging, checkpoints,
-    evaluations and epoch ends happen between calls.
+    `eval_every_steps`), the end of the epoch or a profile boundary, so
+    logging, checkpoints, evaluations, epoch ends and the profiler happen
+    between calls.
     """
     to_epoch_end = self.steps_per_epoch - step_in_epoch
     def to_next(every):
       return every - global_step % every if every else to_epoch_end
+    # Profile boundaries: after step first - 1 and after step last.
+    to_profile = [boundary - global_step for boundary in (
+        self.profile_steps[0] - 1, self.profile_steps[1])
+                  if boundary > global_step] if self.profile_steps else []
     return max(1, min(self.steps_per_loop, to_next(self.log_every_steps),
                       to_epoch_end, to_next(self.checkpoint_every_steps),
-                      to_next(self.eval_every_steps)))
+                      to_next(self.eval_every_steps), *to_profile))
 
   def is_log_step(self, global_step: int) -> bool:
     return global_step % self.log_every_steps == 0

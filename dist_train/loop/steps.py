@@ -7,18 +7,18 @@ Three tiers, kept apart:
     own `train_step(batch, ctx)`; with `jit_compile`, the forward and
     backward pass of the default step are compiled by XLA;
   * `_train_loop`: a `tf.function` running `num_steps` global steps with a
-    `tf.range` loop over an iterator of global batches; `num_steps` is a
-    tensor, so a loop of another length does not retrace;
+    `tf.range` loop over an iterator of this worker's step inputs; `num_steps`
+    is a tensor, so a loop of another length does not retrace;
   * the eager outer loop, which lives in `controller.py`.
 
-The compiled loop reads whole global batches from a plain tf.data iterator and
-slices them across replicas itself, instead of going through
-`strategy.experimental_distribute_dataset`: on CPU replicas the distributed
-iterator's per-step machinery cost more than the step of the reference model
-(slicing here gave about 2x the examples/second on one replica and 1.7x on
-two). Every worker reads the same global batches, so replica r gets the same
-share whatever the worker topology, and the global weight sums that scale
-the loss (`losses.py`) are computed from the batch before it is split.
+Each step's per-replica shares come from an input (`distribute/inputs.py`):
+by default an iterator of whole global batches sliced across the replicas
+inside the loop (instead of `strategy.experimental_distribute_dataset`, whose
+per-step machinery cost more than the step of the reference model on CPU
+replicas); in a run, the `ReplicaInput` of each split, which reads only this
+worker's rows. The global example count and weight sums that scale the loss
+(`losses.py`) come with the shares, or, for a stream each worker reads its
+own shard of, from one all-reduce in the step.
 """
 
 from typing import Optional
@@ -26,28 +26,16 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
+from dist_train.data import pipelines
+from dist_train.distribute import inputs
 from dist_train.loop import losses
 from dist_train.loop import precision
 from dist_train.loop import step_context
 from dist_train.tasks import base
 
 
-def split_rows(batch, part: int, num_parts: int):
-  """Rows [n * part // num_parts, n * (part + 1) // num_parts) of every
-  tensor of `batch`: parts differ by at most one row, and a part is empty
-  when n < num_parts."""
-  num_rows = tf.shape(tf.nest.flatten(batch)[0])[0]
-  begin = num_rows * part // num_parts
-  end = num_rows * (part + 1) // num_parts
-  return tf.nest.map_structure(lambda t: t[begin:end], batch)
-
-
-def unpack_batch(batch):
-  """(features, labels, sample_weight or None), as Keras' fit reads them."""
-  if len(batch) == 3:
-    return batch
-  features, labels = batch
-  return features, labels, None
+split_rows = pipelines.split_rows
+unpack_batch = pipelines.unpack_batch
 
 
 def _weight_for(weights, name):
@@ -165,11 +153,21 @@ class Trainer:
   def __init__(self, *, strategy: tf.distribute.Strategy, task,
                model: keras.Model, optimizer: keras.optimizers.Optimizer,
                add_loss_reduction: str, clip_norm: Optional[float] = None,
-               jit_compile: bool = False, grad_accum_steps: int = 1):
+               jit_compile: bool = False, grad_accum_steps: int = 1,
+               train_input=None, eval_input=None):
+    """Creates the trainer.
+
+    `add_loss_reduction`, `clip_norm`, `jit_compile` and `grad_accum_steps`
+    are the flags of the same names. `train_input` and `eval_input` give the
+    loops each step's per-replica shares (`inputs.ReplicaInput`); by default
+    (`inputs.GlobalBatches`) the iterators yield whole global batches.
+    """
     if grad_accum_steps < 1:
       raise ValueError(
           f"grad_accum_steps must be positive, got {grad_accum_steps}")
     self.strategy = strategy
+    self._train_input = train_input or inputs.GlobalBatches(strategy)
+    self._eval_input = eval_input or inputs.GlobalBatches(strategy)
     self.task = task
     self.model = model
     self.optimizer = optimizer
@@ -302,6 +300,9 @@ class Trainer:
     return packed_terms
 
   def _replica_train_step(self, batch, global_info):
+    batch = self.task.validate_batch(batch)
+    if not self._train_input.divisors_in_batch:
+      global_info = losses.all_reduced_divisors(batch)
     step = self._custom_step_fn if self._custom_step else self._default_step
     return step(batch, global_info)
 
@@ -351,7 +352,8 @@ class Trainer:
   def _eval_outputs(self, features):
     return _float32(self.model(features, training=False))
 
-  def _replica_eval_step(self, batch):
+  def _replica_eval_step(self, batch, global_info):
+    del global_info  # Metrics aggregate over replicas themselves.
     features, labels, weights = unpack_batch(batch)
     outputs = self._outputs_fn(features)
     per_element = {}
@@ -364,34 +366,13 @@ class Trainer:
 
   # Tier 2: many global steps in one compiled call.
 
-  def _distribute(self, batch):
-    """This replica's share of a global batch (see `split_rows`)."""
-    def share(context):
-      return split_rows(batch, context.replica_id_in_sync_group,
-                        context.num_replicas_in_sync)
-    return self.strategy.experimental_distribute_values_from_function(share)
-
-  @staticmethod
-  def _global_info(batch) -> dict:
-    """What the loss divisors need from the whole global batch: its number of
-    examples (a partial last batch is scaled exactly) and the sum of each
-    sample weight."""
-    _, _, weights = unpack_batch(batch)
-    return {
-        "num_examples": tf.cast(tf.shape(tf.nest.flatten(batch)[0])[0],
-                                tf.float32),
-        "weight_sums": (None if weights is None else
-                        tf.nest.map_structure(losses.weight_sum, weights)),
-    }
-
   def _train_loop_fn(self, iterator, num_steps):
     """Runs `num_steps` global steps; returns the mean of each loss term."""
     loss_sums = tf.zeros([len(self.term_names)])
     for _ in tf.range(num_steps):
-      batch = self.task.validate_batch(next(iterator))
       per_replica = self.strategy.run(
           self._replica_train_step,
-          args=(self._distribute(batch), self._global_info(batch)))
+          args=self._train_input.next_shares(iterator))
       step_terms = self.strategy.reduce(tf.distribute.ReduceOp.SUM,
                                         per_replica, axis=None)
       if self._custom_step:
@@ -403,13 +384,13 @@ class Trainer:
   def _eval_loop_fn(self, iterator, num_steps):
     for _ in tf.range(num_steps):
       self.strategy.run(self._replica_eval_step,
-                        args=(self._distribute(next(iterator)),))
+                        args=self._eval_input.next_shares(iterator))
 
   # The interface the outer loop uses.
 
   def train_steps(self, iterator, num_steps: int) -> dict:
-    """Runs `num_steps` global steps from `iterator`, an iterator over global
-    batches (`iter(dataset)`).
+    """Runs `num_steps` global steps from `iterator`, an iterator of the
+    train input's datasets (by default, over global batches).
 
     Returns:
       The mean over those steps of the global-batch objective (`loss`) and
@@ -419,8 +400,9 @@ class Trainer:
     means = self._train_loop(iterator, tf.constant(num_steps, tf.int32))
     return {name: float(value) for name, value in means.items()}
 
-  def eval_steps(self, dataset: tf.data.Dataset, num_steps: int) -> dict:
-    """One pass over a dataset of global batches; returns the metric values."""
+  def eval_steps(self, dataset, num_steps: int) -> dict:
+    """One pass over a dataset of the eval input (by default, of global
+    batches); returns the metric values."""
     self.eval_metrics.reset()
     self._eval_loop(iter(dataset), tf.constant(num_steps, tf.int32))
     return self.eval_metrics.results()

@@ -56,7 +56,16 @@ class Task:
     labels, sample_weight), each any nested structure of tensors.
 
     A task may instead return a `dist_train.data.datasets.InMemory` of arrays
-    (random access: shuffled and gathered without a shuffle buffer).
+    (random access: shuffled and gathered without a shuffle buffer; each
+    worker gathers only its replicas' rows).
+
+    A task may take a second argument, `input_context` (a
+    `tf.distribute.InputContext`: `input_pipeline_id` of
+    `num_input_pipelines`, one per worker) and return only that worker's
+    shard of a stream, e.g. every num_input_pipelines-th file from
+    input_pipeline_id on (`dist_train.data.tfrecord.read` does). The workers'
+    batches then make up each global batch (README, "What changes with
+    several workers").
     """
     raise NotImplementedError
 
@@ -71,9 +80,10 @@ class Task:
     return []
 
   def validate_batch(self, batch):
-    """Checks a global batch before it is split across replicas (e.g. that
-    labels are in range; on GPUs some kernels return NaN instead of failing);
-    returns the batch. The default checks nothing."""
+    """Checks a replica's share of a training batch before the step trains
+    on it (e.g. that labels are in range; on GPUs some kernels return NaN
+    instead of failing); returns the share. Runs in the replica's context,
+    outside XLA. The default checks nothing."""
     return batch
 
 

@@ -70,8 +70,8 @@ class ClassificationTask(base.Task):
     """The batch, after checking every label is in [0, classes).
 
     On CPU the cross-entropy kernel rejects such labels itself; on GPU it
-    returns NaN instead, so the check is explicit. It runs on the global
-    batch, outside any XLA cluster (XLA compiles no assertion).
+    returns NaN instead, so the check is explicit. It runs on each replica's
+    share, outside any XLA cluster (XLA compiles no assertion).
     """
     features, labels = batch[0], batch[1]
     num_classes = self._num_classes

@@ -1,0 +1,58 @@
+"""A TensorFlow profiler trace of chosen global steps, for TensorBoard's
+Profile tab (the tensorboard-plugin-profile package; see BUILD.md).
+
+The loop schedule ends compiled loops before the first profiled step and
+after the last, so the trace starts and stops between loops and holds exactly
+those steps. `tf.profiler.experimental.stop` writes
+`<logdir>/plugins/profile/<date_time>/<host>.xplane.pb`.
+"""
+
+import contextlib
+import os
+from typing import Optional
+
+from absl import logging
+import tensorflow as tf
+
+
+def profile_dir(model_dir: str, worker_index: int) -> str:
+  """Where a worker's trace goes: the chief's with the train events (one
+  TensorBoard run), another worker's in a run of its own, so that workers on
+  one host do not write the same <host>.xplane.pb."""
+  train_dir = os.path.join(model_dir, "train")
+  if worker_index == 0:
+    return train_dir
+  return os.path.join(train_dir, f"worker_{worker_index}")
+
+
+class StepProfiler:
+  """Starts the profiler before global step `first` and stops it after step
+  `last`; does nothing when `steps` is empty or this worker does not
+  profile.
+
+  Use `around_loop(first_step, last_step)` around each compiled loop and
+  `close()` at the end of the run (a run that stopped early keeps what was
+  traced).
+  """
+
+  def __init__(self, *, steps: tuple = (), logdir: Optional[str] = None):
+    self._steps = tuple(steps) if logdir else ()
+    self._logdir = logdir
+    self._active = False
+
+  @contextlib.contextmanager
+  def around_loop(self, first_step: int, last_step: int):
+    if self._steps and first_step == self._steps[0]:
+      tf.profiler.experimental.start(self._logdir)
+      self._active = True
+      logging.info("Profiling steps %d-%d into %s", *self._steps,
+                   os.path.join(self._logdir, "plugins", "profile"))
+    yield
+    if self._active and last_step >= self._steps[1]:
+      self.close()
+
+  def close(self) -> None:
+    """Stops the profiler, if it runs, and writes the trace."""
+    if self._active:
+      self._active = False
+      tf.profiler.experimental.stop()
