@@ -384,11 +384,15 @@ def test_unreadable_flagfile_is_named(tmp_path, kind, reason):
      "training steps 1-8",
      "RuntimeError: boom in training (in Boom.call())",
      'raise RuntimeError("boom in training")'),
-    (["--dataset={module}:corrupt_records"], "training steps 1-8",
+    # The first examples are read before training, when the task's loss is
+    # checked on them.
+    (["--dataset={module}:corrupt_records"],
+     "checking the task's loss on one batch",
      "InvalidArgumentError: in the input pipeline (MapDataset): ValueError: "
      "corrupt record", 'raise ValueError("corrupt record")'),
     # Of unknown size: the examples are counted while loading.
-    (["--dataset={module}:corrupt_records_of_unknown_size"], "loading data",
+    (["--dataset={module}:corrupt_records_of_unknown_size"],
+     "loading the train data",
      "InvalidArgumentError: in the input pipeline (MapDataset): ValueError: "
      "corrupt record", 'raise ValueError("corrupt record")'),
 ])
