@@ -145,12 +145,20 @@ def load_splits(config: config_lib.Config, task=None,
   for split in tasks_base.SPLITS:
     with errors.phase(f"loading the {split} data"):
       kwargs = {"input_context": input_context} if takes_context else {}
-      value = user_code.call("task", where, task.build_dataset, split,
-                             **kwargs)
+      value = _call_task(task, task.build_dataset, split, **kwargs)
       splits[split] = datasets.task_split(
           value, where=f"{where} ({split})", required=split == "train",
           sharded=sharded)
   return datasets.Splits(**splits)
+
+
+def _call_task(task, method, *args, **kwargs):
+  """Calls a task's method: a user's through user_code.call (one line naming
+  the task and the user's file:line if it raises); the built-in task's
+  directly, as library code, whose errors name themselves."""
+  if isinstance(task, classification.ClassificationTask):
+    return method(*args, **kwargs)
+  return user_code.call("task", task.name, method, *args, **kwargs)
 
 
 def _parameters(function) -> tuple:
@@ -267,7 +275,7 @@ def _build(config, task, strategy, boundary_checks=(), callbacks=(), *,
   with strategy.scope():
     with errors.phase("building the model"):
       with precision.policy_scope(config.mixed_precision):
-        model = user_code.call("task", task.name, task.build_model)
+        model = _call_task(task, task.build_model)
       user_code.check_returns("task", task.name, model, keras.Model,
                               "a keras.Model from build_model()")
       optimizer = _create_optimizer(config, schedule.total_steps)

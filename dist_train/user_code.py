@@ -124,5 +124,5 @@ def call(flag: str, path: str, function: Callable, *args, **kwargs):
     raise
   except Exception as e:  # Whatever the user's code raises: say where.
     raise UserCodeError(
-        f"--{flag}={path} raised {type(e).__name__}: {errors.first_line(e)} "
+        f"--{flag}={path} raised {errors.summary(e)} "
         f"(at {_user_frame(e)})") from e
