@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 
 from dist_train import errors
+from dist_train.distribute import strategy as strategy_lib
 from dist_train.loop import guards
 from dist_train.loop import preemption
 from dist_train.loop import schedule as schedule_lib
@@ -29,6 +30,12 @@ class RunResult:
   history: list  # One dict per epoch run in this process.
   # time.time() when the first training loop of this process returned.
   first_loop_end_time: Optional[float] = None
+  # What ran: the strategy's replicas in sync and worker processes, and the
+  # compiled training loops this process called (a resumed run counts its
+  # own; --steps_per_loop and the log and checkpoint steps set how many).
+  num_replicas: int = 1
+  num_workers: int = 1
+  loop_calls: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +224,11 @@ class Controller:
     return RunResult(model=self.model, global_step=self.global_step,
                      epochs_completed=epoch, train_metrics=train_metrics,
                      validation_metrics=validation_metrics, history=history,
-                     first_loop_end_time=self._first_loop_end_time)
+                     first_loop_end_time=self._first_loop_end_time,
+                     num_replicas=self._trainer.strategy.num_replicas_in_sync,
+                     num_workers=strategy_lib.num_workers(
+                         self._trainer.strategy),
+                     loop_calls=self._trainer.train_loop_calls)
 
 
 def _fmt(value, spec=".4f"):
