@@ -176,6 +176,7 @@ def main():
   if unknown:
     parser.error(f"unknown cases {unknown}; known: {sorted(CASES)}")
 
+  os.makedirs(args.output_dir, exist_ok=True)
   # Before TensorFlow loads: XLA writes every module it compiles here.
   dump_dir = tempfile.mkdtemp(prefix="xla_", dir=args.output_dir)
   os.environ["XLA_FLAGS"] = " ".join(
