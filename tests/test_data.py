@@ -1,5 +1,6 @@
 """Data loading from real files and the pipelines' batching."""
 
+import dataclasses
 import gzip
 
 import keras
@@ -92,8 +93,21 @@ def test_synthetic_is_deterministic_and_learnable(tmp_path):
                    num_validation_examples=50)
   a, b = train.load_splits(config), train.load_splits(config)
   np.testing.assert_array_equal(a.train.images, b.train.images)
+  np.testing.assert_array_equal(a.train.labels, b.train.labels)
+  other_seed = train.load_splits(dataclasses.replace(config, seed=1))
+  assert not np.array_equal(a.train.images, other_seed.train.images)
   assert len(a.train) == 300 and len(a.validation) == 50
-  assert len(np.unique(a.train.labels)) > 5
+  assert len(np.unique(a.train.labels)) == datasets.NUM_CLASSES
+  # Learnable from the pixels: the nearest class mean of the training images
+  # labels the held-out images far better than chance (10%).
+  train_x = a.train.images.reshape(300, -1).astype(np.float32)
+  means = np.stack([train_x[a.train.labels == c].mean(axis=0)
+                    for c in range(datasets.NUM_CLASSES)])
+  validation_x = a.validation.images.reshape(50, -1).astype(np.float32)
+  distances = ((validation_x[:, None, :] - means[None]) ** 2).sum(axis=-1)
+  accuracy = np.mean(distances.argmin(axis=1) == a.validation.labels)
+  print(f"nearest class mean: validation accuracy {accuracy:.2f}")
+  assert accuracy >= 0.9, accuracy
 
 
 def test_train_dataset_batches_and_scales(tmp_path):
