@@ -16,10 +16,13 @@ independent reference.
 import concurrent.futures
 import os
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from dist_train import config as config_lib
+from dist_train.models import mnist
 from tests import conftest
 from tests import parity_run
 
@@ -130,6 +133,20 @@ def test_replicas_match_one_device(runs, case, replicas):
   assert difference < TOLERANCE, (
       f"{case}: {replicas} replicas differ from 1 device by {difference:.2e}")
   assert min(moved(one), moved(many)) > MIN_MOVED
+
+
+@pytest.mark.parametrize("case", ["reference_sum", "reference_clip"])
+def test_initial_weights_are_the_seeded_model(runs, case):
+  """A run starts from the model built after `keras.utils.set_random_seed`:
+  the same for every replica count, whichever case ran before it in the
+  process, and reproducible outside a run (tests/test_modes.py relies on
+  it)."""
+  settings = parity_run.settings(case)
+  keras.utils.set_random_seed(settings["seed"])
+  model = mnist.create_model(config_lib.Config(model_dir="/tmp/unused",
+                                               **settings))
+  assert max_difference([v.numpy() for v in model.variables],
+                        initial_weights(runs[(case, 1)])) == 0
 
 
 def test_clipping_is_active_in_the_clip_case(runs):
