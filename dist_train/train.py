@@ -363,6 +363,7 @@ def _describe_run(run: _Run, config: config_lib.Config) -> None:
   model.summary(print_fn=lambda line, **kwargs: lines.append(line))
   hparams = dataclasses.asdict(config)
   hparams["num_replicas"] = run.strategy.num_replicas_in_sync
+  hparams["num_workers"] = strategy_lib.num_workers(run.strategy)
   run.summary_writers.write_run_description(
       hparams, "\n".join(lines), model.count_params())
 

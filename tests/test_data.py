@@ -1,5 +1,6 @@
 """Data loading from real files and the pipelines' batching."""
 
+import dataclasses
 import gzip
 
 import keras
@@ -94,8 +95,21 @@ def test_synthetic_is_deterministic_and_learnable(tmp_path):
                    num_validation_examples=50)
   a, b = train.load_splits(config), train.load_splits(config)
   np.testing.assert_array_equal(a.train.examples[0], b.train.examples[0])
+  np.testing.assert_array_equal(a.train.examples[1], b.train.examples[1])
+  other_seed = train.load_splits(dataclasses.replace(config, seed=1))
+  assert not np.array_equal(a.train.examples[0], other_seed.train.examples[0])
   assert len(a.train) == 300 and len(a.validation) == 50
-  assert len(np.unique(a.train.examples[1])) > 5
+  assert len(np.unique(a.train.examples[1])) == datasets.NUM_CLASSES
+  # Learnable from the pixels: the nearest class mean of the training images
+  # labels the held-out images far better than chance (10%).
+  train_x = a.train.examples[0]
+  means = np.stack([train_x[a.train.examples[1] == c].mean(axis=0)
+                    for c in range(datasets.NUM_CLASSES)])
+  validation_x = a.validation.examples[0]
+  distances = ((validation_x[:, None, :] - means[None]) ** 2).sum(axis=-1)
+  accuracy = np.mean(distances.argmin(axis=1) == a.validation.examples[1])
+  print(f"nearest class mean: validation accuracy {accuracy:.2f}")
+  assert accuracy >= 0.9, accuracy
 
 
 def test_train_dataset_batches_and_scales(tmp_path):

@@ -32,18 +32,38 @@ def _checkpoint_dir(model_dir):
   return os.path.join(str(model_dir), "checkpoints")
 
 
-def final_weights(model_dir):
-  """The weights (arrays of rank >= 1) of the latest checkpoint, by name."""
-  path = tf.train.latest_checkpoint(_checkpoint_dir(model_dir))
+def checkpoint_values(model_dir, step=None):
+  """(path, {name: value}) of the latest checkpoint, or of ckpt-<step>.
+
+  Every value it holds (weights, global step, epoch, step in epoch) but
+  save_counter, which counts the saves made in this model_dir.
+  """
+  path = (tf.train.latest_checkpoint(_checkpoint_dir(model_dir))
+          if step is None else
+          os.path.join(_checkpoint_dir(model_dir), f"ckpt-{step}"))
   reader = tf.train.load_checkpoint(path)
-  return path, {name: reader.get_tensor(name)
-                for name, shape in reader.get_variable_to_shape_map().items()
-                if shape and "optimizer" in name}
+  values = {name: reader.get_tensor(name)
+            for name in reader.get_variable_to_shape_map()
+            if name != "_CHECKPOINTABLE_OBJECT_GRAPH"
+            and not name.startswith("save_counter/")}
+  # The weights are among them: 3 Dense layers' kernels and biases.
+  assert len([v for v in values.values() if np.ndim(v) >= 1]) == 6, values
+  return path, values
 
 
 def max_difference(a, b):
   assert a.keys() == b.keys()
   return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+
+def assert_trained_after(model_dir, step, final):
+  """The weights `final` moved far from those of ckpt-<step>: the resumed
+  run trained, so its agreement with an uninterrupted run is not trivial."""
+  _, resumed_from = checkpoint_values(model_dir, step)
+  moved = max(float(np.max(np.abs(final[k] - resumed_from[k])))
+              for k in final if np.ndim(final[k]) >= 1)
+  print(f"moved {moved:.2e} after resuming at step {step}")
+  assert moved > 1e-3
 
 
 def start(model_dir, *flags):
@@ -54,29 +74,36 @@ def start(model_dir, *flags):
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_checkpoint(process, model_dir, step, timeout=180):
-  """Waits until ckpt-<step> is complete; fails if the run ends first."""
+def wait_for_checkpoint(process, model_dir, step, timeout=180, *,
+                        output_fn=None, stop_fn=None):
+  """Waits until ckpt-<step> is complete.
+
+  Fails if the run ends first, or stops it (`stop_fn`, default: SIGKILL)
+  and fails when `timeout` seconds pass. `output_fn` returns the run's output
+  for the failure message (default: what is left in its stderr pipe).
+  """
   index = os.path.join(_checkpoint_dir(model_dir), f"ckpt-{step}.index")
   deadline = time.monotonic() + timeout
+  output_fn = output_fn or (lambda: process.stderr.read())
   while not os.path.exists(index):
     if process.poll() is not None:
       raise AssertionError(f"run ended (exit {process.returncode}) before "
-                           f"step {step}:\n{process.stderr.read()[-3000:]}")
+                           f"step {step}:\n{output_fn()[-6000:]}")
     if time.monotonic() > deadline:
-      process.kill()
+      (stop_fn or process.kill)()
       raise AssertionError(f"no checkpoint of step {step} after {timeout} s")
     time.sleep(0.005)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-  """{replicas: final weights} of uninterrupted runs."""
+  """{replicas: final checkpoint values} of uninterrupted runs."""
   weights = {}
   for replicas in (1, 2):
     model_dir = tmp_path_factory.mktemp(f"uninterrupted_{replicas}")
     conftest.run_cli(*RUN_FLAGS, f"--model_dir={model_dir}",
                      f"--cpu_replicas={replicas}", check=True)
-    path, weights[replicas] = final_weights(model_dir)
+    path, weights[replicas] = checkpoint_values(model_dir)
     assert path.endswith(f"ckpt-{TOTAL_STEPS}")
   return weights
 
@@ -99,8 +126,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(
   # The state file names a checkpoint only once it is complete, so a kill
   # right after ckpt-<kill_after> was written may resume from the one before.
   assert resumed_step >= kill_after - 4
-  path, weights = final_weights(model_dir)
+  path, weights = checkpoint_values(model_dir)
   assert path.endswith(f"ckpt-{TOTAL_STEPS}")
+  assert_trained_after(model_dir, resumed_step, weights)
   difference = max_difference(weights, uninterrupted[replicas])
   print(f"{replicas} replica(s), killed after step {kill_after}, resumed at "
         f"{resumed_step}: max weight difference {difference:.2e}")
@@ -126,7 +154,8 @@ def test_sigterm_saves_exits_and_resumes_identically(uninterrupted, tmp_path):
   result = conftest.run_cli(*RUN_FLAGS, f"--model_dir={model_dir}",
                             "--cpu_replicas=2", check=True)
   assert f"Resuming at step {saved_step} " in result.stderr
-  _, weights = final_weights(model_dir)
+  _, weights = checkpoint_values(model_dir)
+  assert_trained_after(model_dir, saved_step, weights)
   difference = max_difference(weights, uninterrupted[2])
   print(f"SIGTERM at step {saved_step}: max weight difference {difference:.2e}")
   assert difference <= 1e-6
@@ -258,15 +287,14 @@ def test_two_workers_stop_together_on_sigterm_to_one_and_resume(tmp_path):
   flags = [*test_multi_worker.PARITY_FLAGS, "--checkpoint_every_steps=2",
            "--steps_per_loop=1",
            f"--collective_timeout_s={test_multi_worker.COLLECTIVE_TIMEOUT_S}"]
-  reference = tmp_path / "reference"
-  test_multi_worker._run_reference(reference)  # pylint: disable=protected-access
+  reference_dir, reference = test_multi_worker.run_reference(
+      str(tmp_path / "reference"))
   model_dir = tmp_path / "run"
   launch = test_multi_worker.Launch(2, [*flags, f"--model_dir={model_dir}"])
-  index = os.path.join(_checkpoint_dir(model_dir), "ckpt-6.index")
-  deadline = time.monotonic() + 240
-  while not os.path.exists(index) and time.monotonic() < deadline:
-    assert launch.process.poll() is None, launch.output[-6000:]
-    time.sleep(0.01)
+  wait_for_checkpoint(launch.process, model_dir, 6, timeout=240,
+                      output_fn=lambda: launch.output,
+                      # The launcher passes SIGTERM on to its workers.
+                      stop_fn=launch.process.terminate)
   # As when a scheduler preempts one node: only worker 1 gets SIGTERM, and
   # the chief must stop at the same step.
   os.kill(launch.worker_pids()[1], signal.SIGTERM)
@@ -284,8 +312,10 @@ def test_two_workers_stop_together_on_sigterm_to_one_and_resume(tmp_path):
   resumed = test_multi_worker.Launch(2, [*flags, f"--model_dir={model_dir}"])
   assert resumed.wait(timeout=300) == 0, resumed.output[-6000:]
   assert f"Resuming at step {step} " in resumed.output
-  difference = test_multi_worker._max_weight_difference(  # pylint: disable=protected-access
-      str(model_dir), str(reference))
+  difference = test_multi_worker.max_checkpoint_difference(
+      str(model_dir), reference_dir, reference)
+  print(f"2 workers, SIGTERM at step {step}, resumed: max difference from "
+        f"1 device {difference:.2e}")
   assert difference < 1e-5
 
 

@@ -4,9 +4,12 @@ import os
 import re
 import time
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from dist_train import config as config_lib
+from dist_train.models import mnist
 from dist_train.outputs import summaries
 from tests import conftest
 
@@ -32,6 +35,14 @@ def weights_by_shape(values):
   """The checkpoint's float arrays with 2 dimensions or more, by shape."""
   return {v.shape: v for v in values.values()
           if isinstance(v, np.ndarray) and v.ndim >= 2}
+
+
+def training_state(values):
+  """Every value of a checkpoint (weights, global step, epoch, step in
+  epoch) but its object graph and save_counter (the number of saves)."""
+  return {name: value for name, value in values.items()
+          if name != "_CHECKPOINTABLE_OBJECT_GRAPH"
+          and not name.startswith("save_counter/")}
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +99,19 @@ def test_writes_checkpoints_that_restore(trained_dir):
   assert {(784, 64), (64, 64), (64, 10)} <= set(kernels)
   assert all(np.all(np.isfinite(k)) for k in kernels.values())
 
+  # A model built afresh and restored from it computes what the trained model
+  # (exported at the end of the run) computes.
+  model = mnist.create_model(config_lib.Config(
+      model_dir=model_dir, kernel_l2=0.0001, activity_regularization=0.00001))
+  tf.train.Checkpoint(model=model).restore(
+      path).assert_existing_objects_matched()
+  trained = keras.saving.load_model(
+      os.path.join(model_dir, "export", "model.keras"))
+  features = np.random.default_rng(0).uniform(size=(16, 784)).astype(
+      np.float32)
+  np.testing.assert_allclose(model(features).numpy(),
+                             trained(features).numpy(), atol=1e-6)
+
 
 def test_rerun_resumes_from_the_latest_checkpoint(trained_dir, tmp_path):
   model_dir, _ = trained_dir
@@ -106,9 +130,12 @@ def test_rerun_resumes_from_the_latest_checkpoint(trained_dir, tmp_path):
   conftest.run_cli(CPU_TEST_FLAGS, f"--model_dir={straight_dir}",
                    "--epochs=3", check=True)
   _, straight = read_checkpoint(str(straight_dir))
-  resumed, straight = weights_by_shape(resumed), weights_by_shape(straight)
-  for shape in resumed:
-    np.testing.assert_allclose(resumed[shape], straight[shape], atol=1e-6)
+  resumed, straight = training_state(resumed), training_state(straight)
+  assert sorted(resumed) == sorted(straight)
+  assert len([v for v in resumed.values() if np.ndim(v) >= 1]) == 6
+  for name in resumed:
+    np.testing.assert_allclose(resumed[name], straight[name], atol=1e-6,
+                               err_msg=name)
 
   # Training for the completed number of epochs again does nothing.
   again = conftest.run_cli(CPU_TEST_FLAGS, f"--model_dir={model_dir}",

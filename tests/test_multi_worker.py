@@ -1,11 +1,12 @@
 """MultiWorkerMirroredStrategy with real worker processes on loopback.
 
-On CPU each worker is one replica. The parity runs train the reference case of
-`parity_run.py` on 641 examples: replica r of R gets rows
-[n*r//R, n*(r+1)//R) of each global batch of n, so batches of 64 split 32/32
-over 2 workers and 21/21/22 over 3, and the last batch of each epoch holds one
-example, so some workers get an empty slice. Every global step must still
-consume exactly the single-device batch.
+On CPU each worker is one replica. The parity runs train the reference_sum
+case of `parity_run.py`: 65-example global batches split 32/33 over 2 workers
+and 21/22/22 over 3, and the last batch of each epoch holds 2 examples, split
+1/1 and 0/1/1, so a worker gets an empty slice. Every global step must still
+consume exactly the single-device batch. The single-device reference runs
+through `parity_run.py`, which records its initial weights: the compared
+weights must have moved from them by far more than the tolerance.
 
 Workers listen on ports found free beforehand (TensorFlow binds the port of
 its TF_CONFIG itself): a worker whose port another process took in between
@@ -28,19 +29,21 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from launch import workers
+from dist_train.outputs import summaries
 from tests import conftest
 from tests import parity_run
 from tests import test_parity
 
-NUM_TRAIN_EXAMPLES = 641  # 10 full global batches of 64, then 1 example.
+PARITY_CASE = "reference_sum"
 STEPS = 22  # 11 an epoch, 2 epochs.
+NUM_WEIGHTS = 6  # 3 Dense layers: kernels and biases.
 # Generous: on 2 busy cores one worker may trace for seconds while the others
 # wait in a collective.
 COLLECTIVE_TIMEOUT_S = 120
-PARITY_FLAGS = parity_run.cli_flags(
-    "reference_sum", num_train_examples=NUM_TRAIN_EXAMPLES)
+PARITY_FLAGS = parity_run.cli_flags(PARITY_CASE)
 
 
 # What a worker prints when it cannot bind the port its TF_CONFIG gives it.
@@ -230,15 +233,70 @@ def _checkpoint_values(model_dir):
   return int(path.rsplit("-", 1)[1]), values
 
 
-def _max_weight_difference(a_dir, b_dir):
+def checkpoint_weights(values):
+  """The model's trainable variables in model order, from checkpoint values
+  (the checkpoint reaches them through the optimizer, which lists them)."""
+  return [values[f"optimizer/_trainable_variables/{i}/.ATTRIBUTES/"
+                 "VARIABLE_VALUE"] for i in range(NUM_WEIGHTS)]
+
+
+def max_checkpoint_difference(a_dir, b_dir, reference):
+  """The largest difference between the values of the latest checkpoints in
+  a_dir and b_dir (weights, global step, epoch, step in epoch), after
+  checking that both ran STEPS steps and moved far from `reference`'s
+  initial weights (a parity_run.py result)."""
   (a_step, a), (b_step, b) = _checkpoint_values(a_dir), _checkpoint_values(
       b_dir)
   assert a_step == b_step == STEPS
   assert sorted(a) == sorted(b)
-  weights = [name for name in a
-             if np.asarray(a[name]).dtype.kind == "f" and np.ndim(a[name]) >= 1]
-  assert len(weights) == 6, sorted(a)  # 3 Dense layers: kernels and biases.
-  return max(float(np.max(np.abs(a[n] - b[n]))) for n in weights)
+  initial = test_parity.initial_weights(reference)
+  for values in (a, b):
+    moved = test_parity.max_difference(checkpoint_weights(values), initial)
+    print(f"moved {moved:.2e} from the initial weights")
+    assert moved > test_parity.MIN_MOVED
+  # save_counter counts saves, which --checkpoint_every_steps changes.
+  return max(float(np.max(np.abs(a[name] - b[name]))) for name in a
+             if not name.startswith("save_counter/"))
+
+
+def run_reference(output_dir):
+  """The single-device run of PARITY_CASE through parity_run.py.
+
+  Returns:
+    (its model_dir, the result parity_run.py saved).
+  """
+  results = test_parity.train(output_dir, [PARITY_CASE], 1)
+  return (os.path.join(output_dir, f"{PARITY_CASE}_1"),
+          results[(PARITY_CASE, 1)])
+
+
+def recorded_hparams(model_dir):
+  """{name: value} of the run description the chief wrote to TensorBoard."""
+  accumulator = event_accumulator.EventAccumulator(
+      os.path.join(model_dir, "train"),
+      size_guidance={event_accumulator.TENSORS: 0})
+  accumulator.Reload()
+  content = accumulator.PluginTagToContent("hparams")
+  data = plugin_data_pb2.HParamsPluginData.FromString(
+      content["_hparams_/session_start_info"])
+  return {name: getattr(value, value.WhichOneof("kind"))
+          for name, value in data.session_start_info.hparams.items()}
+
+
+def assert_same_scalars(a_dir, b_dir):
+  """The two runs wrote the same training and validation scalars (but
+  throughput), at the same steps."""
+  for split in ("train", "validation"):
+    a = summaries.read_scalars(os.path.join(a_dir, split))
+    b = summaries.read_scalars(os.path.join(b_dir, split))
+    tags = sorted(set(a) - {"examples_per_second", "steps_per_second"})
+    assert tags and tags == sorted(
+        set(b) - {"examples_per_second", "steps_per_second"})
+    for tag in tags:
+      assert [step for step, _ in a[tag]] == [step for step, _ in b[tag]]
+      np.testing.assert_allclose([v for _, v in a[tag]],
+                                 [v for _, v in b[tag]], atol=1e-5,
+                                 err_msg=f"{split}/{tag}")
 
 
 def _final_metrics(log, epochs=2):
@@ -269,11 +327,6 @@ def _consecutive_free_ports(count):
       for s in sockets:
         s.close()
   raise RuntimeError(f"found no {count} consecutive free ports")
-
-
-def _run_reference(model_dir):
-  return conftest.run_cli(*PARITY_FLAGS, "--cpu_replicas=1",
-                          f"--model_dir={model_dir}", check=True)
 
 
 def _run_two_workers_with_launcher(model_dir, temp_dir):
@@ -314,7 +367,7 @@ def runs(tmp_path_factory):
           ("reference", "two_workers", "three_workers", "worker_tmp")}
   os.makedirs(dirs["worker_tmp"])
   with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-    reference = pool.submit(_run_reference, dirs["reference"])
+    reference = pool.submit(run_reference, dirs["reference"])
     two = pool.submit(_run_two_workers_with_launcher, dirs["two_workers"],
                       dirs["worker_tmp"])
     results = {"reference": reference.result(), "two_workers": two.result()}
@@ -325,9 +378,24 @@ def runs(tmp_path_factory):
   return dirs, results
 
 
-def test_two_workers_on_the_ring_collective_match_one_device(runs):
+def _assert_matches_one_device(runs, name, num_workers):
   dirs, results = runs
-  launch = results["two_workers"]
+  reference_dir, reference = results["reference"]
+  assert (int(reference["num_replicas"]), int(reference["num_workers"])) == (
+      1, 1)
+  recorded = recorded_hparams(dirs[name])
+  assert (recorded["num_replicas"], recorded["num_workers"]) == (
+      num_workers, num_workers)
+  difference = max_checkpoint_difference(reference_dir, dirs[name], reference)
+  print(f"{num_workers} workers vs 1 device: max weight difference "
+        f"{difference:.2e}")
+  assert difference < test_parity.TOLERANCE
+  # Metrics are aggregated over the workers, as over local replicas.
+  assert_same_scalars(reference_dir, dirs[name])
+
+
+def test_two_workers_on_the_ring_collective_match_one_device(runs):
+  launch = runs[1]["two_workers"]
   assert launch.process.returncode == 0, launch.output[-6000:]
   for index in (0, 1):
     log = "".join(launch.worker_lines(index))
@@ -336,29 +404,17 @@ def test_two_workers_on_the_ring_collective_match_one_device(runs):
                      r"collective ring,", log), log[-3000:]
     # What TensorFlow's strategy says it uses.
     assert "communication = CommunicationImplementation.RING" in log
-  chief_log = "".join(launch.worker_lines(0))
-  difference = _max_weight_difference(dirs["reference"], dirs["two_workers"])
-  print(f"2 workers vs 1 device: max weight difference {difference:.2e}")
-  assert difference < test_parity.TOLERANCE
-  # Metrics are aggregated over the workers, as over local replicas.
-  assert _final_metrics(chief_log) == _final_metrics(
-      results["reference"].stderr)
+  _assert_matches_one_device(runs, "two_workers", 2)
 
 
 def test_three_workers_of_a_slurm_step_match_one_device(runs):
-  dirs, results = runs
-  returncodes, logs = results["three_workers"]
+  returncodes, logs = runs[1]["three_workers"]
   assert returncodes == [0, 0, 0], logs[0][-6000:]
   for proc_id, log in enumerate(logs):
     assert re.search(
         rf"with 3 replica\(s\) on 3 worker\(s\); this is task worker:{proc_id}"
         r".*; collective auto,", log), log[-3000:]
-  difference = _max_weight_difference(dirs["reference"],
-                                      dirs["three_workers"])
-  print(f"3 workers vs 1 device: max weight difference {difference:.2e}")
-  assert difference < test_parity.TOLERANCE
-  assert _final_metrics(logs[0]) == _final_metrics(
-      results["reference"].stderr)
+  _assert_matches_one_device(runs, "three_workers", 3)
 
 
 def _event_files(model_dir):

@@ -30,21 +30,28 @@ def _resolver(cluster_flag="auto", **kwargs):
   return strategy_lib.create_cluster_resolver(resolved, **kwargs)
 
 
-def test_slurm_step_of_two_nodes_becomes_a_cluster_of_four_workers(environ):
+@pytest.mark.parametrize("visible_gpus", [0, 3])
+def test_slurm_step_of_two_nodes_becomes_a_cluster_of_four_workers(
+    environ, monkeypatch, visible_gpus):
   environ.setenv("SLURM_PROCID", "3")
   environ.setenv("SLURM_STEP_NUM_TASKS", "4")
   environ.setenv("SLURM_STEP_NODELIST", "gpu[07-08]")
   environ.setenv("SLURM_STEP_TASKS_PER_NODE", "2(x2)")
   visible_before = os.environ.get("CUDA_VISIBLE_DEVICES")
+  # The GPUs this task sees, whatever the machine running the test has.
+  get_visible_devices = tf.config.get_visible_devices
+  monkeypatch.setattr(tf.config, "get_visible_devices", lambda kind=None: (
+      [f"gpu{i}" for i in range(visible_gpus)] if kind == "GPU" else
+      get_visible_devices(kind)))
 
   resolver = _resolver("slurm", slurm_port_base=9100)
 
   assert resolver.cluster_spec().as_dict() == {"worker": [
       "gpu07:9100", "gpu07:9101", "gpu08:9100", "gpu08:9101"]}
   assert (resolver.task_type, resolver.task_id) == ("worker", 3)
-  # The strategy uses the GPUs this task sees (none here: one CPU replica).
-  assert resolver.num_accelerators() == {
-      "GPU": len(tf.config.get_visible_devices("GPU"))}
+  # The strategy uses the GPUs the task sees (0 means one CPU replica), not
+  # the 1 GPU per task of the layout SlurmClusterResolver is given.
+  assert resolver.num_accelerators() == {"GPU": visible_gpus}
   assert os.environ.get("CUDA_VISIBLE_DEVICES") == visible_before
 
 

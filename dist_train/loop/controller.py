@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 
 from dist_train import errors
+from dist_train.distribute import strategy as strategy_lib
 from dist_train.loop import guards
 from dist_train.loop import preemption
 from dist_train.loop import schedule as schedule_lib
@@ -33,6 +34,12 @@ class RunResult:
   first_loop_end_time: Optional[float] = None
   # Why training ended before its last step (early stopping, a callback).
   stopped_early: Optional[str] = None
+  # What ran: the strategy's replicas in sync and worker processes, and the
+  # compiled training loops this process called (a resumed run counts its
+  # own; --steps_per_loop and the log and checkpoint steps set how many).
+  num_replicas: int = 1
+  num_workers: int = 1
+  loop_calls: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,7 +326,11 @@ class Controller:
                      validation_metrics=self._last_validation,
                      history=history,
                      first_loop_end_time=self._first_loop_end_time,
-                     stopped_early=self._stop_reason)
+                     stopped_early=self._stop_reason,
+                     num_replicas=self._trainer.strategy.num_replicas_in_sync,
+                     num_workers=strategy_lib.num_workers(
+                         self._trainer.strategy),
+                     loop_calls=self._trainer.train_loop_calls)
 
   def _position(self, epoch) -> int:
     """Steps of `epoch` done, from the global step."""

@@ -207,6 +207,7 @@ class Trainer:
       self._step_loss = keras.metrics.Mean(name=losses.TOTAL)
     self._train_loop = tf.function(self._train_loop_fn)
     self._eval_loop = tf.function(self._eval_loop_fn)
+    self._train_loop_calls = 0
 
   # Tier 1: one replica, one step.
 
@@ -398,6 +399,7 @@ class Trainer:
       floats.
     """
     means = self._train_loop(iterator, tf.constant(num_steps, tf.int32))
+    self._train_loop_calls += 1
     return {name: float(value) for name, value in means.items()}
 
   def eval_steps(self, dataset, num_steps: int) -> dict:
@@ -411,6 +413,11 @@ class Trainer:
   def train_traces(self) -> int:
     """How often the training loop was traced; 0 before its first call."""
     return self._train_loop.experimental_get_tracing_count()
+
+  @property
+  def train_loop_calls(self) -> int:
+    """How many compiled training loops `train_steps` has run."""
+    return self._train_loop_calls
 
   def learning_rate(self) -> float:
     return float(self.optimizer.learning_rate.numpy())
