@@ -10,7 +10,6 @@ import tensorflow as tf
 
 from dist_train import train
 from dist_train import config as config_lib
-from dist_train.data import datasets
 from dist_train.models import mnist
 from tests import conftest
 from tests import test_main

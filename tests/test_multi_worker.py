@@ -333,8 +333,10 @@ def _run_two_workers_with_launcher(model_dir, temp_dir):
   """Through `launch.local`, with the ring all-reduce asked for by name (the
   SLURM step leaves it at auto); the workers' temporary files go to
   temp_dir."""
+  # --traceback also keeps TensorFlow's INFO lines, among them the one
+  # saying which collective the strategy uses.
   launch = Launch(2, [*PARITY_FLAGS, f"--model_dir={model_dir}",
-                      "--collective=ring",
+                      "--collective=ring", "--traceback",
                       f"--collective_timeout_s={COLLECTIVE_TIMEOUT_S}"],
                   env_overrides={"TMPDIR": temp_dir})
   launch.wait(timeout=300)

@@ -4,7 +4,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from dist_train import config as config_lib
 from dist_train.loop import steps
+from dist_train.tasks import classification
 from dist_train.models import mnist
 
 
@@ -14,7 +16,10 @@ def test_loops_of_different_lengths_share_one_trace():
     model = mnist.create_mlp(hidden_units=4)
     optimizer = keras.optimizers.SGD(learning_rate=0.01)
     optimizer.build(model.trainable_variables)
-  trainer = steps.Trainer(strategy=strategy, model=model, optimizer=optimizer,
+  trainer = steps.Trainer(strategy=strategy,
+                          task=classification.ClassificationTask(
+                              config_lib.Config(model_dir="/tmp/unused")),
+                          model=model, optimizer=optimizer,
                           add_loss_reduction="mean")
   batch = (np.zeros([8, 784], np.float32), np.arange(8, dtype=np.int32))
   iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
