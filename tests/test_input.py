@@ -27,11 +27,14 @@ from dist_train.data import datasets
 from dist_train.data import pipelines
 from tests import conftest
 from tests import input_fixtures
+from tests import parity_run
 from tests import test_multi_worker
 from tests import test_parity
 
-FLAGS = test_multi_worker.PARITY_FLAGS
-NUM_EXAMPLES = test_multi_worker.NUM_TRAIN_EXAMPLES
+NUM_EXAMPLES = 641  # 10 full global batches of 64, then 1 example.
+STEPS = 22  # 11 an epoch, 2 epochs.
+FLAGS = parity_run.cli_flags("reference_sum", num_train_examples=NUM_EXAMPLES,
+                             global_batch_size=64)
 TIMEOUT_FLAG = (
     f"--collective_timeout_s={test_multi_worker.COLLECTIVE_TIMEOUT_S}")
 TRAIN_FILES = [90, 10, 70, 30, 50]
@@ -185,6 +188,21 @@ def runs(tmp_path_factory):
     return dirs, {name: future.result() for name, future in futures.items()}
 
 
+def _max_weight_difference(a_dir, b_dir):
+  """The largest difference of a float weight between the latest checkpoints
+  of two runs of STEPS steps (every variable compared)."""
+  # pylint: disable=protected-access
+  (a_step, a), (b_step, b) = (test_multi_worker._checkpoint_values(a_dir),
+                              test_multi_worker._checkpoint_values(b_dir))
+  # pylint: enable=protected-access
+  assert a_step == b_step == STEPS
+  assert sorted(a) == sorted(b)
+  weights = [name for name in a
+             if np.asarray(a[name]).dtype.kind == "f" and np.ndim(a[name]) >= 1]
+  assert len(weights) >= 6, sorted(a)  # 3 Dense layers: kernels, biases.
+  return max(float(np.max(np.abs(a[n] - b[n]))) for n in weights)
+
+
 def _reads(log):
   return [int(n) for n in re.findall(
       r"worker \d+ read (\d+) training examples", log)]
@@ -206,7 +224,7 @@ def test_workers_read_their_share_and_match_one_device(runs, name,
     assert _reads("".join(launch.worker_lines(worker))) == [reads[worker]] * 2
   reference_log = results["reference"].stderr
   assert _reads(reference_log) == [NUM_EXAMPLES] * 2
-  difference = test_multi_worker._max_weight_difference(  # pylint: disable=protected-access
+  difference = _max_weight_difference(
       dirs["reference"], dirs[name])
   print(f"{name} vs 1 device: max weight difference {difference:.2e}")
   assert difference < test_parity.TOLERANCE
@@ -220,7 +238,7 @@ def test_two_replicas_match_one_device_in_each_placement(runs, placement):
   dirs, results = runs
   assert f"input placement: {placement}" in results[placement].stderr
   assert _reads(results[placement].stderr) == [NUM_EXAMPLES] * 2
-  difference = test_multi_worker._max_weight_difference(  # pylint: disable=protected-access
+  difference = _max_weight_difference(
       dirs["reference"], dirs[placement])
   print(f"2 replicas, {placement} vs 1 device: max weight difference "
         f"{difference:.2e}")
