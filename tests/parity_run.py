@@ -148,7 +148,7 @@ def _train_case(case, replicas, output_dir, strategy, xla_dump_dir):
   config = config_lib.Config(
       model_dir=os.path.join(output_dir, f"{case}_{replicas}"),
       cpu_replicas=replicas, **settings(case))
-  modules_before = _count_modules(xla_dump_dir, "replica_gradients")
+  modules_before = _count_modules(xla_dump_dir, "micro_gradients")
   result = train.train_and_evaluate(config, model_fn=model_fn,
                                     strategy=strategy)
   np.savez(
@@ -156,7 +156,7 @@ def _train_case(case, replicas, output_dir, strategy, xla_dump_dir):
       global_step=result.global_step, num_replicas=result.num_replicas,
       num_workers=result.num_workers, loop_calls=result.loop_calls,
       xla_gradient_modules=(
-          _count_modules(xla_dump_dir, "replica_gradients") - modules_before),
+          _count_modules(xla_dump_dir, "micro_gradients") - modules_before),
       **{f"train_{k}": v for k, v in result.train_metrics.items()},
       **{f"validation_{k}": v for k, v in result.validation_metrics.items()},
       **{f"initial_{i}": v for i, v in enumerate(initial)},
