@@ -1,8 +1,8 @@
 """The run configuration: one frozen, typed object built from flags in `main`.
 
 Each option is defined once, as a field of `Config` with its default, help,
-choices and check; the absl flags and the README's flag table are derived
-from it. This module imports no TensorFlow, so a bad configuration is
+choices and check; the absl flags and the flag table of docs/flags.md are
+derived from it. This module imports no TensorFlow, so a bad configuration is
 reported in well under a second, before TensorFlow starts.
 """
 
@@ -37,14 +37,14 @@ def option(default, help_text: str, *, choices: tuple = (),
   """A Config field that is also a command-line flag of the same name.
 
   This is the one place an option is defined: `flags.py` derives the absl
-  flag from it and `flags.flag_table()` the README's table.
+  flag from it and `flags.flag_table()` the table of docs/flags.md.
 
   Args:
     default: the default value.
-    help_text: what the option does, for --help and the README.
+    help_text: what the option does, for --help and docs/flags.md.
     choices: the allowed values (an enum flag).
     check: "positive" or "non_negative", checked by `validate`.
-    shown: how the README shows a default of None ("all", "off", ...).
+    shown: how docs/flags.md shows a default of None ("all", "off", ...).
     import_path: besides `choices`, a `package.module:function` is allowed.
   """
   return dataclasses.field(default=default, metadata=dict(
@@ -69,7 +69,7 @@ class Config:
       "beside it).", choices=MODES)
   task: Optional[str] = option(
       None, "A user task_fn(config) -> task as package.module:function (see "
-      "Bring your own training); default: the built-in classification of "
+      "docs/tasks.md); default: the built-in classification of "
       "--model on --dataset.", shown="built-in")
   # Data.
   dataset: str = option(

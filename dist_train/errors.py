@@ -11,7 +11,7 @@ import re
 import sysconfig
 import traceback
 
-# Exit codes, as documented in the README ("Failure behaviour").
+# Exit codes, as documented in docs/failures.md.
 EXIT_BAD_INPUT = 1  # Flags, data, user code, checkpoints or model_dir unusable.
 EXIT_NON_FINITE = 3  # A loss term or weight became NaN or Inf.
 # EX_TEMPFAIL from sysexits.h: a temporary failure; rerunning the same command

@@ -2,7 +2,7 @@
 
 Only `main` (and launch entry points) import this module; the library takes a
 `Config` or the values it uses. An option is added by adding a field to
-`config.Config`: its flag, its --help text and its row in the README's flag
+`config.Config`: its flag, its --help text and its row in docs/flags.md's flag
 table follow from the field.
 """
 
@@ -76,7 +76,7 @@ def _shown_default(field: dataclasses.Field) -> str:
 
 
 def flag_table() -> str:
-  """The README's table of every flag, in Markdown."""
+  """The table of every flag in docs/flags.md, in Markdown."""
   rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
   for field in dataclasses.fields(config_lib.Config):
     help_text = field.metadata["help"].replace("|", "\\|")

@@ -1,9 +1,9 @@
-"""Rewrites the flag table in README.md from dist_train/config.py.
+"""Rewrites the flag table in docs/flags.md from dist_train/config.py.
 
     python scripts/update_flag_table.py
 
 Each option is defined once, as a Config field; tests/test_flags.py fails
-while the README's table differs from what this writes.
+while the table in docs/flags.md differs from what this writes.
 """
 
 import os
@@ -18,13 +18,13 @@ HEADER = "| flag | default | meaning |"
 
 
 def main():
-  path = os.path.join(ROOT, "README.md")
+  path = os.path.join(ROOT, "docs", "flags.md")
   with open(path) as f:
-    readme = f.read()
-  start = readme.index(HEADER)
-  end = readme.index("\n\n", start) + 1
+    page = f.read()
+  start = page.index(HEADER)
+  end = page.index("\n\n", start) + 1
   with open(path, "w") as f:
-    f.write(readme[:start] + flags.flag_table() + readme[end:])
+    f.write(page[:start] + flags.flag_table() + page[end:])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Tasks used by the tests (--task=tests.task_fixtures:...): a masked
 variable-length sequence task, a weighted two-output task, a task with its
-own train_step, a task with a global batch of zero weights, and unusable
-tasks. Small and synthetic, so that runs take seconds."""
+own train_step, a task with a global batch of zero weights, a task whose
+validation accuracy peaks mid-run, and unusable tasks. Small and synthetic,
+so that runs take seconds."""
 
 import keras
 import numpy as np
@@ -174,6 +175,43 @@ def zero_weight_batch(config):
 def zero_weight_batch_dropped(config):
   """The same examples without the zero-weight ones."""
   return ZeroWeightBatch(config, num_train=ZeroWeightBatch.FIRST_ZERO_WEIGHT)
+
+
+class DriftingBoundary(tasks.Task):
+  """A validation metric that peaks mid-run and then gets worse, by design.
+
+  One input x in [-1, 1]; the training labels say x > -0.5, the validation
+  labels x > 0.25. The model starts with its decision boundary at x = 1
+  (fixed initial weights) and SGD moves it towards -0.5, through 0.25: the
+  validation accuracy rises while the boundary approaches 0.25 and falls
+  after it passed, so the best model is in the middle of the run, and the
+  validation loss bottoms out at another step than the accuracy peaks.
+  """
+
+  def build_model(self):
+    inputs = keras.Input(shape=(1,))
+    # Logits (-x/2 + 1/2, x/2 - 1/2): class 1 exactly where x > 1.
+    outputs = keras.layers.Dense(
+        2, kernel_initializer=keras.initializers.Constant([[-0.5, 0.5]]),
+        bias_initializer=keras.initializers.Constant([0.5, -0.5]))(inputs)
+    return keras.Model(inputs, outputs)
+
+  def build_dataset(self, split):
+    if split == "train":
+      x = np.linspace(-1, 1, 200, dtype=np.float32)
+      labels = x > -0.5
+    else:
+      x = np.linspace(-0.99, 0.99, 100, dtype=np.float32)
+      labels = x > 0.25
+    return tf.data.Dataset.from_tensor_slices(
+        (x[:, None], labels.astype(np.int32)))
+
+  def loss(self, labels, outputs):
+    return keras.losses.sparse_categorical_crossentropy(labels, outputs,
+                                                        from_logits=True)
+
+  def metrics(self):
+    return [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
 
 
 # Unusable tasks (--task=tests.task_fixtures:<class>: a class taking the

@@ -35,9 +35,9 @@ def test_flags_give_the_config_of_the_same_values():
       lr_boundaries=(3, 6), clip_norm=0.5, jit_compile=True)
 
 
-def test_readme_flag_table_is_generated_from_the_config():
-  with open(os.path.join(conftest.REPO_ROOT, "README.md")) as f:
-    readme = f.read()
-  assert flags_lib.flag_table() in readme, (
-      "README's flag table is out of date; replace it with the output of "
+def test_docs_flag_table_is_generated_from_the_config():
+  with open(os.path.join(conftest.REPO_ROOT, "docs", "flags.md")) as f:
+    page = f.read()
+  assert flags_lib.flag_table() in page, (
+      "the flag table of docs/flags.md is out of date; run "
       "python scripts/update_flag_table.py")

@@ -562,11 +562,11 @@ def test_a_dead_worker_is_noticed_by_its_peer_without_a_launcher(tmp_path):
   assert _running_processes_mentioning(model_dir) == []
 
 
-def test_readme_two_worker_example_runs(tmp_path):
-  """The local example of the README's Scaling out section, as printed."""
-  with open(os.path.join(conftest.REPO_ROOT, "README.md")) as f:
-    readme = f.read()
-  section = readme[readme.index("## Scaling out"):]
+def test_docs_two_worker_example_runs(tmp_path):
+  """The local example of docs/scaling-out.md, as printed."""
+  with open(os.path.join(conftest.REPO_ROOT, "docs", "scaling-out.md")) as f:
+    page = f.read()
+  section = page[page.index("## Several workers on one machine"):]
   command = next(block for block in re.findall(r"```sh\n(.*?)```", section,
                                                re.S)
                  if "launch.local" in block)

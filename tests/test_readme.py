@@ -1,4 +1,4 @@
-"""The README's code examples run as printed."""
+"""The code examples of README.md and docs/ run as printed."""
 
 import csv
 import os
@@ -7,10 +7,12 @@ import re
 from tests import conftest
 
 
-def _python_block_after(heading):
-  with open(os.path.join(conftest.REPO_ROOT, "README.md")) as f:
-    readme = f.read()
-  section = readme[readme.index(heading):]
+def _python_block_after(heading, page="README.md"):
+  """The first Python block after `heading` in `page` (relative to the
+  repository root)."""
+  with open(os.path.join(conftest.REPO_ROOT, page)) as f:
+    text = f.read()
+  section = text[text.index(heading):]
   return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -31,7 +33,7 @@ def test_plugin_example_runs_from_the_command_line(tmp_path):
   package.mkdir()
   (package / "__init__.py").write_text("")
   (package / "plugins.py").write_text(
-      _python_block_after("## Your own model and data"))
+      _python_block_after("## Your own model and data", "docs/tasks.md"))
   result = conftest.run_cli(
       f"--model_dir={tmp_path / 'run'}", "--cpu_replicas=2", "--epochs=1",
       "--model=my_project.plugins:model_fn",
@@ -43,9 +45,9 @@ def test_plugin_example_runs_from_the_command_line(tmp_path):
 
 def test_callbacks_example_runs(tmp_path):
   model_dir = tmp_path / "callbacks"
-  code = _python_block_after(
-      "## Evaluation, model selection and fine-tuning").replace(
-          "/tmp/dist_train/callbacks", str(model_dir))
+  code = _python_block_after("## Callbacks in the Python API",
+                             "docs/evaluation.md").replace(
+                                 "/tmp/dist_train/callbacks", str(model_dir))
   script = tmp_path / "example.py"
   script.write_text(code)
   result = conftest.run_python([str(script)], check=True)
@@ -58,3 +60,17 @@ def test_callbacks_example_runs(tmp_path):
   assert int(step) == 63 * len(rows) < 630
   assert [float(row["val_accuracy"]) >= 0.88 for row in rows] == [
       False] * (len(rows) - 1) + [True]
+
+
+def test_task_example_runs(tmp_path):
+  """The Blobs task of docs/tasks.md prints what the page says it prints."""
+  with open(os.path.join(conftest.REPO_ROOT, "docs", "tasks.md")) as f:
+    page = f.read()
+  [code] = [block for block in re.findall(r"```python\n(.*?)```", page, re.S)
+            if "class Blobs(tasks.Task):" in block]
+  printed = re.search(r"It prints `(.*?)`", page[page.index(code):]).group(1)
+  script = tmp_path / "example.py"
+  script.write_text(code.replace("/tmp/dist_train/blobs",
+                                 str(tmp_path / "blobs")))
+  result = conftest.run_python([str(script)], check=True)
+  assert result.stdout.strip().splitlines()[-1] == printed

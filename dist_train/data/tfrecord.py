@@ -13,7 +13,7 @@ A task's build_dataset calls `read` with the feature spec of its files:
 With an input context of N pipelines (one per worker), worker i reads the
 files i, i + N, i + 2N, ... of the sorted file list: each example is read by
 one worker, and each worker reads about 1/N of the data (as even as the file
-sizes are; dist_train pads shorter shards, README "What changes with several
+sizes are; dist_train pads shorter shards, docs/data.md, "Several
 workers").
 """
 

@@ -64,8 +64,8 @@ class Task:
     `num_input_pipelines`, one per worker) and return only that worker's
     shard of a stream, e.g. every num_input_pipelines-th file from
     input_pipeline_id on (`dist_train.data.tfrecord.read` does). The workers'
-    batches then make up each global batch (README, "What changes with
-    several workers").
+    batches then make up each global batch (docs/data.md, "Several
+    workers").
     """
     raise NotImplementedError
 
