@@ -235,8 +235,10 @@ class Config:
       "auto", "Cross-worker all-reduce of multi_worker: auto, ring (gRPC) or "
       "nccl (GPUs).", choices=COLLECTIVES)
   collective_timeout_s: float = option(
-      300.0, "A multi_worker collective waiting longer than this for a peer "
-      "fails the run instead of hanging.", check="positive")
+      300.0, "A multi_worker call that waits on peer workers (a compiled "
+      "loop after the first, a validation pass, the agreement at a loop "
+      "boundary) and lasts longer than this fails the run instead of "
+      "hanging.", check="positive")
   slurm_port_base: int = option(
       8888, "With --cluster=slurm, the port of the first task on each node "
       "(the next tasks count up).", check="positive")

@@ -28,6 +28,7 @@ from dist_train.data import datasets
 from dist_train.distribute import cluster
 from dist_train.distribute import inputs
 from dist_train.distribute import strategy as strategy_lib
+from dist_train.distribute import watchdog as watchdog_lib
 from dist_train.loop import controller as controller_lib
 from dist_train.loop import optimizers
 from dist_train.loop import precision
@@ -319,7 +320,10 @@ def _build(config, task, strategy, boundary_checks=(), callbacks=(), *,
       boundary_checks=boundary_checks, selection=selection,
       callbacks=callback_list,
       epoch_end_fns=(_read_report(train_input, layout.worker_index),),
-      profiler=profiler)
+      profiler=profiler,
+      watchdog=watchdog_lib.CollectiveWatchdog(
+          timeout_s=config.collective_timeout_s,
+          num_workers=layout.num_workers))
   if is_chief:
     logging.info(
         "Training %d examples, validating %d, in global batches of %d (%d "

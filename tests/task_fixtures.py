@@ -4,6 +4,10 @@ own train_step, a task with a global batch of zero weights, a task whose
 validation accuracy peaks mid-run, and unusable tasks. Small and synthetic,
 so that runs take seconds."""
 
+import json
+import os
+import time
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -271,3 +275,34 @@ class ReducedLoss(MaskedSequences):
 
   def loss(self, labels, outputs):
     return tf.reduce_mean(super().loss(labels, outputs))
+
+
+class StalledWorker(MaskedSequences):
+  """The masked sequence task whose worker 1 (of TF_CONFIG) stops for
+  `STALL_S` seconds in its 12th step, before the step's all-reduce: alive
+  (its heartbeats go on), but its peers wait in the collective."""
+
+  STALL_S = 180
+  STALL_AT_CALL = 12
+
+  def __init__(self, config):
+    super().__init__(config)
+    task = json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {})
+    self._stalls = task.get("index") == 1
+    self._calls = 0
+
+  def _count_and_stall(self):
+    self._calls += 1
+    if self._stalls and self._calls == self.STALL_AT_CALL:
+      time.sleep(self.STALL_S)
+    return np.int32(self._calls)
+
+  def validate_batch(self, batch):
+    calls = tf.numpy_function(self._count_and_stall, [], tf.int32,
+                              stateful=True)
+    with tf.control_dependencies([calls]):
+      return tf.nest.map_structure(tf.identity, batch)
+
+
+def stalled_worker(config):
+  return StalledWorker(config)

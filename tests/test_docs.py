@@ -24,7 +24,7 @@ FOREIGN_FLAGS = {
 ABSL_PROGRAMS = ("dist_train.main", "launch.local", "launch.k8s.worker")
 # Its scripts (argparse): their flags are read from the source.
 SCRIPTS = ("scripts/benchmark.py", "scripts/make_mnist_sample.py",
-           "scripts/plot_run.py")
+           "scripts/plot_run.py", "scripts/soak.py")
 
 _LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
 _FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9_-]*)")

@@ -66,11 +66,14 @@ def worker_values(strategy, layout: pipelines.ReplicaLayout,
     return tf.one_hot(replica // layout.num_local_replicas,
                       layout.num_workers, dtype=tf.float64) * (
                           value if first_of_worker else 0.0)
-  # On the replicas' devices (through strategy.run), as NCCL needs.
-  per_replica = strategy.run(tf.identity, args=(
-      strategy.experimental_distribute_values_from_function(one_hot),))
-  return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica,
-                         axis=None).numpy()
+  values = strategy.experimental_distribute_values_from_function(one_hot)
+
+  @tf.function  # An eager collective costs a collective instance and a warning.
+  def all_reduce(values):
+    # On the replicas' devices (through strategy.run), as NCCL needs.
+    per_replica = strategy.run(tf.identity, args=(values,))
+    return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+  return all_reduce(values).numpy()
 
 
 def resolve_placement(placement: str, splits: datasets.Splits,

@@ -125,18 +125,19 @@ def _create_multi_worker_strategy(
   """MultiWorkerMirroredStrategy over every worker of the cluster.
 
   Each worker contributes its local GPUs (at most `num_gpus`), or one CPU
-  replica. `collective` picks the all-reduce and `collective_timeout_s`
-  bounds how long a collective waits for a peer, so a stuck peer fails the
-  run instead of hanging it; a dead peer is also detected by the
-  coordination service's heartbeats.
+  replica. `collective` picks the all-reduce. The collectives get no
+  timeout of their own: TensorFlow implements one with a thread per
+  collective that sleeps for the timeout, so a run of fast steps piles up
+  thousands of threads until the worker aborts. `collective_timeout_s` is
+  kept by `watchdog.CollectiveWatchdog` instead, and a dead peer is
+  detected by the coordination service's heartbeats.
   """
   if num_gpus is not None:
     gpus = tf.config.list_physical_devices("GPU")
     tf.config.set_visible_devices(gpus[:num_gpus], "GPU")
   resolver = create_cluster_resolver(resolved, slurm_port_base)
   options = tf.distribute.experimental.CommunicationOptions(
-      implementation=_COLLECTIVES[collective],
-      timeout_seconds=collective_timeout_s)
+      implementation=_COLLECTIVES[collective])
   sigterm_handler = signal.getsignal(signal.SIGTERM)
   strategy = tf.distribute.MultiWorkerMirroredStrategy(
       cluster_resolver=resolver, communication_options=options)

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from dist_train import errors
 from dist_train.distribute import strategy as strategy_lib
+from dist_train.distribute import watchdog as watchdog_lib
 from dist_train.loop import guards
 from dist_train.loop import preemption
 from dist_train.loop import schedule as schedule_lib
@@ -73,7 +74,8 @@ class Controller:
                selection: Optional[selection_lib.Selection] = None,
                callbacks=None,
                epoch_end_fns: tuple = (),
-               profiler=None):
+               profiler=None,
+               watchdog: Optional[watchdog_lib.CollectiveWatchdog] = None):
     """Creates the controller.
 
     Args:
@@ -98,6 +100,8 @@ class Controller:
       epoch_end_fns: callables (epoch from 1) run on every worker when an
         epoch's training ends (e.g. the input accounting line).
       profiler: `profiler.StepProfiler`, entered around each compiled loop.
+      watchdog: fails a call that waits on peer workers for too long (the
+        compiled loops after their first, the agreement at each boundary).
     """
     self._trainer = trainer
     self._schedule = schedule
@@ -115,6 +119,8 @@ class Controller:
     self._callbacks = callbacks or keras.callbacks.CallbackList([])
     self._epoch_end_fns = tuple(epoch_end_fns)
     self._profiler = profiler or profiler_lib.StepProfiler()
+    self._watchdog = watchdog or watchdog_lib.CollectiveWatchdog(
+        timeout_s=None, num_workers=1)
     self._first_loop_end_time = None
     self._stop_reason = None  # Set when training should end early.
     self._validate = True
@@ -163,8 +169,10 @@ class Controller:
       first_step = self.global_step + 1
       last_step = first_step + num_steps - 1
       self._callbacks.on_train_batch_begin(first_step)
-      with errors.phase(f"training steps {first_step}-{last_step}"), (
-          self._profiler.around_loop(first_step, last_step)):
+      what = f"training steps {first_step}-{last_step}"
+      with errors.phase(what), (
+          self._profiler.around_loop(first_step, last_step)), (
+              self._watchdog.guard(what, armed=not compiling)):
         losses = self._trainer.train_steps(iterator, num_steps)
       seconds = time.perf_counter() - start
       step_in_epoch += num_steps
@@ -199,8 +207,9 @@ class Controller:
     """Whether every worker agreed to stop here: on SIGTERM it saves (unless
     `saved`) and raises Preempted; when training should end early it saves
     and returns True."""
-    preempted, stop = self._preemption.agreed(
-        self._stop_reason is not None or self.model.stop_training)
+    with self._watchdog.guard(f"the agreement at step {self.global_step}"):
+      preempted, stop = self._preemption.agreed(
+          self._stop_reason is not None or self.model.stop_training)
     if preempted:
       path = (self._checkpoint.latest if saved else
               self._save(epoch=epoch, step_in_epoch=step_in_epoch))
@@ -246,11 +255,13 @@ class Controller:
     """One pass over the validation split; {} when there is none."""
     if self._validation is None:
       return {}
-    with errors.phase(f"validating at step {self.global_step}"):
+    what = f"validating at step {self.global_step}"
+    with errors.phase(what):
       if self._validation_dataset is None:  # Built once: it captures the data.
         self._validation_dataset = self._validation.dataset_fn()
-      return self._trainer.eval_steps(self._validation_dataset,
-                                      self._validation.num_steps)
+      with self._watchdog.guard(what, armed=self._trainer.eval_traces > 0):
+        return self._trainer.eval_steps(self._validation_dataset,
+                                        self._validation.num_steps)
 
   def train(self, *, validate: bool = True) -> RunResult:
     """Trains from the latest checkpoint (if any) to the last epoch, or

@@ -83,15 +83,21 @@ class PreemptionAgreement:
     self._strategy = strategy
     self._num_workers = num_workers
     self.watcher = watcher
+    # Compiled: an eager collective under MultiWorkerMirroredStrategy costs
+    # a new collective instance (and a warning) at every loop boundary.
+    self._sum_over_workers = tf.function(self._sum_fn)
+
+  def _sum_fn(self, flags):
+    per_replica = self._strategy.run(tf.identity, args=(flags,))
+    return self._strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica,
+                                 axis=None)
 
   def agreed(self, stop_requested: bool = False) -> tuple[bool, bool]:
     """(preempted, stop): whether any worker got SIGTERM, and whether any
     asked to end training early."""
     requests = [self.watcher.requested, bool(stop_requested)]
     if self._num_workers > 1:
-      flags = self._strategy.run(
-          lambda flags: flags, args=(tf.constant(requests, tf.float32),))
-      summed = self._strategy.reduce(tf.distribute.ReduceOp.SUM, flags,
-                                     axis=None).numpy()
+      summed = self._sum_over_workers(
+          tf.constant(requests, tf.float32)).numpy()
       requests = [bool(value > 0) for value in summed]
     return requests[0], requests[1]

@@ -88,6 +88,15 @@ class _Metrics:
     else:
       for metric in metrics or []:
         self.task_metrics[metric.name] = (None, metric)
+    # Read in one compiled call: the variables are aggregated across
+    # replicas on read, which under MultiWorkerMirroredStrategy is a
+    # collective per variable when run eagerly.
+    self._result_tensors = tf.function(self._results_fn)
+
+  def _results_fn(self):
+    return ({name: m.result() for name, m in self.loss_means.items()},
+            {name: metric.result()
+             for name, (_, metric) in self.task_metrics.items()})
 
   def loss_weight(self, output) -> float:
     return self._loss_weights.get(output, 1.0)
@@ -122,13 +131,13 @@ class _Metrics:
   def results(self) -> dict:
     """{name: float}: `loss`, each output's `<output>_loss` when there are
     several, and every task metric."""
-    results = {name: float(m.result()) for name, m in self.loss_means.items()}
+    loss_results, metric_results = self._result_tensors()
+    results = {name: float(value) for name, value in loss_results.items()}
     if self._loss_names and None not in self._loss_names:
       results[losses.TOTAL] = sum(
           self._loss_weights.get(output, 1.0) * results[name]
           for output, name in self._loss_names.items())
-    for name, (_, metric) in self.task_metrics.items():
-      result = metric.result()
+    for name, result in metric_results.items():
       if isinstance(result, dict):  # A metric of several values.
         results.update({f"{name}_{k}": float(v) for k, v in result.items()})
       else:
@@ -413,6 +422,11 @@ class Trainer:
   def train_traces(self) -> int:
     """How often the training loop was traced; 0 before its first call."""
     return self._train_loop.experimental_get_tracing_count()
+
+  @property
+  def eval_traces(self) -> int:
+    """How often the evaluation loop was traced; 0 before its first call."""
+    return self._eval_loop.experimental_get_tracing_count()
 
   @property
   def train_loop_calls(self) -> int:
