@@ -22,6 +22,7 @@ from dist_train import console
 from dist_train import errors
 from dist_train import flags as flags_lib
 from dist_train.distribute import cluster
+from dist_train.loop import stop
 from dist_train.outputs import ownership
 
 
@@ -68,6 +69,9 @@ def parse_flags(argv):
 
 
 def main(argv):
+  # First, before TensorFlow loads: Ctrl-C or SIGTERM while TensorFlow starts,
+  # waits for the cluster or builds the input exits at once (loop/stop.py).
+  stop.install(block=True)
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}")
   show_traceback = flags_lib.TRACEBACK.value

@@ -37,6 +37,7 @@ from dist_train.loop import early_stopping as early_stopping_lib
 from dist_train.loop import schedule as schedule_lib
 from dist_train.loop import selection as selection_lib
 from dist_train.loop import steps
+from dist_train.loop import stop
 from dist_train.outputs import best as best_lib
 from dist_train.outputs import checkpoints
 from dist_train.outputs import export
@@ -411,13 +412,24 @@ def train_and_evaluate(
   """
   if validate is None:
     validate = config.mode != "train"
+  with stop.installed():
+    stop.clear()
+    stop.set_phase("before the first training step")
+    return _train_and_evaluate(config, task=task, model_fn=model_fn,
+                               strategy=strategy, validate=validate,
+                               callbacks=callbacks)
+
+
+def _train_and_evaluate(config, *, task, model_fn, strategy, validate,
+                        callbacks) -> RunResult:
   if strategy is None:
     strategy = create_strategy(config)
   # The chief owns model_dir before it writes anything there, and checks at
   # every loop boundary that it still does.
   owner = (ownership.ModelDirOwnership(config.model_dir)
            if strategy_lib.is_chief(strategy) else None)
-  with owner or contextlib.nullcontext():
+  with owner or contextlib.nullcontext(), (
+      stop.closing(owner.release) if owner else contextlib.nullcontext()):
     task = _checked(task) if task is not None else create_task(config,
                                                                model_fn)
     run = _build(config, task, strategy,
@@ -439,6 +451,11 @@ def train_and_evaluate(
       run.profiler.close()
       run.summary_writers.close()
     if run.is_chief:
+      # The export is written under a temporary name and renamed, and
+      # training_done.json comes last: a stop here exits at once, and the
+      # rerun exports again.
+      stop.set_phase("while exporting the model")
+      stop.check_now()
       with errors.phase("exporting the model"):
         export.export_model(result.model, config.model_dir,
                             saved_model=config.export_saved_model)
@@ -459,6 +476,7 @@ def evaluate(config: config_lib.Config, *, task=None,
   Raises:
     NoCheckpointError: model_dir holds no checkpoint.
   """
+  stop.set_phase("while evaluating")  # Nothing to save: a stop exits at once.
   task = _checked(task) if task is not None else create_task(config, model_fn)
   run = _build(config, task, strategy, writes_checkpoints=False)
   try:
@@ -495,6 +513,7 @@ def continuous_evaluate(config: config_lib.Config, *, task=None,
   Returns:
     The results of the last evaluation ({} when there was none).
   """
+  stop.set_phase("while evaluating")  # Nothing to save: a stop exits at once.
   task = _checked(task) if task is not None else create_task(config, model_fn)
   run = _build(config, task, strategy, writes_checkpoints=False)
   _require_validation(run, config, "")

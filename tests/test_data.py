@@ -156,3 +156,52 @@ def test_one_pipeline_over_epochs_equals_epoch_by_epoch(tmp_path, user):
   assert labels(epoch=1, num_epochs=3) == epoch_by_epoch
   assert labels(epoch=1, num_epochs=3, skip_batches=2) == epoch_by_epoch[2:]
   assert labels(epoch=1) != labels(epoch=2)
+
+
+@pytest.mark.parametrize("global_seed", [None, 0, 3, 2**31 - 1])
+def test_shuffle_with_seed_tensor_matches_python_seed(global_seed):
+  """compat.shuffle gives Dataset.shuffle's order for the same seed, as a
+  Python int or as a tensor inside a traced function (where Dataset.shuffle
+  itself fails with TensorFlow's global seed at 0): the epochs of a lazy
+  pipeline keep the documented order."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from dist_train.data import compat  # pylint: disable=import-outside-toplevel
+  tf.random.set_seed(global_seed)
+  try:
+    examples = tf.data.Dataset.range(50)
+    seeds = [0, 1, 7 * 1_000_003 + 2, 2**31 - 1]
+    expected = [list(examples.shuffle(
+        16, seed=s, reshuffle_each_iteration=False).as_numpy_iterator())
+                for s in seeds]
+    assert [list(compat.shuffle(examples, 16, s).as_numpy_iterator())
+            for s in seeds] == expected
+    lazy = tf.data.Dataset.from_tensor_slices(
+        tf.constant(seeds, tf.int64)).flat_map(
+            lambda s: compat.shuffle(examples, 16, s))
+    assert list(lazy.as_numpy_iterator()) == sum(expected, [])
+  finally:
+    tf.random.set_seed(None)
+
+
+def test_pipeline_over_epochs_has_the_documented_order(tmp_path):
+  """Epoch e of a multi-epoch pipeline is the split shuffled with seed
+  `shuffle_seed(seed, e)` under the global seed `seed` (what the reference
+  loops of the parity tests rebuild), for --seed=0 too."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  splits = train.load_splits(_config(tmp_path, dataset="synthetic",
+                                    num_train_examples=40,
+                                    num_validation_examples=0))
+  for seed in (0, 5):
+    keras.utils.set_random_seed(seed)
+    labels = [y.numpy().tolist() for _, y in pipelines.make_train_dataset(
+        splits.train, global_batch_size=16, shuffle_buffer=64, seed=seed,
+        epoch=2, num_epochs=2)]
+    expected = []
+    for epoch in (2, 3):
+      indices = tf.data.Dataset.range(40).shuffle(
+          64, seed=pipelines.shuffle_seed(seed, epoch),
+          reshuffle_each_iteration=False).batch(16)
+      expected += [splits.train.examples[1][i.numpy()].tolist()
+                   for i in indices]
+    assert labels == expected
+  tf.random.set_seed(None)

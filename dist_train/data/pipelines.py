@@ -14,10 +14,10 @@ Two forms:
 """
 
 import dataclasses
-import functools
 
 import tensorflow as tf
 
+from dist_train.data import compat
 from dist_train.data import datasets
 
 
@@ -123,19 +123,28 @@ def _checked(split: datasets.StreamSplit, batches: tf.data.Dataset):
 
 
 def _over_epochs(epoch_dataset, epoch: int, num_epochs: int):
-  # Python seeds per epoch: a seed tensor (flat_map over epochs) fails once a
-  # global seed is set (tf.data compares seeds in Python).
-  epochs = [epoch_dataset(e) for e in range(epoch, epoch + num_epochs)]
-  return functools.reduce(tf.data.Dataset.concatenate, epochs)
+  """Epochs epoch .. epoch + num_epochs - 1 of `epoch_dataset(e)` (e: a
+  scalar int64 tensor), one after another.
+
+  Built lazily: one traced function makes each epoch's dataset when the
+  iterator reaches it, so building the pipeline takes as long for 100,000
+  epochs as for one.
+  """
+  return tf.data.Dataset.range(epoch, epoch + num_epochs).flat_map(
+      epoch_dataset)
+
+
+def _shuffled(ds: tf.data.Dataset, shuffle_buffer: int, seed: int, epoch):
+  """`ds` in epoch `epoch`'s order (`shuffle_seed(seed, epoch)`, a tensor
+  when `epoch` is one)."""
+  return compat.shuffle(ds, shuffle_buffer, shuffle_seed(seed, epoch))
 
 
 def _index_batches(split, *, batch_size, shuffle_buffer, seed, epoch,
                    num_epochs):
   indices = tf.data.Dataset.range(len(split))
   return _over_epochs(
-      lambda e: indices.shuffle(
-          shuffle_buffer, seed=shuffle_seed(seed, e),
-          reshuffle_each_iteration=False).batch(batch_size),
+      lambda e: _shuffled(indices, shuffle_buffer, seed, e).batch(batch_size),
       epoch, num_epochs)
 
 
@@ -156,9 +165,8 @@ def make_train_dataset(split, *, global_batch_size: int,
         seed=seed, epoch=epoch, num_epochs=num_epochs)
     return _gather_batches(split, index_batches.skip(skip_batches))
   batches = _over_epochs(
-      lambda e: _batch(split.dataset.shuffle(
-          shuffle_buffer, seed=shuffle_seed(seed, e),
-          reshuffle_each_iteration=False), global_batch_size),
+      lambda e: _batch(_shuffled(split.dataset, shuffle_buffer, seed, e),
+                       global_batch_size),
       epoch, num_epochs)
   return _checked(split, batches.skip(skip_batches))
 
@@ -253,9 +261,8 @@ class StepElements:
       return self._from_indices(index_batches.skip(skip_batches))
 
     def epoch_batches(e):
-      return self._stream_epoch(split.dataset.shuffle(
-          shuffle_buffer, seed=shuffle_seed(seed, e),
-          reshuffle_each_iteration=False))
+      return self._stream_epoch(
+          _shuffled(split.dataset, shuffle_buffer, seed, e))
     return self._prefetched(
         _over_epochs(epoch_batches, epoch, num_epochs).skip(skip_batches))
 

@@ -139,6 +139,10 @@ def _create_multi_worker_strategy(
   options = tf.distribute.experimental.CommunicationOptions(
       implementation=_COLLECTIVES[collective])
   sigterm_handler = signal.getsignal(signal.SIGTERM)
+  # The line a launcher or a test waits for: from here until every worker
+  # has joined, this process blocks inside TensorFlow.
+  logging.info("Joining the cluster as task %s:%s; waiting for every "
+               "worker", resolver.task_type, resolver.task_id)
   strategy = tf.distribute.MultiWorkerMirroredStrategy(
       cluster_resolver=resolver, communication_options=options)
   if (sigterm_handler is not None

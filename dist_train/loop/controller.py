@@ -15,6 +15,7 @@ from dist_train.loop import preemption
 from dist_train.loop import schedule as schedule_lib
 from dist_train.loop import selection as selection_lib
 from dist_train.loop import steps
+from dist_train.loop import stop
 from dist_train.loop import throughput as throughput_lib
 from dist_train.outputs import checkpoints
 from dist_train.outputs import profiler as profiler_lib
@@ -169,6 +170,12 @@ class Controller:
       first_step = self.global_step + 1
       last_step = first_step + num_steps - 1
       self._callbacks.on_train_batch_begin(first_step)
+      if compiling:
+        # Nothing trained yet: a stop request during the trace exits at once.
+        with errors.phase(f"tracing the training loop at step {first_step}"):
+          self._trainer.trace_train_steps(iterator, num_steps)
+        stop.check_now()
+      stop.set_unsaved()
       what = f"training steps {first_step}-{last_step}"
       with errors.phase(what), (
           self._profiler.around_loop(first_step, last_step)), (
@@ -193,7 +200,7 @@ class Controller:
                            to_console=not progress.enabled)
       self._callbacks.on_train_batch_end(self.global_step, logs=dict(losses))
       if self._validate and schedule.is_eval_step(self.global_step):
-        self._evaluate()
+        self._evaluate(epoch, step_in_epoch)
       for check in self._boundary_checks:
         check()
       if step_in_epoch == schedule.steps_per_epoch:
@@ -213,7 +220,9 @@ class Controller:
     if preempted:
       path = (self._checkpoint.latest if saved else
               self._save(epoch=epoch, step_in_epoch=step_in_epoch))
-      raise preemption.Preempted(path, self.global_step)
+      raise preemption.Preempted(
+          path, self.global_step,
+          signal_name=self._preemption.watcher.signal_name)
     if stop:
       self._stop_reason = self._stop_reason or (
           "a callback set model.stop_training")
@@ -221,10 +230,25 @@ class Controller:
         self._save(epoch=epoch, step_in_epoch=step_in_epoch)
     return stop
 
-  def _evaluate(self) -> dict:
-    """A validation pass and what follows it (best model, early stopping)."""
+  def _evaluate(self, epoch, step_in_epoch) -> dict:
+    """A validation pass and what follows it (best model, early stopping).
+
+    A stop request agreed during the pass abandons it between compiled
+    calls: the trained position is saved without it and Preempted raised.
+    At an epoch's end that position is the epoch's last step, so a resume
+    runs the epoch's validation (and its save) first.
+    """
     self._callbacks.on_test_begin()
-    metrics = self.validate()
+    metrics = self.validate(stop_fn=self._stop_agreed_in_validation)
+    if metrics is None:
+      path = self._save(epoch=epoch, step_in_epoch=step_in_epoch)
+      redone = (step_in_epoch == self._schedule.steps_per_epoch and
+                not self._schedule.eval_every_steps)
+      raise preemption.Preempted(
+          path, self.global_step,
+          signal_name=self._preemption.watcher.signal_name,
+          note=(" before its validation, which the resume runs" if redone
+                else ", leaving out its unfinished validation"))
     self._last_validation = metrics
     reason = self._selection.after_validation(
         global_step=self.global_step, metrics=metrics, model=self.model)
@@ -251,17 +275,29 @@ class Controller:
       scalars["steps_per_second"] = steps_per_second
     self._summaries.write_scalars("train", scalars, self.global_step)
 
-  def validate(self) -> dict:
-    """One pass over the validation split; {} when there is none."""
+  def _stop_agreed_in_validation(self) -> bool:
+    # Every worker asks at the same chunk boundaries: the answer is agreed.
+    with self._watchdog.guard(f"the agreement at step {self.global_step}"):
+      return self._preemption.agreed()[0]
+
+  def validate(self, stop_fn=None) -> Optional[dict]:
+    """One pass over the validation split; {} when there is none.
+
+    Args:
+      stop_fn: asked before each compiled call of `--steps_per_loop` steps;
+        when it says stop, the pass is abandoned and None returned.
+    """
     if self._validation is None:
       return {}
     what = f"validating at step {self.global_step}"
     with errors.phase(what):
       if self._validation_dataset is None:  # Built once: it captures the data.
         self._validation_dataset = self._validation.dataset_fn()
-      with self._watchdog.guard(what, armed=self._trainer.eval_traces > 0):
-        return self._trainer.eval_steps(self._validation_dataset,
-                                        self._validation.num_steps)
+      return self._trainer.eval_steps(
+          self._validation_dataset, self._validation.num_steps,
+          chunk_steps=self._schedule.steps_per_loop, stop_fn=stop_fn,
+          guard=lambda: self._watchdog.guard(
+              what, armed=self._trainer.eval_traces > 0))
 
   def train(self, *, validate: bool = True) -> RunResult:
     """Trains from the latest checkpoint (if any) to the last epoch, or
@@ -285,6 +321,9 @@ class Controller:
     self._callbacks.on_train_begin()
     with self._preemption.watcher:
       result = self._run_epochs(epoch, step_in_epoch)
+      # Every step is saved: a stop request from here on exits at once.
+      stop.set_phase("after the last checkpoint")
+      stop.check_now()
     self._callbacks.on_train_end(
         logs={**result.train_metrics, **_val_logs(result.validation_metrics)})
     return result
@@ -310,7 +349,8 @@ class Controller:
         break  # Stopped inside the epoch, where it was saved.
       validation_metrics = {}
       if self._validate and not self._schedule.eval_every_steps:
-        validation_metrics = self._evaluate()
+        validation_metrics = self._evaluate(epoch,
+                                            self._schedule.steps_per_epoch)
       elif self._schedule.eval_every_steps:
         validation_metrics = self._last_validation
       epoch, step_in_epoch = epoch + 1, 0

@@ -1,69 +1,69 @@
-"""SIGTERM as a request to save and stop at the next loop boundary.
+"""SIGTERM or SIGINT while training: save at the next loop boundary, agreed.
 
 Schedulers (SLURM, Kubernetes, cloud spot VMs) send SIGTERM some seconds
-before they kill a job. Python runs signal handlers between bytecodes, so the
-handler only records the request; the outer loop sees it after the compiled
-loop it is running returns, saves a checkpoint and exits with EXIT_PREEMPTED.
+before they kill a job. While training, `stop` records the request; the
+outer loop sees it after the compiled loop it is running returns (or between
+chunks of a validation pass), every worker agrees on that boundary, saves a
+checkpoint and exits with EXIT_PREEMPTED. Outside training nothing is unsaved
+and `stop` exits at once.
 """
 
-import signal
-import threading
+import contextlib
 
 import tensorflow as tf
 
 from dist_train import errors
+from dist_train.loop import stop
 
 EXIT_PREEMPTED = errors.EXIT_PREEMPTED
 
 
 class Preempted(errors.DistTrainError):
-  """Raised by the outer loop after it saved a checkpoint on SIGTERM."""
+  """Raised by the outer loop after it saved a checkpoint on a stop request."""
 
   exit_code = errors.EXIT_PREEMPTED
 
-  def __init__(self, checkpoint_path, global_step: int):
+  def __init__(self, checkpoint_path, global_step: int, *,
+               signal_name: str = "SIGTERM", note: str = ""):
     # Workers other than the chief save no file of their own (None).
     where = f" to {checkpoint_path}" if checkpoint_path else ""
-    super().__init__(f"preempted by SIGTERM: saved the checkpoint{where} at "
-                     f"step {global_step}; rerun the same command to resume")
+    super().__init__(f"preempted by {signal_name}: saved the checkpoint{where} "
+                     f"at step {global_step}{note}; rerun the same command "
+                     "to resume")
     self.checkpoint_path = checkpoint_path
     self.global_step = global_step
 
 
 class SigtermWatcher:
-  """Records SIGTERM while installed; restores the previous handler on exit.
+  """Whether this process was asked to stop (SIGTERM, SIGINT or `request`).
 
-  Usable only from the main thread (a Python rule for signal handlers);
-  elsewhere it installs nothing and never reports a request.
+  Entering it installs the `stop` handlers for the block unless they already
+  are (the command line installs them before TensorFlow loads); only the main
+  thread can.
   """
 
   def __init__(self):
-    self._event = threading.Event()
-    self._previous = None
-    self._installed = False
+    self._installed = None
 
   @property
   def requested(self) -> bool:
-    return self._event.is_set()
+    return stop.requested() is not None
+
+  @property
+  def signal_name(self) -> str:
+    return stop.requested() or "SIGTERM"
 
   def request(self):
-    """Asks for a save-and-stop, as SIGTERM does."""
-    self._event.set()
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self._event.set()
+    """Asks for a save-and-stop, as SIGTERM does while training."""
+    stop.request()
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-      self._installed = True
+    self._installed = contextlib.ExitStack()
+    self._installed.enter_context(stop.installed())
     return self
 
   def __exit__(self, *exc_info):
-    if self._installed:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._installed = False
+    self._installed.close()
     return False
 
 

@@ -21,6 +21,7 @@ worker's rows. The global example count and weight sums that scale the loss
 own shard of, from one all-reduce in the step.
 """
 
+import contextlib
 from typing import Optional
 
 import keras
@@ -411,11 +412,31 @@ class Trainer:
     self._train_loop_calls += 1
     return {name: float(value) for name, value in means.items()}
 
-  def eval_steps(self, dataset, num_steps: int) -> dict:
+  def trace_train_steps(self, iterator, num_steps: int) -> None:
+    """Traces the training loop without running a step (a stop request
+    during a long first trace can then end the run at once)."""
+    self._train_loop.get_concrete_function(
+        iterator, tf.constant(num_steps, tf.int32))
+
+  def eval_steps(self, dataset, num_steps: int, *, chunk_steps=None,
+                 stop_fn=None, guard=None):
     """One pass over a dataset of the eval input (by default, of global
-    batches); returns the metric values."""
+    batches); returns the metric values.
+
+    With `stop_fn`, the pass runs in compiled calls of `chunk_steps` steps
+    and asks `stop_fn()` before each; it returns None when that says stop.
+    `guard()`, when given, is a context manager entered around each call
+    (the collective watchdog).
+    """
     self.eval_metrics.reset()
-    self._eval_loop(iter(dataset), tf.constant(num_steps, tf.int32))
+    iterator = iter(dataset)
+    chunk_steps = max(1, chunk_steps or num_steps)
+    for begin in range(0, num_steps, chunk_steps):
+      if stop_fn is not None and stop_fn():
+        return None
+      with guard() if guard else contextlib.nullcontext():
+        self._eval_loop(iterator, tf.constant(
+            min(chunk_steps, num_steps - begin), tf.int32))
     return self.eval_metrics.results()
 
   @property
