@@ -6,7 +6,7 @@
 Flags after --flagfile override it. The configuration and the cluster in the
 environment are checked before TensorFlow is imported, so a bad flag costs
 well under a second. Every failure ends with one `dist_train: error: ...` line
-and the exit code of its error class (README, "Failure behaviour");
+and the exit code of its error class (docs/failures.md);
 --traceback also prints the Python traceback.
 """
 
