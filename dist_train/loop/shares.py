@@ -63,11 +63,13 @@ def if_rows(rows, compute_fn, empty_fn):
   traced = {}
 
   def true_fn():
-    result = compute_fn()
+    result = tf.nest.map_structure(
+        lambda t: None if t is None else tf.convert_to_tensor(t),
+        compute_fn())
     flat = tf.nest.flatten(result)
     traced["like"] = result
     traced["present"] = [t is not None for t in flat]
-    return [tf.convert_to_tensor(t) for t in flat if t is not None]
+    return [t for t in flat if t is not None]
 
   def false_fn():
     like = traced["like"]

@@ -60,6 +60,15 @@ def add_gradients(accumulated, gradients):
   return [add(a, g) for a, g in zip(accumulated, gradients)]
 
 
+def _dense(gradients, variables):
+  """Gradients as dense tensors of their variables' static shapes (an
+  embedding's IndexedSlices has none): what stands in for an empty share
+  is made of zeros of these shapes."""
+  return [None if g is None else tf.ensure_shape(tf.convert_to_tensor(g),
+                                                 v.shape)
+          for g, v in zip(gradients, variables)]
+
+
 def _float32(structure):
   """Outputs in float32 whatever the model computes in (mixed precision):
   losses and metrics stay float32."""
@@ -277,7 +286,7 @@ class Trainer:
           features, labels, weights, global_info, num_shares)
       self.train_metrics.update_losses(per_element, weights)
       self.train_metrics.update(labels, outputs, weights)
-      return gradients, packed
+      return _dense(gradients, self.model.trainable_variables), packed
 
     def empty(like):
       gradients, terms = self._regularization_only(
@@ -363,7 +372,8 @@ class Trainer:
         traced["regularized"] = ctx.used_regularization
         traced["variables"] = (None if ctx.gradients is None
                                else ctx.gradients[1])
-        return (None if ctx.gradients is None else ctx.gradients[0]), packed
+        return (None if ctx.gradients is None
+                else _dense(*ctx.gradients)), packed
 
       def empty(like):
         # Zeros, but for the share of weight regularization the real step
