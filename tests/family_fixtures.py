@@ -182,17 +182,18 @@ class OwnStepConv1D(CausalConv1D):
 
 
 class FailsOnSmallShares(DenseMLP):
-  """The MLP behind a reshape that assumes at least 2 examples a share: it
-  fails on the share of 1 row of the last global batch."""
+  """The MLP behind a layer that mixes pairs of examples (a reshape that
+  assumes an even number of rows): it fails on a share of odd size."""
 
   def build_model(self):
     inner = super().build_model()
     inputs = keras.Input(shape=(6,))
-    pairs = keras.layers.Lambda(
-        lambda x: tf.reshape(x, [-1, 2, 6]), name="pairs")(inputs)
-    flat = keras.layers.Lambda(lambda x: tf.reshape(x, [-1, 6]),
-                               name="unpairs")(pairs)
-    return keras.Model(inputs, inner(flat))
+    pairs = keras.layers.Lambda(lambda x: tf.reshape(x, [-1, 12]),
+                                name="pairs")(inputs)
+    mixed = keras.layers.Dense(12, name="mix")(pairs)
+    rows = keras.layers.Lambda(lambda x: tf.reshape(x, [-1, 6]),
+                               name="rows")(mixed)
+    return keras.Model(inputs, inner(rows))
 
 
 dense_mlp = DenseMLP

@@ -92,6 +92,10 @@ def if_rows(rows, compute_fn, empty_fn):
   return tf.nest.pack_sequence_as(traced["like"], flat)
 
 
+def _rows(count: int) -> str:
+  return f"{count} row" if count == 1 else f"{count} rows"
+
+
 class ShareLog:
   """Per local replica: [global step, share rows, micro-batch, its rows] of
   the share it is about to run, in a host variable read after an error."""
@@ -109,9 +113,20 @@ class ShareLog:
       self._log = tf.Variable(tf.fill([num_local, 4], tf.constant(-1, tf.int64)),
                               trainable=False, name="share_log")
 
-  def record(self, micro_batch, *, step, share_rows, micro: int):
+  def record(self, micro_batch, *, step, share_rows, micro: int,
+             after=None):
     """Records the share about to run and returns `micro_batch`, made to
-    depend on the record: the forward pass cannot start before it."""
+    depend on the record: the forward pass cannot start before it.
+
+    `after` (the previous micro-batch's results) orders the record after
+    the previous micro-batch's work, so that the log names the one that
+    failed. Micro-batches then run one after another, as accumulation
+    means them to: one micro-batch's activations in memory at a time.
+    """
+    if after is not None:
+      with tf.control_dependencies(
+          [t for t in tf.nest.flatten(after) if t is not None]):
+        micro_batch = tf.nest.map_structure(tf.identity, micro_batch)
     context = tf.distribute.get_replica_context()
     local = context.replica_id_in_sync_group - self._first_replica
     entry = tf.cast(tf.stack([tf.cast(step, tf.int64) + 1,
@@ -135,10 +150,10 @@ class ShareLog:
       return error
     step, share_rows, micro, micro_rows = (int(v) for v in log[local])
     where = (f"step {step}, replica {self._first_replica + local} of "
-             f"{self._num_replicas}: a share of {share_rows} rows")
+             f"{self._num_replicas}: a share of {_rows(share_rows)}")
     if self._num_micro > 1:
       where += (f", micro-batch {micro + 1} of {self._num_micro} with "
-                f"{micro_rows} rows")
+                f"{_rows(micro_rows)}")
     if node:
       where += f", in op {node}"
     location = errors.user_location(error)

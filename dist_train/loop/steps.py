@@ -268,7 +268,7 @@ class Trainer:
     for micro in range(num_micro):
       micro_batch = self._share_log.record(
           split_rows(batch, micro, num_micro), step=self._step_number(),
-          share_rows=share_rows, micro=micro)
+          share_rows=share_rows, micro=micro, after=packed_terms)
       gradients, packed = self._micro_step(micro_batch, global_info,
                                            num_shares)
       accumulated = add_gradients(accumulated, gradients)
@@ -343,13 +343,16 @@ class Trainer:
       return self._packed(self.task.train_step(batch, ctx))
 
     share_rows = shares.num_rows(batch)
-    micro_batches = [
-        self._share_log.record(split_rows(batch, m, num_micro),
-                               step=self._step_number(),
-                               share_rows=share_rows, micro=m)
-        for m in range(num_micro)]
+    micro_batches = [split_rows(batch, m, num_micro) for m in range(num_micro)]
+
+    def recorded(micro, after):
+      return self._share_log.record(
+          micro_batches[micro], step=self._step_number(),
+          share_rows=share_rows, micro=micro, after=after)
+
     parts = None
-    for micro_batch in micro_batches:
+    for m in range(num_micro):
+      micro_batch = recorded(m, after=parts)
 
       def measure(micro_batch=micro_batch):
         ctx = context(micro_batch, measuring=True)
@@ -364,7 +367,8 @@ class Trainer:
       divisors = tf.unstack(tf.distribute.get_replica_context().all_reduce(
           tf.distribute.ReduceOp.SUM, parts), num=parts.shape[0])
     accumulated, packed_terms, traced = None, None, {}
-    for micro_batch in micro_batches:
+    for m in range(num_micro):
+      micro_batch = recorded(m, after=parts if m == 0 else packed_terms)
 
       def compute(micro_batch=micro_batch):
         ctx = context(micro_batch, divisors=divisors, defer_apply=True)
