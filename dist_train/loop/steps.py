@@ -338,11 +338,12 @@ class Trainer:
           num_examples=shares.num_rows(micro_batch),
           global_num_examples=global_info["num_examples"], **kwargs)
 
-    if num_shares == 1:  # One device, one share: never empty.
-      ctx = context(batch)
-      return self._packed(self.task.train_step(batch, ctx))
-
     share_rows = shares.num_rows(batch)
+    if num_shares == 1:  # One device, one share: never empty.
+      batch = self._share_log.record(batch, step=self._step_number(),
+                                     share_rows=share_rows, micro=0)
+      return self._packed(self.task.train_step(batch, context(batch)))
+
     micro_batches = [split_rows(batch, m, num_micro) for m in range(num_micro)]
 
     def recorded(micro, after):
