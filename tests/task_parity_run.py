@@ -7,7 +7,8 @@ Run as its own process (one process sets its device layout once). One case:
 
 Several cases, one after another on the same strategy, each with its own
 model_dir and .npz in --output_dir (a JSON list of objects with
-`name`, `task` and optional `grad_accum_steps`, `global_batch_size`, `epochs`
+`name`, `task` (a function of tests/task_fixtures.py, or module:function)
+and optional `grad_accum_steps`, `global_batch_size`, `epochs`
 and `flags`, Config overrides):
 
     python tests/task_parity_run.py --cpu_replicas=3 --output_dir=D \
@@ -42,8 +43,10 @@ def _config(case, cpu_replicas, model_dir):
   settings = dict(learning_rate=0.05, optimizer="sgd", log_every_steps=5,
                   steps_per_loop=3, seed=7, mode="train")
   settings.update(case.get("flags", {}))
+  task = case["task"]  # A function of task_fixtures, or module:function.
   return config_lib.Config(
-      model_dir=model_dir, task=f"tests.task_fixtures:{case['task']}", cpu_replicas=cpu_replicas,
+      model_dir=model_dir, cpu_replicas=cpu_replicas,
+      task=task if ":" in task else f"tests.task_fixtures:{task}",
       grad_accum_steps=case.get("grad_accum_steps", 1),
       global_batch_size=case.get("global_batch_size", 32),
       epochs=case.get("epochs", 2), **settings)

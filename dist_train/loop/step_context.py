@@ -14,9 +14,24 @@ the global objective, gradients applied through the strategy, metrics.
 `batch` is this replica's share (with gradient accumulation: one
 micro-batch of it). `ctx.global_mean` divides by the weight sum of the whole
 *global* batch, so the shares add up to the single-device objective however
-the batch is split. With `--grad_accum_steps=K` the step runs on each of K
-micro-batches: first once each to measure the divisors (nothing is applied),
-then once each for real, and the accumulated gradient is applied once.
+the batch is split.
+
+On one device with one micro-batch the step runs once, as written. With
+several replicas or `--grad_accum_steps=K` (several shares per step) it runs
+twice on each share: first to measure the divisors (`ctx.measuring` is True;
+`global_mean` returns 0, nothing is applied or counted), then for real, with
+the divisors of one all-reduce; the gradients of every share are summed and
+applied once, after the last. The all-reduce stays outside the step, so that
+a share can be skipped: no collective may sit where only some replicas go.
+
+An empty share (a partial last global batch leaves some replicas or
+micro-batches without an example) is never passed to `train_step`. It
+contributes zero gradients, zero loss terms and no metric update; only if
+the step calls `ctx.regularization()` does the share still add its part of
+the weight regularization (a function of the weights, not of the examples)
+to the gradient and to `loss`, so that the shares together count it once.
+So `train_step` always sees at least one example, and it must make no
+collective of its own (use `ctx.global_mean` and `ctx.apply_gradients`).
 """
 
 from typing import Optional
@@ -32,7 +47,7 @@ class StepContext:
 
   def __init__(self, *, trainer, num_examples, global_num_examples,
                num_micro_batches: int = 1, divisors: Optional[list] = None,
-               measuring: bool = False):
+               measuring: bool = False, defer_apply: bool = False):
     self._trainer = trainer
     self.model = trainer.model
     self.optimizer = trainer.optimizer
@@ -42,8 +57,11 @@ class StepContext:
     self._num_micro_batches = num_micro_batches
     self._divisors = divisors
     self._measuring = measuring
+    # Keep the gradients for the Trainer to apply (several shares a step).
+    self._defer_apply = defer_apply or num_micro_batches > 1
     self.measured = []  # This share's divisor parts, in call order.
-    self.gradients = None  # Set by apply_gradients when accumulating.
+    self.gradients = None  # (gradients, variables) when deferred.
+    self.used_regularization = False  # Whether the step called regularization.
 
   @property
   def measuring(self) -> bool:
@@ -76,6 +94,7 @@ class StepContext:
 
   def regularization(self) -> tf.Tensor:
     """This share of the model's weight regularization."""
+    self.used_regularization = True
     return losses.regularization_share(
         self.model, self.num_replicas * self._num_micro_batches)
 
@@ -91,14 +110,14 @@ class StepContext:
     """Differentiates `loss` (this share of the objective) and applies the
     gradients, summed over replicas, once per optimizer step (with loss
     scaling, finiteness across replicas and clipping of the summed
-    gradient). With gradient accumulation they are added up instead and
-    applied after the last micro-batch."""
+    gradient). With several shares a step (replicas or micro-batches) they
+    are added up instead and applied after the last."""
     if self._measuring:
       return
     variables = (self.model.trainable_variables if variables is None
                  else variables)
     gradients = self._trainer.gradients(tape, loss, variables)
-    if self._num_micro_batches > 1:
+    if self._defer_apply:
       self.gradients = (gradients, variables)
     else:
       self._trainer.apply_gradients(gradients, variables)

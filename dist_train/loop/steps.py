@@ -31,6 +31,7 @@ from dist_train.data import pipelines
 from dist_train.distribute import inputs
 from dist_train.loop import losses
 from dist_train.loop import precision
+from dist_train.loop import shares
 from dist_train.loop import step_context
 from dist_train.tasks import base
 
@@ -58,6 +59,15 @@ def add_gradients(accumulated, gradients):
       return tf.convert_to_tensor(a) + tf.convert_to_tensor(g)
     return a + g
   return [add(a, g) for a, g in zip(accumulated, gradients)]
+
+
+def _dense(gradients, variables):
+  """Gradients as dense tensors of their variables' static shapes (an
+  embedding's IndexedSlices has none): what stands in for an empty share
+  is made of zeros of these shapes."""
+  return [None if g is None else tf.ensure_shape(tf.convert_to_tensor(g),
+                                                 v.shape)
+          for g, v in zip(gradients, variables)]
 
 
 def _float32(structure):
@@ -215,6 +225,10 @@ class Trainer:
       # the strategy's scope: it is updated in cross-replica context with the
       # loss already summed over replicas.
       self._step_loss = keras.metrics.Mean(name=losses.TOTAL)
+    # Which share each replica runs, for the message of an error in a step.
+    self._share_log = shares.ShareLog(
+        strategy=strategy, num_micro_batches=grad_accum_steps,
+        first_replica=inputs.replica_layout(strategy).first_replica)
     self._train_loop = tf.function(self._train_loop_fn)
     self._eval_loop = tf.function(self._eval_loop_fn)
     self._train_loop_calls = 0
@@ -259,56 +273,151 @@ class Trainer:
     `grad_accum_steps` micro-batches, applied once."""
     num_micro = self._grad_accum_steps
     num_shares = self.strategy.num_replicas_in_sync * num_micro
+    share_rows = shares.num_rows(batch)
     accumulated, packed_terms = None, None
     for micro in range(num_micro):
-      features, labels, weights = unpack_batch(
-          split_rows(batch, micro, num_micro))
-      gradients, packed, outputs, per_element = self._gradients_fn(
-          features, labels, weights, global_info, num_shares)
+      micro_batch = self._share_log.record(
+          split_rows(batch, micro, num_micro), step=self._step_number(),
+          share_rows=share_rows, micro=micro, after=packed_terms)
+      gradients, packed = self._micro_step(micro_batch, global_info,
+                                           num_shares)
       accumulated = add_gradients(accumulated, gradients)
       packed_terms = packed if packed_terms is None else packed_terms + packed
-      self.train_metrics.update_losses(per_element, weights)
-      self.train_metrics.update(labels, outputs, weights)
     self.apply_gradients(accumulated, self.model.trainable_variables)
     return packed_terms
 
+  def _micro_step(self, micro_batch, global_info, num_shares):
+    """(gradients, packed terms) of one micro-batch; an empty one runs no
+    forward pass and updates no metric (see shares.py)."""
+    features, labels, weights = unpack_batch(micro_batch)
+
+    def compute():
+      gradients, packed, outputs, per_element = self._gradients_fn(
+          features, labels, weights, global_info, num_shares)
+      self.train_metrics.update_losses(per_element, weights)
+      self.train_metrics.update(labels, outputs, weights)
+      return _dense(gradients, self.model.trainable_variables), packed
+
+    def empty(like):
+      gradients, terms = self._regularization_only(
+          like[0], self.model.trainable_variables, num_shares)
+      return gradients, losses.pack(
+          {**{name: 0.0 for name in self.term_names}, **terms},
+          self.term_names)
+
+    return shares.if_rows(shares.num_rows(micro_batch), compute, empty)
+
+  def _regularization_only(self, like, variables, num_shares):
+    """An empty share's stand-in: the gradient of its part of the weight
+    regularization (a function of the weights, not of examples, so every
+    share still contributes 1 / num_shares of it) and zero elsewhere, and
+    {regularization, loss: that part}.
+
+    Args:
+      like: the real step's gradients (None where it has none).
+      variables: the variables they are the gradients of.
+      num_shares: replicas x micro-batches.
+    """
+    if not losses.regularization_losses(self.model):
+      return [None] * len(like), {}
+    with tf.GradientTape() as tape:
+      share = losses.regularization_share(self.model, num_shares)
+      scaled = self.optimizer.scale_loss(share)
+    gradients = tape.gradient(scaled, variables)
+    return ([None if l is None or g is None else tf.convert_to_tensor(g)
+             for g, l in zip(gradients, like)],
+            {losses.REGULARIZATION: share, losses.TOTAL: share})
+
+  def _step_number(self):
+    """The global step being run: the optimizer's steps so far, read after
+    the previous step's update."""
+    return tf.convert_to_tensor(self.optimizer.iterations)
+
   def _custom_step_fn(self, batch, global_info):
     """The task's own train_step on this replica's share (see
-    step_context.py); with micro-batches, a first pass measures divisors."""
+    step_context.py). With one share per step it runs as written; with
+    several, a first pass measures the divisors of `ctx.global_mean` (their
+    all-reduce outside any cond), then each non-empty share runs for real
+    and the summed gradients are applied once."""
     num_micro = self._grad_accum_steps
+    num_shares = self.strategy.num_replicas_in_sync * num_micro
 
     def context(micro_batch, **kwargs):
       return step_context.StepContext(
           trainer=self, num_micro_batches=num_micro,
-          num_examples=tf.shape(tf.nest.flatten(micro_batch)[0])[0],
+          num_examples=shares.num_rows(micro_batch),
           global_num_examples=global_info["num_examples"], **kwargs)
 
+    share_rows = shares.num_rows(batch)
+    if num_shares == 1:  # One device, one share: never empty.
+      batch = self._share_log.record(batch, step=self._step_number(),
+                                     share_rows=share_rows, micro=0)
+      return self._packed(self.task.train_step(batch, context(batch)))
+
     micro_batches = [split_rows(batch, m, num_micro) for m in range(num_micro)]
-    divisors = None
-    if num_micro > 1:
-      parts = None
-      for micro_batch in micro_batches:
+
+    def recorded(micro, after):
+      return self._share_log.record(
+          micro_batches[micro], step=self._step_number(),
+          share_rows=share_rows, micro=micro, after=after)
+
+    parts = None
+    for m in range(num_micro):
+      micro_batch = recorded(m, after=parts)
+
+      def measure(micro_batch=micro_batch):
         ctx = context(micro_batch, measuring=True)
         self.task.train_step(micro_batch, ctx)
-        parts = ctx.measured if parts is None else [
-            a + b for a, b in zip(parts, ctx.measured)]
-      if parts:
-        divisors = tf.unstack(tf.distribute.get_replica_context().all_reduce(
-            tf.distribute.ReduceOp.SUM, tf.stack(parts)))
-    accumulated, packed_terms = None, None
-    for micro_batch in micro_batches:
-      ctx = context(micro_batch, divisors=divisors)
-      terms = self.task.train_step(micro_batch, ctx)
-      if not isinstance(terms, dict):
-        terms = {losses.TOTAL: terms}
-      packed = losses.pack(terms, self.term_names)
+        return tf.stack(ctx.measured) if ctx.measured else tf.zeros([0])
+
+      measured = shares.if_rows(shares.num_rows(micro_batch), measure,
+                                shares.zeros_like_spec)
+      parts = measured if parts is None else parts + measured
+    divisors = None
+    if parts.shape[0]:
+      divisors = tf.unstack(tf.distribute.get_replica_context().all_reduce(
+          tf.distribute.ReduceOp.SUM, parts), num=parts.shape[0])
+    accumulated, packed_terms, traced = None, None, {}
+    for m in range(num_micro):
+      micro_batch = recorded(m, after=parts if m == 0 else packed_terms)
+
+      def compute(micro_batch=micro_batch):
+        ctx = context(micro_batch, divisors=divisors, defer_apply=True)
+        packed = self._packed(self.task.train_step(micro_batch, ctx))
+        traced["regularized"] = ctx.used_regularization
+        traced["variables"] = (None if ctx.gradients is None
+                               else ctx.gradients[1])
+        return (None if ctx.gradients is None
+                else _dense(*ctx.gradients)), packed
+
+      def empty(like):
+        # Zeros, but for the share of weight regularization the real step
+        # would have added with ctx.regularization().
+        gradients, terms = like[0], {}
+        if gradients is not None and traced["regularized"]:
+          gradients, terms = self._regularization_only(
+              gradients, traced["variables"], num_shares)
+        elif gradients is not None:
+          gradients = [None] * len(gradients)
+        terms = {losses.TOTAL: terms.get(losses.TOTAL, 0.0)}
+        return gradients, losses.pack(
+            {**{name: 0.0 for name in self.term_names}, **terms},
+            self.term_names)
+
+      gradients, packed = shares.if_rows(shares.num_rows(micro_batch),
+                                         compute, empty)
       packed_terms = packed if packed_terms is None else packed_terms + packed
-      if ctx.gradients is not None:
-        gradients, variables = ctx.gradients
+      if gradients is not None:
         accumulated = add_gradients(accumulated, gradients)
     if accumulated is not None:
-      self.apply_gradients(accumulated, variables)
+      self.apply_gradients(accumulated, traced["variables"])
     return packed_terms
+
+  def _packed(self, terms):
+    """A custom step's returned loss (or dict of terms) as one vector."""
+    if not isinstance(terms, dict):
+      terms = {losses.TOTAL: terms}
+    return losses.pack(terms, self.term_names)
 
   def _replica_train_step(self, batch, global_info):
     batch = self.task.validate_batch(batch)
@@ -364,16 +473,23 @@ class Trainer:
     return _float32(self.model(features, training=False))
 
   def _replica_eval_step(self, batch, global_info):
+    """Updates the validation metrics with this replica's share; an empty
+    share runs no forward pass and updates nothing."""
     del global_info  # Metrics aggregate over replicas themselves.
     features, labels, weights = unpack_batch(batch)
-    outputs = self._outputs_fn(features)
-    per_element = {}
-    for output, loss_fn in self._loss_fns.items():
-      per_element[output] = loss_fn(
-          labels if output is None else labels[output],
-          outputs if output is None else outputs[output])
-    self.eval_metrics.update_losses(per_element, weights)
-    self.eval_metrics.update(labels, outputs, weights)
+
+    def compute():
+      outputs = self._outputs_fn(features)
+      per_element = {}
+      for output, loss_fn in self._loss_fns.items():
+        per_element[output] = loss_fn(
+            labels if output is None else labels[output],
+            outputs if output is None else outputs[output])
+      self.eval_metrics.update_losses(per_element, weights)
+      self.eval_metrics.update(labels, outputs, weights)
+      return tf.constant(0)
+
+    shares.if_rows(shares.num_rows(batch), compute, shares.zeros_like_spec)
 
   # Tier 2: many global steps in one compiled call.
 
@@ -408,7 +524,10 @@ class Trainer:
       of its terms (the task's data terms, `regularization`, `add_loss`), as
       floats.
     """
-    means = self._train_loop(iterator, tf.constant(num_steps, tf.int32))
+    try:
+      means = self._train_loop(iterator, tf.constant(num_steps, tf.int32))
+    except tf.errors.OpError as e:
+      raise self._share_log.describe(e) from e
     self._train_loop_calls += 1
     return {name: float(value) for name, value in means.items()}
 
