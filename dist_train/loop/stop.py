@@ -14,6 +14,10 @@ and a small thread here reads it at once and decides by the phase of the run:
   * a second SIGINT (Ctrl-C again): one line, exit at once with
     EXIT_INTERRUPTED, without saving.
 
+While a worker waits for its peers to join, TensorFlow holds Python's lock
+and this thread cannot act: the signals are left pending then, for a sidecar
+process to act on (`kept_pending`, distribute/join_guard.py).
+
 The phase is kept here and nowhere else; the controller and `train` mark it.
 No TensorFlow here: `main` installs this before TensorFlow loads.
 """
