@@ -6,18 +6,20 @@ comes. No Python code in the worker can run then, so the stop watcher
 (loop/stop.py) cannot act. Another process has to act for it.
 
 The design, a sidecar: for the join only, the worker starts this module as a
-script (standard library only, no TensorFlow: ~30 ms) and leaves SIGINT and
-SIGTERM pending (`stop.kept_pending`: they are blocked in every thread, and the
-watcher stops taking them). The sidecar reads /proc/<pid>/status every 0.1 s;
-when a stop signal is pending it writes the one line to the worker's stderr
-(an inherited file descriptor) and sends the worker `_EXIT_SIGNAL`, whose
-disposition for the join is a 12-byte machine-code stub, `exit_group(75)`: a
-C-level handler that needs no Python lock, so the worker itself exits with
-EXIT_PREEMPTED. (A ctypes callback cannot serve: it takes Python's lock.
-Where the stub cannot be installed, an unknown machine or memory that may not
-be made executable, the default action of `_EXIT_SIGNAL` ends the worker.
-In any case a worker still alive after `_GRACE_S` gets SIGKILL.) The worker
-closes the sidecar's stdin once it has joined; the sidecar then exits.
+script (standard library only, no TensorFlow: it starts in about 0.1 s) and
+leaves SIGINT and SIGTERM pending (`stop.kept_pending`: they are blocked in
+every thread, and the watcher stops taking them with `sigtimedwait`, which
+would remove them from the pending set). The sidecar reads /proc/<pid>/status
+every 0.1 s; when a stop signal is pending it writes the one line to the
+worker's stderr (an inherited file descriptor) and sends the worker
+`_EXIT_SIGNAL`, whose disposition for the join is a 12-byte machine-code
+stub, `exit_group(75)`: a C-level handler that needs no Python lock, so the
+worker itself exits with EXIT_PREEMPTED (a ctypes callback cannot serve: it
+takes Python's lock). Where the stub cannot be installed (another machine,
+memory that may not be made executable) the default action of
+`_EXIT_SIGNAL` ends the worker, and one still alive after `_GRACE_S` gets
+SIGKILL. The worker closes the sidecar's stdin once it has joined; the
+sidecar then exits.
 
 Why not a supervising parent that re-executes `dist_train.main` as a child
 and exits 75 for it: every launcher, the process-tree checks of the tests and
@@ -26,9 +28,9 @@ would have to forward signals without doubling a terminal's Ctrl-C (which
 reaches the whole process group). The sidecar lives only while the worker
 waits, changes nothing outside the join, and ends with it: a closed pipe.
 
-The peers that joined see the stopped worker as a failed peer (the
-coordination service, `--collective_timeout_s`, or the launcher) and exit with
-their own line.
+The peers that had joined see the stopped worker as a failed peer (the
+coordination service: a closed connection or a missed heartbeat, within
+seconds) and exit with their own line.
 """
 
 import contextlib
@@ -51,12 +53,14 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _POLL_S = 0.1
 _GRACE_S = 3.0
 
-# exit_group(75), in the byte order of the machine.
+# exit_group(EXIT_PREEMPTED), in the byte order of the machine.
 _EXIT_STUBS = {
-    # mov edi, 75; mov eax, 231 (exit_group); syscall
-    "x86_64": bytes.fromhex("bf4b000000" "b8e7000000" "0f05"),
-    # mov x0, #75; mov x8, #94 (exit_group); svc #0
-    "aarch64": bytes.fromhex("600980d2" "c80b80d2" "010000d4"),
+    # mov edi, EXIT_PREEMPTED; mov eax, 231 (exit_group); syscall
+    "x86_64": (b"\xbf" + EXIT_PREEMPTED.to_bytes(4, "little") +
+               bytes.fromhex("b8e7000000" "0f05")),
+    # movz x0, #EXIT_PREEMPTED; movz x8, #94 (exit_group); svc #0
+    "aarch64": ((0xd2800000 | EXIT_PREEMPTED << 5).to_bytes(4, "little") +
+                bytes.fromhex("c80b80d2" "010000d4")),
 }
 _stub_address = None  # Installed once, kept for the life of the process.
 
@@ -104,7 +108,8 @@ def exit_on_stop():
         [sys.executable, "-I", os.path.abspath(__file__), str(os.getpid()),
          f"dist_train: error: stopped by {{signal}} {PHASE}: nothing to "
          "save, nothing lost; rerun the same command to resume"],
-        stdin=subprocess.PIPE)
+        # stdout: a launcher reading the worker's waits for no sidecar.
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
     try:
       yield
     finally:
