@@ -13,6 +13,7 @@ from absl import logging
 import tensorflow as tf
 
 from dist_train.distribute import cluster as cluster_lib
+from dist_train.distribute import join_guard
 
 _COLLECTIVES = {
     "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
@@ -143,8 +144,11 @@ def _create_multi_worker_strategy(
   # has joined, this process blocks inside TensorFlow.
   logging.info("Joining the cluster as task %s:%s; waiting for every "
                "worker", resolver.task_type, resolver.task_id)
-  strategy = tf.distribute.MultiWorkerMirroredStrategy(
-      cluster_resolver=resolver, communication_options=options)
+  # A stop signal here ends the worker at once (join_guard: TensorFlow holds
+  # Python's lock until every worker has joined).
+  with join_guard.exit_on_stop():
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        cluster_resolver=resolver, communication_options=options)
   if (sigterm_handler is not None
       and threading.current_thread() is threading.main_thread()):
     # The strategy's coordination service replaces the SIGTERM handler with

@@ -14,6 +14,10 @@ and a small thread here reads it at once and decides by the phase of the run:
   * a second SIGINT (Ctrl-C again): one line, exit at once with
     EXIT_INTERRUPTED, without saving.
 
+While a worker waits for its peers to join, TensorFlow holds Python's lock
+and this thread cannot act: the signals are left pending then, for a sidecar
+process to act on (`kept_pending`, distribute/join_guard.py).
+
 The phase is kept here and nowhere else; the controller and `train` mark it.
 No TensorFlow here: `main` installs this before TensorFlow loads.
 """
@@ -30,6 +34,9 @@ from dist_train import errors
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C.
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _CLOSE_TIMEOUT_S = 5.0
+# How often the watcher of blocked signals looks up from waiting, to step
+# aside when asked (`kept_pending`).
+_POLL_S = 0.1
 
 
 class _State:
@@ -42,6 +49,10 @@ class _State:
     self.phase = "before the first training step"
     self.requested = None  # Name of the first signal received, e.g. SIGTERM.
     self.closers = []  # Run before an immediate exit (flush, release).
+    self.blocked = False  # Installed with block=True: signals can stay pending.
+    self.taking = threading.Event()  # Cleared: the watcher leaves signals be.
+    self.taking.set()
+    self.aside = threading.Event()  # Set while the watcher leaves them be.
 
 
 _STATE = _State()
@@ -73,6 +84,7 @@ def install(*, block: bool = False) -> bool:
     if block:
       signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
       _STATE.installation = None  # For the rest of the process.
+      _STATE.blocked = True
       target, args = _wait_blocked, ()
     else:
       reader, writer = socket.socketpair()
@@ -91,7 +103,44 @@ def install(*, block: bool = False) -> bool:
 
 def _wait_blocked():
   while True:
-    _on_signal(signal.Signals(signal.sigwait(_SIGNALS)))
+    if not _STATE.taking.is_set():
+      _STATE.aside.set()
+      _STATE.taking.wait()
+    info = signal.sigtimedwait(_SIGNALS, _POLL_S)
+    if info is not None:
+      _on_signal(signal.Signals(info.si_signo))
+
+
+@contextlib.contextmanager
+def kept_pending(phase: str):
+  """Leaves SIGINT and SIGTERM pending for the block, for another process to
+  see in /proc/<pid>/status: while the main thread waits in TensorFlow holding
+  Python's lock, the watcher thread cannot act on a signal it takes, and
+  taking it would hide it (see distribute/join_guard.py).
+
+  Args:
+    phase: how a stop request in the block is reported, e.g. "while waiting
+      for the other workers to join".
+
+  Yields:
+    Whether the signals stay pending: only when `install(block=True)` was
+    called (the command line); the Python API's handler takes them at once.
+  """
+  with _STATE.lock:
+    previous = (_STATE.unsaved, _STATE.phase)
+    _STATE.unsaved, _STATE.phase = False, phase
+  kept = _STATE.blocked
+  if kept:
+    _STATE.taking.clear()
+    _STATE.aside.wait()  # At most _POLL_S: the watcher's wait times out.
+  try:
+    yield kept
+  finally:
+    if kept:
+      _STATE.aside.clear()  # Before the watcher resumes: one writer each.
+      _STATE.taking.set()
+    with _STATE.lock:
+      _STATE.unsaved, _STATE.phase = previous
 
 
 def uninstall():
