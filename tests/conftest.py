@@ -11,6 +11,7 @@ import os
 import pytest
 
 from tests.helpers import parity
+from tests.helpers import processes
 
 # TensorFlow's C++ start-up banner hides the lines tests assert on; errors
 # (level 3) still print.
@@ -37,6 +38,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 _PARITY_RUNS_WANTED = pytest.StashKey[dict]()
+
+
+@pytest.fixture(scope="session")
+def cpu_test_run(tmp_path_factory):
+  """(model_dir, CompletedProcess) of launch/flags/cpu_test.cfg as it is, run
+  once for the session through the command line. Read it only; a test that
+  trains on in it takes a copy (`processes.copy_run`)."""
+  model_dir = str(tmp_path_factory.mktemp("cpu_test") / "run")
+  result = processes.run_cli(f"--flagfile={processes.FLAGS_DIR}/cpu_test.cfg",
+                             f"--model_dir={model_dir}", check=True)
+  return model_dir, result
 
 
 @pytest.fixture(scope="session")

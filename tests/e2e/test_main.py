@@ -46,11 +46,11 @@ def training_state(values):
 
 
 @pytest.fixture(scope="module")
-def trained_dir(tmp_path_factory):
-  model_dir = str(tmp_path_factory.mktemp("cli") / "run")
-  result = processes.run_cli(CPU_TEST_FLAGS, f"--model_dir={model_dir}",
-                            check=True)
-  return model_dir, result
+def trained_dir(cpu_test_run, tmp_path_factory):
+  """cpu_test.cfg's run (made once for the session), copied: the resume
+  test trains on in it."""
+  model_dir, result = cpu_test_run
+  return processes.copy_run(model_dir, tmp_path_factory.mktemp("cli") / "run"), result
 
 
 def test_writes_event_files_with_the_expected_tags(trained_dir):

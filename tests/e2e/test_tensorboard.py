@@ -18,11 +18,9 @@ from tests.helpers import processes
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-  directory = str(tmp_path_factory.mktemp("tensorboard") / "run")
-  processes.run_cli(f"--flagfile={processes.FLAGS_DIR}/cpu_test.cfg",
-                   f"--model_dir={directory}", check=True)
-  return directory
+def model_dir(cpu_test_run):
+  """cpu_test.cfg's run, made once for the session."""
+  return cpu_test_run[0]
 
 
 def _wait_for_url(lines, reader, deadline):

@@ -8,6 +8,7 @@ with output collected as it comes.
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -52,6 +53,13 @@ def run_cli(*flags, timeout=300, check=False, env_overrides=None):
   """Runs `python -m dist_train.main FLAGS`."""
   return run_python(["-m", "dist_train.main", *flags], timeout=timeout,
                     check=check, env_overrides=env_overrides)
+
+
+def copy_run(model_dir, destination):
+  """A copy of a finished run's model_dir at `destination`, to train on: a
+  run made once for the session stays as it was for the other tests."""
+  shutil.copytree(model_dir, destination)
+  return str(destination)
 
 
 def error_line(result):

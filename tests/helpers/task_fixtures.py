@@ -271,3 +271,23 @@ class ReducedLoss(MaskedSequences):
 
   def loss(self, labels, outputs):
     return tf.reduce_mean(super().loss(labels, outputs))
+
+
+# Unusable tasks: --task, and what the one error line must say.
+BAD_TASKS = {
+    "no_build_model": ("tests.helpers.task_fixtures:NoBuildModel",
+                       "has no build_model"),
+    "no_loss": ("tests.helpers.task_fixtures:NoLoss",
+                "does not implement loss()"),
+    "batched_data": ("tests.helpers.task_fixtures:BatchedData",
+                     "(train) is batched: return unbatched examples"),
+    "infinite_data": ("tests.helpers.task_fixtures:InfiniteData",
+                      "(train) is infinite"),
+    "loss_over_time": ("tests.helpers.task_fixtures:LossOverTime",
+                       "loss returned shape (2,), but sample_weight has "
+                       "shape (2, "),
+    "reduced_loss": ("tests.helpers.task_fixtures:ReducedLoss",
+                     "loss must return the loss of each element, unreduced"),
+    "not_importable": ("tests.no_such_module:task",
+                       "cannot import module 'tests.no_such_module'"),
+}
