@@ -21,11 +21,19 @@ TIERS = ("unit", "integration", "e2e")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+# The runs made once per session: with pytest-xdist every test that reads
+# one goes to the same worker process, which makes it once.
+_SESSION_RUNS = ("parity_runs", "cpu_test_run")
+
+
 def pytest_collection_modifyitems(config, items):
   for item in items:
     tier = os.path.relpath(str(item.path), _HERE).split(os.sep)[0]
     if tier in TIERS:
       item.add_marker(getattr(pytest.mark, tier))
+    for name in _SESSION_RUNS:
+      if name in getattr(item, "fixturenames", ()):
+        item.add_marker(pytest.mark.xdist_group(name))
   # The parity runs the collected modules ask for (PARITY_RUNS =
   # {replicas: [case, ...]}), made once per session by `parity_runs`.
   wanted = {}
