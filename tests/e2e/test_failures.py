@@ -2,7 +2,9 @@
 
 Each failure is reproduced for real, by the command line in its own process: a
 model_dir on a read-only tmpfs, a tmpfs that fills up, user code that raises,
-flagfiles that cannot be read. Mounting needs root (or CAP_SYS_ADMIN); those
+flagfiles that cannot be read. Failures that only need to raise are checked
+case by case in tests/integration/test_error_messages.py, in one process;
+here one command line of each kind shows the line and the exit code. Mounting needs root (or CAP_SYS_ADMIN); those
 tests are skipped, saying so, where mount(2) fails with EPERM.
 """
 
