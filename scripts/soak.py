@@ -12,7 +12,7 @@ seconds, and stops the run with SIGTERM after `--minutes`. Prints a Markdown
 table, one row per sample: per worker, its threads, resident memory (MB) and
 open files, and the run's global steps per second since the last sample
 (from the chief's log). A resource that grows from row to row is a leak;
-tests/test_soak.py checks the same in under a minute.
+tests/e2e/test_soak.py checks the same in under a minute.
 """
 
 import argparse

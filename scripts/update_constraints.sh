@@ -40,7 +40,7 @@ export PYTHONNOUSERSITE=1
 #
 # Generated; do not edit by hand. To move the pins forward:
 #   bash scripts/update_constraints.sh /tmp/newpins   # fresh venv, pip freeze
-#   /tmp/newpins/bin/python -m pytest -q tests/test_parity.py tests/test_speed_modes.py
+#   /tmp/newpins/bin/python -m pytest -q tests/e2e/test_parity.py tests/e2e/test_speed_modes.py
 #   /tmp/newpins/bin/python -m pytest -q tests
 # and commit this file only when the parity tests, then the whole suite, pass
 # on the new versions (BUILD.md, "Moving the pins forward").

@@ -2,7 +2,7 @@
 
     python scripts/update_flag_table.py
 
-Each option is defined once, as a Config field; tests/test_flags.py fails
+Each option is defined once, as a Config field; tests/unit/test_flags.py fails
 while the table in docs/flags.md differs from what this writes.
 """
 

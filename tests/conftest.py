@@ -1,51 +1,70 @@
-"""Shared test helpers: running the CLI and helper scripts as real processes."""
+"""The suite's tiers and the runs that several test modules read.
+
+Each test gets the marker of its folder: `unit` (fast, no process of its
+own), `integration` (real TensorFlow training in the test's process) and
+`e2e` (dist_train in processes of its own: the CLI, launchers, workers), so
+that `python -m pytest -m "not e2e" tests` is the quick inner loop.
+"""
 
 import os
-import subprocess
-import sys
 
+import pytest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLAGS_DIR = os.path.join(REPO_ROOT, "launch", "flags")
+from tests.helpers import parity
+from tests.helpers import processes
 
 # TensorFlow's C++ start-up banner hides the lines tests assert on; errors
 # (level 3) still print.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-
-def subprocess_env(overrides=None):
-  # A cluster around the test run (TF_CONFIG, a SLURM job step) would make
-  # --strategy=auto multi_worker; tests that want one set their own.
-  env = {name: value for name, value in os.environ.items()
-         if name != "TF_CONFIG" and not name.startswith("SLURM_")}
-  env.update(overrides or {})
-  env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  return env
+TIERS = ("unit", "integration", "e2e")
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_python(args, *, timeout=300, check=False, env_overrides=None):
-  """Runs `python ARGS` from the repository root; returns CompletedProcess."""
-  result = subprocess.run(
-      [sys.executable, *args], cwd=REPO_ROOT,
-      env=subprocess_env(env_overrides),
-      capture_output=True, text=True, timeout=timeout)
-  if check and result.returncode != 0:
-    raise AssertionError(
-        f"python {' '.join(args)} exited {result.returncode}:\n"
-        f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
-  return result
+# The runs made once per session: with pytest-xdist every test that reads
+# one goes to the same worker process, which makes it once.
+_SESSION_RUNS = ("parity_runs", "cpu_test_run")
 
 
-def run_cli(*flags, timeout=300, check=False, env_overrides=None):
-  """Runs `python -m dist_train.main FLAGS`."""
-  return run_python(["-m", "dist_train.main", *flags], timeout=timeout,
-                    check=check, env_overrides=env_overrides)
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    tier = os.path.relpath(str(item.path), _HERE).split(os.sep)[0]
+    if tier in TIERS:
+      item.add_marker(getattr(pytest.mark, tier))
+    for name in _SESSION_RUNS:
+      if name in getattr(item, "fixturenames", ()):
+        item.add_marker(pytest.mark.xdist_group(name))
+  # The parity runs the collected modules ask for (PARITY_RUNS =
+  # {replicas: [case, ...]}), made once per session by `parity_runs`.
+  wanted = {}
+  modules = {item.module.__name__: item.module for item in items if item.module}
+  for _, module in sorted(modules.items()):
+    for replicas, cases in getattr(module, "PARITY_RUNS", {}).items():
+      wanted.setdefault(replicas, [])
+      wanted[replicas] += [c for c in cases if c not in wanted[replicas]]
+  config.stash[_PARITY_RUNS_WANTED] = wanted
 
 
-def error_line(result):
-  """The one `dist_train: error:` line a failed run printed."""
-  lines = [line for line in result.stderr.splitlines()
-           if line.startswith("dist_train: error:")]
-  assert len(lines) == 1, result.stderr[-3000:]
-  return lines[0]
+_PARITY_RUNS_WANTED = pytest.StashKey[dict]()
+
+
+@pytest.fixture(scope="session")
+def cpu_test_run(tmp_path_factory):
+  """(model_dir, CompletedProcess) of launch/flags/cpu_test.cfg as it is, run
+  once for the session through the command line. Read it only; a test that
+  trains on in it takes a copy (`processes.copy_run`)."""
+  model_dir = str(tmp_path_factory.mktemp("cpu_test") / "run")
+  result = processes.run_cli(f"--flagfile={processes.FLAGS_DIR}/cpu_test.cfg",
+                             f"--model_dir={model_dir}", check=True)
+  return model_dir, result
+
+
+@pytest.fixture(scope="session")
+def parity_runs(request, tmp_path_factory):
+  """(output_dir, {(case, replicas): saved result}): every parity run that
+  the collected modules declare, trained once for the session with one
+  process per replica count. A case's model_dir is output_dir/CASE_REPLICAS.
+  """
+  output_dir = str(tmp_path_factory.mktemp("parity"))
+  wanted = request.config.stash.get(_PARITY_RUNS_WANTED, {})
+  return output_dir, parity.train_all(output_dir, wanted)

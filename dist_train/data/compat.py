@@ -1,6 +1,6 @@
 """tf.data internals dist_train relies on, in one place (checked on TF 2.21).
 
-`tests/test_data.py::test_shuffle_with_seed_tensor_matches_python_seed` fails
+`tests/integration/test_data.py::test_shuffle_with_seed_tensor_matches_python_seed` fails
 loudly if an upgrade changes what these reproduce.
 """
 
