@@ -69,9 +69,6 @@ def parse_flags(argv):
 
 
 def main(argv):
-  # First, before TensorFlow loads: Ctrl-C or SIGTERM while TensorFlow starts,
-  # waits for the cluster or builds the input exits at once (loop/stop.py).
-  stop.install(block=True)
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}")
   show_traceback = flags_lib.TRACEBACK.value
@@ -104,7 +101,12 @@ def main(argv):
 
 
 def run_cli():
-  """The `dist-train` console script."""
+  """The `dist-train` console script (and `python -m dist_train.main`)."""
+  # First, before TensorFlow loads: Ctrl-C or SIGTERM while TensorFlow starts,
+  # waits for the cluster or builds the input exits at once (loop/stop.py).
+  # Here rather than in `main`, which tests call in their own process: the
+  # signals stay blocked for the rest of a process, and in its children.
+  stop.install(block=True)
   app.run(main, flags_parser=parse_flags)
 
 

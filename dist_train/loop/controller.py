@@ -170,13 +170,14 @@ class Controller:
       first_step = self.global_step + 1
       last_step = first_step + num_steps - 1
       self._callbacks.on_train_batch_begin(first_step)
+      what = f"training steps {first_step}-{last_step}"
       if compiling:
         # Nothing trained yet: a stop request during the trace exits at once.
-        with errors.phase(f"tracing the training loop at step {first_step}"):
+        # An error in the trace is one of these steps' (the model's call).
+        with errors.phase(what):
           self._trainer.trace_train_steps(iterator, num_steps)
         stop.check_now()
       stop.set_unsaved()
-      what = f"training steps {first_step}-{last_step}"
       with errors.phase(what), (
           self._profiler.around_loop(first_step, last_step)), (
               self._watchdog.guard(what, armed=not compiling)):

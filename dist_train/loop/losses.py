@@ -33,6 +33,9 @@ its own shard of a stream does no worker see the global batch: then
 all-reduce per step.
 """
 
+import contextlib
+import threading
+
 import keras
 import tensorflow as tf
 
@@ -58,8 +61,37 @@ def call_collecting_add_losses(model: keras.Model, inputs, *, training: bool):
   for variable in model.non_trainable_variables:
     new_value = scope.get_current_value(variable)
     if new_value is not None:
-      variable.assign(new_value)
+      assign_or_defer(variable, new_value)
   return outputs, add_losses
+
+
+_DEFERRED = threading.local()  # Per thread: each replica runs in its own.
+
+
+@contextlib.contextmanager
+def deferred_assignments():
+  """Collects the state updates of `call_collecting_add_losses` in the block
+  as a list of (variable, new value) instead of assigning them.
+
+  A share's forward pass runs inside a `tf.cond` (shares.py), where a
+  mirrored variable cannot be assigned: its assign in replica context is a
+  `merge_call`. The values leave the branch and are assigned after it.
+  """
+  previous = getattr(_DEFERRED, "updates", None)
+  _DEFERRED.updates = []
+  try:
+    yield _DEFERRED.updates
+  finally:
+    _DEFERRED.updates = previous
+
+
+def assign_or_defer(variable, value) -> None:
+  """Assigns `value`, or records it when `deferred_assignments` is active."""
+  updates = getattr(_DEFERRED, "updates", None)
+  if updates is None:
+    variable.assign(value)
+  else:
+    updates.append((variable, value))
 
 
 def regularization_losses(model: keras.Model) -> list:

@@ -22,6 +22,7 @@ import re
 import tensorflow as tf
 
 from dist_train import errors
+from dist_train.loop import losses
 
 
 def num_rows(batch) -> tf.Tensor:
@@ -44,6 +45,31 @@ def zeros_like_spec(structure):
 
 
 def if_rows(rows, compute_fn, empty_fn):
+  """compute_fn() when `rows` > 0, else empty_fn(like), as one tf.cond; the
+  state updates of the model calls inside compute_fn (BatchNorm's moving
+  statistics, a layer's counters) are assigned after the cond, since a
+  mirrored variable cannot be assigned inside a branch (its assign is a
+  `merge_call`). An empty share leaves them as they are. See `_if_rows`.
+  """
+  deferred = {}
+
+  def compute():
+    with losses.deferred_assignments() as updates:
+      result = compute_fn()
+    deferred["variables"] = [variable for variable, _ in updates]
+    return result, [tf.convert_to_tensor(value) for _, value in updates]
+
+  def empty(like):
+    return empty_fn(like[0]), [tf.convert_to_tensor(variable.value)
+                               for variable in deferred["variables"]]
+
+  result, values = _if_rows(rows, compute, empty)
+  for variable, value in zip(deferred["variables"], values):
+    losses.assign_or_defer(variable, value)
+  return result
+
+
+def _if_rows(rows, compute_fn, empty_fn):
   """compute_fn() when `rows` > 0, else empty_fn(like), as one tf.cond.
 
   Args:

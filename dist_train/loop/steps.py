@@ -237,9 +237,15 @@ class Trainer:
 
   def _micro_gradients(self, features, labels, weights, global_info,
                        num_shares):
-    """Forward and backward pass of one share; no cross-replica op."""
+    """Forward and backward pass of one share; no cross-replica op.
+
+    The model's state updates (e.g. BatchNorm's moving statistics) are
+    returned as values, in the order of `self._state_variables`, for the
+    caller to assign: this may be an XLA function, whose tensors cannot
+    leave it any other way.
+    """
     num_examples = tf.shape(tf.nest.flatten(labels)[0])[0]
-    with tf.GradientTape() as tape:
+    with tf.GradientTape() as tape, losses.deferred_assignments() as updates:
       outputs, add_losses = losses.call_collecting_add_losses(
           self.model, features, training=True)
       outputs = _float32(outputs)
@@ -266,7 +272,9 @@ class Trainer:
       scaled_loss = self.optimizer.scale_loss(total)
     gradients = tape.gradient(scaled_loss, self.model.trainable_variables)
     terms[losses.TOTAL] = total
-    return gradients, losses.pack(terms, self.term_names), outputs, per_element
+    self._state_variables = [variable for variable, _ in updates]
+    return (gradients, losses.pack(terms, self.term_names), outputs,
+            per_element, [value for _, value in updates])
 
   def _default_step(self, batch, global_info):
     """The task's declarative objective on this replica's share, in
@@ -292,8 +300,10 @@ class Trainer:
     features, labels, weights = unpack_batch(micro_batch)
 
     def compute():
-      gradients, packed, outputs, per_element = self._gradients_fn(
+      gradients, packed, outputs, per_element, state = self._gradients_fn(
           features, labels, weights, global_info, num_shares)
+      for variable, value in zip(self._state_variables, state):
+        losses.assign_or_defer(variable, value)
       self.train_metrics.update_losses(per_element, weights)
       self.train_metrics.update(labels, outputs, weights)
       return _dense(gradients, self.model.trainable_variables), packed
