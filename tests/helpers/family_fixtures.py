@@ -99,15 +99,7 @@ class _Sequences(_Family):
       sequences.append([1 + (start + i + int(rng.random() < 0.2)) %
                         (VOCAB - 1) for i in range(length)])
 
-    def examples():
-      for sequence in sequences:
-        tokens = np.array(sequence, np.int32)
-        yield tokens[:-1], tokens[1:], np.ones(len(tokens) - 1, np.float32)
-
-    spec = tf.TensorSpec([None], tf.int32)
-    return tf.data.Dataset.from_generator(
-        examples, output_signature=(spec, spec,
-                                    tf.TensorSpec([None], tf.float32)))
+    return task_fixtures.sequence_dataset(sequences)
 
 
 class CausalConv1D(_Sequences):

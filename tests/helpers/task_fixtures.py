@@ -18,6 +18,21 @@ VOCAB = 11
 MAX_LEN = 9
 
 
+
+def sequence_dataset(sequences):
+  """Next-token examples of token sequences: (tokens[:-1], tokens[1:], a
+  weight of 1 per target token), unbatched and of varying length."""
+
+  def examples():
+    for sequence in sequences:
+      tokens = np.array(sequence, np.int32)
+      yield tokens[:-1], tokens[1:], np.ones(len(tokens) - 1, np.float32)
+
+  spec = tf.TensorSpec([None], tf.int32)
+  return tf.data.Dataset.from_generator(
+      examples, output_signature=(spec, spec,
+                                  tf.TensorSpec([None], tf.float32)))
+
 class MaskedSequences(tasks.Task):
   """Next-token prediction on variable-length sequences, padding masked by
   per-token sample weights, so token counts differ between shares."""
@@ -44,15 +59,7 @@ class MaskedSequences(tasks.Task):
       sequences.append([(start + i + int(rng.random() < 0.2)) % VOCAB
                         for i in range(length)])
 
-    def examples():
-      for sequence in sequences:
-        tokens = np.array(sequence, np.int32)
-        yield tokens[:-1], tokens[1:], np.ones(len(tokens) - 1, np.float32)
-
-    spec = tf.TensorSpec([None], tf.int32)
-    return tf.data.Dataset.from_generator(
-        examples, output_signature=(spec, spec,
-                                    tf.TensorSpec([None], tf.float32)))
+    return sequence_dataset(sequences)
 
   def loss(self, labels, outputs):
     return keras.losses.sparse_categorical_crossentropy(labels, outputs,
