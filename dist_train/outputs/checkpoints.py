@@ -18,6 +18,7 @@ import keras
 import tensorflow as tf
 
 from dist_train import errors
+from dist_train.outputs import model_dir as model_dir_lib
 
 
 class CheckpointError(errors.DistTrainError):
@@ -305,4 +306,4 @@ def step_of(path: str) -> int:
 
 
 def checkpoint_dir(model_dir: str) -> str:
-  return os.path.join(model_dir, "checkpoints")
+  return model_dir_lib.checkpoints_dir(model_dir)
