@@ -192,8 +192,10 @@ class RunCheckpoint:
         state.model_checkpoint_path]
     if state.model_checkpoint_path not in paths:
       paths.append(state.model_checkpoint_path)
-    resolve = lambda p: p if os.path.isabs(p) else os.path.join(
-        self.directory, p)
+    # The state file names checkpoints relative to it, or by absolute path
+    # (a gs:// URL is one).
+    resolve = lambda p: p if os.path.isabs(p) or not model_dir_lib.is_local(
+        p) else os.path.join(self.directory, p)
     return [resolve(p) for p in reversed(paths)]
 
   def restore_model(self, path: str) -> Position:
