@@ -57,6 +57,7 @@ OLD = ".old"
 
 
 def _gfile():
+  """tf.io.gfile, imported on first use (see the module docstring)."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   return tf.io.gfile
 
