@@ -41,6 +41,7 @@ from dist_train.loop import stop
 from dist_train.outputs import best as best_lib
 from dist_train.outputs import checkpoints
 from dist_train.outputs import export
+from dist_train.outputs import model_dir as model_dir_lib
 from dist_train.outputs import ownership
 from dist_train.outputs import profiler as profiler_lib
 from dist_train.outputs import summaries
@@ -52,7 +53,7 @@ from dist_train.tasks import classification
 ModelFn = Callable[[config_lib.Config], keras.Model]
 # Written by the chief when training ends (at its last step or early): an
 # evaluator beside the run stops after the checkpoint of that step.
-TRAINING_DONE = "training_done.json"
+TRAINING_DONE = model_dir_lib.TRAINING_DONE
 # How often an evaluator without a new checkpoint looks for TRAINING_DONE.
 _EVALUATOR_POLL_S = 2.0
 RunResult = controller_lib.RunResult
@@ -459,9 +460,10 @@ def _train_and_evaluate(config, *, task, model_fn, strategy, validate,
       with errors.phase("exporting the model"):
         export.export_model(result.model, config.model_dir,
                             saved_model=config.export_saved_model)
-        _write_json(os.path.join(config.model_dir, TRAINING_DONE),
-                    {"global_step": result.global_step,
-                     "stopped_early": result.stopped_early})
+        model_dir_lib.write_json(
+            model_dir_lib.training_done_file(config.model_dir),
+            {"global_step": result.global_step,
+             "stopped_early": result.stopped_early})
   return result
 
 
@@ -576,17 +578,10 @@ def _evaluate_checkpoint(run: _Run, path: str, best, config) -> dict:
 
 
 def _write_eval_results(model_dir, results):
-  path = os.path.join(model_dir, "eval_results.json")
-  with errors.phase("writing eval_results.json"):
-    _write_json(path, results)
+  path = model_dir_lib.eval_results_file(model_dir)
+  with errors.phase(f"writing {model_dir_lib.EVAL_RESULTS}"):
+    model_dir_lib.write_json(path, results)
   logging.info("Wrote %s", path)
-
-
-def _write_json(path, value):
-  """Writes JSON to a temporary name and renames it: never half a file."""
-  with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=2)
-  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
 
 
 def _final_step(config, default):

@@ -12,7 +12,6 @@ better model with a worse one.
 import json
 import math
 import os
-import shutil
 import tempfile
 from typing import Optional
 
@@ -21,9 +20,10 @@ import keras
 import tensorflow as tf
 
 from dist_train import errors
+from dist_train.outputs import model_dir as model_dir_lib
 
-BEST_DIR = "best"
-METRICS_FILE = "metrics.json"
+BEST_DIR = model_dir_lib.BEST
+METRICS_FILE = model_dir_lib.BEST_METRICS
 # Names whose smaller values are better, for --best_mode=auto.
 _LOWER_IS_BETTER = ("loss", "error", "perplexity", "mae", "mse")
 
@@ -52,12 +52,9 @@ def improved(value: float, best: Optional[float], *, mode: str,
 
 def read_metrics(model_dir: str) -> Optional[dict]:
   """best/metrics.json of `model_dir`, or None when there is none."""
-  path = os.path.join(model_dir, BEST_DIR, METRICS_FILE)
-  if not tf.io.gfile.exists(path):
-    return None
+  path = model_dir_lib.best_metrics_file(model_dir)
   try:
-    with tf.io.gfile.GFile(path) as f:
-      return json.load(f)
+    return model_dir_lib.read_json(path)
   except (ValueError, OSError) as e:
     raise BestModelError(f"cannot read {path}: {errors.first_line(e)}; move "
                          "it away to start a new best model") from e
@@ -72,18 +69,16 @@ class BestModel:
     self.metric = metric
     self.mode = resolve_mode(metric, mode)
     self._is_chief = is_chief
-    old = self.directory + ".old"
-    if is_chief and not os.path.exists(self.directory) and os.path.exists(old):
-      # A run stopped between moving the old best/ aside and renaming the
-      # new one into place: the old one is still the best.
-      os.rename(old, self.directory)
+    if is_chief:
+      # A run stopped while replacing best/: the old one is still the best.
+      model_dir_lib.recover_dir(self.directory)
     written = read_metrics(model_dir)
     self.value = written["value"] if written else None
     self.step = written["global_step"] if written else None
 
   @property
   def directory(self) -> str:
-    return os.path.join(self._model_dir, BEST_DIR)
+    return model_dir_lib.best_dir(self._model_dir)
 
   def update(self, *, global_step: int, metrics: dict,
              model: keras.Model) -> bool:
@@ -106,29 +101,19 @@ class BestModel:
   def _write(self, global_step, value, metrics, model):
     """Every worker writes the checkpoint (saving distributed variables may
     need all of them); only the chief keeps it, in place of best/."""
-    parent = self._model_dir if self._is_chief else tempfile.gettempdir()
     with errors.phase(f"writing the best model of step {global_step}"):
-      partial = tempfile.mkdtemp(prefix=".best_partial_", dir=parent)
-      try:
-        tf.train.Checkpoint(model=model).write(os.path.join(partial, "ckpt"))
-        if not self._is_chief:
-          return
-        model.save(os.path.join(partial, "model.keras"))
+      if not self._is_chief:
+        with tempfile.TemporaryDirectory(prefix="dist_train_best_") as local:
+          tf.train.Checkpoint(model=model).write(
+              os.path.join(local, model_dir_lib.BEST_CHECKPOINT))
+        return
+      with model_dir_lib.writing_dir(self.directory) as partial:
+        tf.train.Checkpoint(model=model).write(
+            os.path.join(partial, model_dir_lib.BEST_CHECKPOINT))
+        model.save(os.path.join(partial, model_dir_lib.KERAS_MODEL))
         with open(os.path.join(partial, METRICS_FILE), "w") as f:
           json.dump({"metric": self.metric, "mode": self.mode,
                      "value": value, "global_step": global_step,
                      "metrics": metrics}, f, indent=2)
-        old = None
-        if os.path.exists(self.directory):
-          old = self.directory + ".old"
-          shutil.rmtree(old, ignore_errors=True)
-          os.rename(self.directory, old)
-        os.rename(partial, self.directory)
-        partial = None
-        if old:
-          shutil.rmtree(old, ignore_errors=True)
-      finally:
-        if partial:
-          shutil.rmtree(partial, ignore_errors=True)
     logging.info("New best %s %.4f at step %d: wrote %s", self.metric, value,
                  global_step, self.directory)

@@ -18,6 +18,7 @@ import keras
 import tensorflow as tf
 
 from dist_train import errors
+from dist_train.outputs import model_dir as model_dir_lib
 
 
 class CheckpointError(errors.DistTrainError):
@@ -191,8 +192,10 @@ class RunCheckpoint:
         state.model_checkpoint_path]
     if state.model_checkpoint_path not in paths:
       paths.append(state.model_checkpoint_path)
-    resolve = lambda p: p if os.path.isabs(p) else os.path.join(
-        self.directory, p)
+    # The state file names checkpoints relative to it, or by absolute path
+    # (a gs:// URL is one).
+    resolve = lambda p: p if os.path.isabs(p) or not model_dir_lib.is_local(
+        p) else os.path.join(self.directory, p)
     return [resolve(p) for p in reversed(paths)]
 
   def restore_model(self, path: str) -> Position:
@@ -305,4 +308,4 @@ def step_of(path: str) -> int:
 
 
 def checkpoint_dir(model_dir: str) -> str:
-  return os.path.join(model_dir, "checkpoints")
+  return model_dir_lib.checkpoints_dir(model_dir)

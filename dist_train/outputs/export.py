@@ -1,13 +1,13 @@
 """Saving the trained model for inference."""
 
 import contextlib
-import os
-import shutil
 
 from absl import logging
 import keras
+import tensorflow as tf
 
 from dist_train import errors
+from dist_train.outputs import model_dir as model_dir_lib
 
 
 class ExportError(errors.DistTrainError):
@@ -15,15 +15,16 @@ class ExportError(errors.DistTrainError):
 
 
 def export_dir(model_dir: str) -> str:
-  return os.path.join(model_dir, "export")
+  return model_dir_lib.export_dir(model_dir)
 
 
 def export_model(model: keras.Model, model_dir: str, *,
                  saved_model: bool = False) -> str:
   """Saves `model` to <model_dir>/export/model.keras (and a SavedModel).
 
-  Each is written to a temporary name and renamed, so an interrupted or failed
-  export never leaves a truncated model in place of a good one.
+  Each is written under a temporary name and renamed (model_dir.writing_file
+  and writing_dir), so an interrupted or failed export never leaves a
+  truncated model in place of a good one.
 
   Returns:
     The path of the .keras file.
@@ -32,48 +33,29 @@ def export_model(model: keras.Model, model_dir: str, *,
     ExportError: a file could not be written; the previous export, if any, is
       unchanged.
   """
-  directory = export_dir(model_dir)
-  path = os.path.join(directory, "model.keras")
-  partial = os.path.join(directory, "model.partial.keras")
-  with _export_error(path, partial):
-    os.makedirs(directory, exist_ok=True)
-    model.save(partial)
-    os.replace(partial, path)
+  path = model_dir_lib.export_keras_model(model_dir)
+  with _export_error(path):
+    with model_dir_lib.writing_file(path) as local_path:
+      model.save(local_path)
   logging.info("Exported %s", path)
   if saved_model:
-    saved_model_dir = os.path.join(directory, "saved_model")
-    partial = saved_model_dir + ".partial"
-    with _export_error(saved_model_dir, partial):
-      shutil.rmtree(partial, ignore_errors=True)  # Left by a killed export.
-      model.export(partial, format="tf_saved_model", verbose=False)
-      _replace_dir(partial, saved_model_dir)
+    saved_model_dir = model_dir_lib.saved_model_dir(model_dir)
+    with _export_error(saved_model_dir):
+      with model_dir_lib.writing_dir(saved_model_dir) as local_dir:
+        model.export(local_dir, format="tf_saved_model", verbose=False)
     logging.info("Exported SavedModel %s", saved_model_dir)
   return path
 
 
-def _replace_dir(source: str, target: str) -> None:
-  """Moves directory `source` to `target`, replacing what is there."""
-  old = target + ".old"
-  shutil.rmtree(old, ignore_errors=True)
-  if os.path.exists(target):
-    os.rename(target, old)
-  os.rename(source, target)
-  shutil.rmtree(old, ignore_errors=True)
-
-
 @contextlib.contextmanager
-def _export_error(path: str, partial: str):
-  """Turns a failure to write `path` into an ExportError and removes the
-  partial copy, which takes space that the next attempt needs."""
+def _export_error(path: str):
+  """Turns a failure to write `path` into an ExportError (the writing helper
+  has removed the partial copy, which takes space that the next attempt
+  needs)."""
   try:
     yield
   except Exception as e:  # OS and TensorFlow errors of many types.
-    with contextlib.suppress(OSError):
-      if os.path.isdir(partial):
-        shutil.rmtree(partial)
-      elif os.path.exists(partial):
-        os.remove(partial)
-    previous = ("the previous one is unchanged" if os.path.exists(path)
+    previous = ("the previous one is unchanged" if tf.io.gfile.exists(path)
                 else "there was none before")
     raise ExportError(
         f"cannot write the export {path}: {errors.reason(e)}; {previous}; "

@@ -40,6 +40,11 @@ claim uses none; it rests on link(2) and rename(2), which are atomic there too.
   token, or no record, was taken over (it stalled for longer than its lease)
   or cleaned up by hand, and must stop writing.
 
+Not POSIX: on a model_dir on another TensorFlow filesystem (gs://, hdfs://,
+ram://) there is no link(2) to rely on, so no lock is taken: the run logs a
+warning and carries on, and a second run on the same model_dir is not
+detected.
+
 What is left: with three or more contenders, a record moved aside can find its
 name taken before it is put back, and a renewal delayed past the lease can
 overwrite the record of the run that took over; either way the run that lost
@@ -57,14 +62,17 @@ import uuid
 from absl import logging
 
 from dist_train import errors
+from dist_train.outputs import model_dir as model_dir_lib
 
-LOCK_FILE_NAME = "OWNER.lock"
+LOCK_FILE_NAME = model_dir_lib.OWNER_LOCK
 # The fields every record has; records may carry more (pid_ns, lease_s).
 _FIELDS = ("host", "pid", "pid_start_time", "boot_id", "started", "renewed",
            "token")
 # How often acquire() looks again when the record changes under it (a holder
 # released, another contender took over) before it gives up.
 _MAX_ATTEMPTS = 10
+# The "record" held on a model_dir that is not POSIX, where no lock is taken.
+_NOT_LOCKED = {}
 
 
 class ModelDirInUseError(errors.DistTrainError):
@@ -287,7 +295,8 @@ class ModelDirOwnership:
     self._model_dir = model_dir
     self._lease_s = lease_s
     self._clock = clock
-    self._path = os.path.join(model_dir, LOCK_FILE_NAME)
+    self._path = model_dir_lib.owner_lock_file(model_dir)
+    self._locks = model_dir_lib.is_local(model_dir)
     self._record = None  # While held: the record last written.
     self._renew_error = None  # The OSError of the last renewal, if it failed.
     self._stop = threading.Event()
@@ -304,6 +313,8 @@ class ModelDirOwnership:
   @property
   def holder(self) -> dict | None:
     """The record of the run holding model_dir (perhaps this one), or None."""
+    if not self._locks:
+      return None
     try:
       return _read_record(self._path)
     except OSError as e:
@@ -321,6 +332,13 @@ class ModelDirOwnership:
     if self._record is not None:
       raise RuntimeError(f"--model_dir={self.model_dir} is already held by "
                          "this ModelDirOwnership")
+    if not self._locks:
+      logging.warning(
+          "--model_dir=%s is not on a POSIX filesystem: no %s is taken, so "
+          "a second run on it would not be detected; start only one",
+          self.model_dir, LOCK_FILE_NAME)
+      self._record = _NOT_LOCKED
+      return
     try:
       os.makedirs(self.model_dir, exist_ok=True)
       self._record = self._claim()
@@ -389,6 +407,8 @@ class ModelDirOwnership:
     if self._record is None:
       raise RuntimeError(f"check() on --model_dir={self.model_dir} before "
                          "acquire()")
+    if self._record is _NOT_LOCKED:
+      return
     current = self.holder
     if current is None:
       raise ModelDirLostError(
@@ -418,6 +438,9 @@ class ModelDirOwnership:
     """
     if self._record is None:
       return
+    if self._record is _NOT_LOCKED:
+      self._record = None
+      return
     self._stop.set()
     self._renewer.join()
     record, self._record = self._record, None
@@ -442,10 +465,15 @@ def check_writable(model_dir: str) -> None:
   (no such parent, a parent that is a file, a read-only filesystem, no
   permission) stops the run in well under a second.
 
+  A model_dir on another TensorFlow filesystem (gs://) is not probed: its
+  first write reports what is wrong.
+
   Raises:
     ModelDirNotWritableError: naming the path and the operating system's
       reason.
   """
+  if not model_dir_lib.is_local(model_dir):
+    return
   probe = os.path.join(model_dir, f".write_probe.{socket.gethostname()}."
                        f"{os.getpid()}")
   path = model_dir

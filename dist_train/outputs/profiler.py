@@ -14,15 +14,14 @@ from typing import Optional
 from absl import logging
 import tensorflow as tf
 
+from dist_train.outputs import model_dir as model_dir_lib
+
 
 def profile_dir(model_dir: str, worker_index: int) -> str:
   """Where a worker's trace goes: the chief's with the train events (one
   TensorBoard run), another worker's in a run of its own, so that workers on
   one host do not write the same <host>.xplane.pb."""
-  train_dir = os.path.join(model_dir, "train")
-  if worker_index == 0:
-    return train_dir
-  return os.path.join(train_dir, f"worker_{worker_index}")
+  return model_dir_lib.profile_dir(model_dir, worker_index)
 
 
 class StepProfiler:

@@ -21,6 +21,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import api as hparams_api
 
 from dist_train import errors
+from dist_train.outputs import model_dir as model_dir_lib
 
 _EVENTS_FILES = "events.out.tfevents.*"
 _UNAFFECTED = ("the checkpoints are unaffected: free the space and rerun the "
@@ -80,9 +81,9 @@ class SummaryWriters:
     return self._writers[split]
 
   def _create_writer(self, split):
-    directory = os.path.join(self._model_dir, split)
+    directory = model_dir_lib.summary_dir(self._model_dir, split)
     pattern = os.path.join(directory, _EVENTS_FILES)
-    local = "://" not in directory
+    local = model_dir_lib.is_local(directory)
     before = set(glob.glob(pattern)) if local else set()
     try:
       writer = tf.summary.create_file_writer(directory)
@@ -111,7 +112,8 @@ class SummaryWriters:
     except Exception as e:  # OS and TensorFlow errors of many types.
       raise SummaryWriteError(
           f"cannot write TensorBoard events to "
-          f"{os.path.join(self._model_dir, split)}: {errors.reason(e)}; "
+          f"{model_dir_lib.summary_dir(self._model_dir, split)}: "
+          f"{errors.reason(e)}; "
           f"{_UNAFFECTED}") from e
     if split in self._events_files:
       self._events_files[split].check(num_events)

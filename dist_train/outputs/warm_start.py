@@ -22,8 +22,8 @@ import keras
 import tensorflow as tf
 
 from dist_train import errors
-from dist_train.outputs import best as best_lib
 from dist_train.outputs import checkpoints
+from dist_train.outputs import model_dir as model_dir_lib
 
 
 class WarmStartError(errors.DistTrainError):
@@ -36,16 +36,16 @@ def resolve(path: str) -> tuple:
   Raises:
     WarmStartError: nothing to initialise from at `path`.
   """
+  gfile = tf.io.gfile
   if path.endswith(".keras"):
-    if not os.path.isfile(path):
+    if not gfile.exists(path) or gfile.isdir(path):
       raise WarmStartError(f"--init_checkpoint={path}: no such file")
     return "keras", path
-  if os.path.isdir(path):
-    for candidate in (os.path.join(path, best_lib.BEST_DIR, "model.keras"),
-                      os.path.join(path, "export", "model.keras")):
-      if os.path.isfile(candidate):
+  if gfile.isdir(path):
+    for candidate in model_dir_lib.keras_models(path):
+      if gfile.exists(candidate) and not gfile.isdir(candidate):
         return "keras", candidate
-    prefix = (tf.train.latest_checkpoint(checkpoints.checkpoint_dir(path))
+    prefix = (tf.train.latest_checkpoint(model_dir_lib.checkpoints_dir(path))
               or tf.train.latest_checkpoint(path))
     if prefix:
       return "checkpoint", prefix
@@ -123,16 +123,18 @@ def initialize(model: keras.Model, path: str, *,
   """
   kind, source = resolve(path)
   if kind == "keras":
-    try:
-      mismatched = _mismatched_layers(model, source)
-    except (OSError, KeyError, zipfile.BadZipFile) as e:
-      raise WarmStartError(f"cannot read {source}: {errors.first_line(e)}")
-    if mismatched and not skip_mismatch:
-      raise WarmStartError(
-          f"--init_checkpoint={source} does not fit the model: "
-          f"{'; '.join(mismatched)}; pass --init_skip_mismatch to load the "
-          "rest")
-    model.load_weights(source, skip_mismatch=skip_mismatch)
+    # Keras and zipfile read local files only: one on gs:// is copied first.
+    with model_dir_lib.reading_file(source) as local_file:
+      try:
+        mismatched = _mismatched_layers(model, local_file)
+      except (OSError, KeyError, zipfile.BadZipFile) as e:
+        raise WarmStartError(f"cannot read {source}: {errors.first_line(e)}")
+      if mismatched and not skip_mismatch:
+        raise WarmStartError(
+            f"--init_checkpoint={source} does not fit the model: "
+            f"{'; '.join(mismatched)}; pass --init_skip_mismatch to load the "
+            "rest")
+      model.load_weights(local_file, skip_mismatch=skip_mismatch)
     return mismatched
   try:
     status = tf.train.Checkpoint(model=model).restore(source)
