@@ -44,7 +44,7 @@ _STEPS_PER_EPOCH = 8
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("api")
-  result = processes.run_python(["-c", _SCRIPT, str(root)], check=True)
+  result = processes.run_python(["-c", _SCRIPT, str(root)], check=True, prewarmed=True)
   return root, json.loads(result.stdout.strip().splitlines()[-1])
 
 

@@ -63,7 +63,7 @@ print(json.dumps(out))
 def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("best_mode")
   result = processes.run_python(["-c", _SCRIPT, str(root), json.dumps(_RUNS)],
-                               check=True)
+                               check=True, prewarmed=True)
   return root, json.loads(result.stdout.strip().splitlines()[-1])
 
 

@@ -152,7 +152,7 @@ def test_char_lm_with_a_recurrent_model_trains_on_two_replicas(tmp_path):
   CPU devices is checked here."""
   options = dict(model_dir=str(tmp_path / "run"), global_batch_size=32,
                  epochs=1, optimizer="adam", cpu_replicas=2)
-  result = processes.run_python(["-c", _GRU_SCRIPT, json.dumps(options)])
+  result = processes.run_python(["-c", _GRU_SCRIPT, json.dumps(options)], prewarmed=True)
   # The epoch-end save checks weights for NaN: integer variables (the GRU's
   # seed-generator state) must be passed over, not fed to is_finite.
   assert result.returncode == 0, result.stderr[-2000:]

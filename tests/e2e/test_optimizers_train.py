@@ -38,7 +38,7 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("optimizers")
-  result = processes.run_python(["-c", _SCRIPT, str(root)], check=True)
+  result = processes.run_python(["-c", _SCRIPT, str(root)], check=True, prewarmed=True)
   losses = json.loads(result.stdout.strip().splitlines()[-1])
   weights = {}
   for optimizer in losses:

@@ -80,7 +80,7 @@ print("RESULT " + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def checks():
-  result = processes.run_python(["-c", _SCRIPT], check=True)
+  result = processes.run_python(["-c", _SCRIPT], check=True, prewarmed=True)
   line = next(l for l in result.stdout.splitlines() if l.startswith("RESULT "))
   return json.loads(line[len("RESULT "):])
 

@@ -6,14 +6,20 @@ from the repository root, without a cluster of the surrounding environment,
 with output collected as it comes.
 """
 
+import atexit
+import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+
+from tests.helpers import prewarmed as prewarmed_lib
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -36,17 +42,137 @@ def subprocess_env(overrides=None):
   return env
 
 
-def run_python(args, *, timeout=300, check=False, env_overrides=None):
-  """Runs `python ARGS` from the repository root; returns CompletedProcess."""
-  result = subprocess.run(
-      [sys.executable, *args], cwd=REPO_ROOT,
-      env=subprocess_env(env_overrides),
-      capture_output=True, text=True, timeout=timeout)
+def run_python(args, *, timeout=300, check=False, env_overrides=None,
+               prewarmed=None):
+  """Runs `python ARGS` from the repository root; returns CompletedProcess.
+
+  `python -m dist_train.main ...` and the scripts of tests/helpers are
+  forked from an interpreter that has imported TensorFlow already
+  (tests/helpers/prewarmed.py), unless `prewarmed=False` or the environment
+  changes what the imports read; `-c CODE` is forked only with
+  `prewarmed=True`. A test of how the interpreter starts (what is imported,
+  what TensorFlow prints at start-up) passes `prewarmed=False`.
+  """
+  env = subprocess_env(env_overrides)
+  request = _prewarmed_request(args, env, prewarmed)
+  if request is not None:
+    result = _prewarmed_server().run(request, timeout)
+  else:
+    result = subprocess.run(
+        [sys.executable, *args], cwd=REPO_ROOT, env=env,
+        capture_output=True, text=True, timeout=timeout)
   if check and result.returncode != 0:
     raise AssertionError(
         f"python {' '.join(args)} exited {result.returncode}:\n"
         f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
   return result
+
+
+# Set to 1 to start every test process fresh.
+FRESH_PROCESSES = os.environ.get("DIST_TRAIN_TEST_FRESH_PROCESSES") == "1"
+
+
+def _prewarmed_request(args, env, prewarmed):
+  """The request for tests/helpers/prewarmed.py, or None to start fresh."""
+  if prewarmed is False or FRESH_PROCESSES or not args:
+    return None
+  if any(env.get(name) != os.environ.get(name)
+         for name in prewarmed_lib.IMPORT_TIME_VARIABLES):
+    return None
+  if args[0] == "-m" and len(args) > 1 and args[1] == "dist_train.main":
+    kind, target, rest = "module", args[1], args[2:]
+  elif args[0].startswith("tests/helpers/") and args[0].endswith(".py"):
+    kind, target, rest = "script", os.path.join(REPO_ROOT, args[0]), args[1:]
+  elif args[0] == "-c" and prewarmed and len(args) > 1:
+    kind, target, rest = "code", args[1], args[2:]
+  else:
+    return None
+  return {"kind": kind, "target": target, "args": list(rest), "env": env,
+          "cwd": REPO_ROOT}
+
+
+class _PrewarmedServer:
+  """This test process's tests/helpers/prewarmed.py server."""
+
+  def __init__(self):
+    self._dir = tempfile.mkdtemp(prefix="prewarmed-")
+    self.socket_path = os.path.join(self._dir, "socket")
+    self._log = open(os.path.join(self._dir, "server.err"), "w")  # pylint: disable=consider-using-with
+    self.process = subprocess.Popen(
+        [sys.executable, os.path.join(REPO_ROOT, "tests", "helpers",
+                                      "prewarmed.py"), self.socket_path],
+        cwd=REPO_ROOT, env=subprocess_env(), stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=self._log, text=True)
+    ready = self.process.stdout.readline()
+    if ready.strip() != "ready":
+      raise RuntimeError(f"tests/helpers/prewarmed.py did not start "
+                         f"(exit {self.process.poll()}): "
+                         f"{_read(os.path.join(self._dir, 'server.err'))}")
+    self._count = 0
+    self._lock = threading.Lock()
+    atexit.register(self.close)
+
+  def run(self, request, timeout):
+    """Runs `request` in a forked process; a CompletedProcess."""
+    with self._lock:
+      self._count += 1
+      name = os.path.join(self._dir, str(self._count))
+    request = {**request, "stdout": name + ".out", "stderr": name + ".err"}
+    command = [sys.executable, request["target"] if request["kind"] != "code"
+               else "-c", *request["args"]]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+      conn.connect(self.socket_path)
+      conn.sendall(json.dumps(request).encode() + b"\n")
+      reader = conn.makefile("r")
+      pid = json.loads(reader.readline())["pid"]
+      conn.settimeout(timeout)
+      try:
+        line = reader.readline()
+      except (socket.timeout, TimeoutError):
+        _kill(pid)
+        raise subprocess.TimeoutExpired(command, timeout,
+                                        output=_read(request["stdout"]),
+                                        stderr=_read(request["stderr"]))
+    if not line:
+      raise RuntimeError(f"tests/helpers/prewarmed.py lost the run {command}")
+    returncode = json.loads(line)["exit"]
+    result = subprocess.CompletedProcess(command, returncode,
+                                         _read(request["stdout"]),
+                                         _read(request["stderr"]))
+    for path in (request["stdout"], request["stderr"]):
+      os.remove(path)
+    return result
+
+  def close(self):
+    if self.process.poll() is None:
+      self.process.kill()
+      self.process.wait()
+    self._log.close()
+    shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _kill(pid):
+  try:
+    os.kill(pid, signal.SIGKILL)
+  except ProcessLookupError:
+    pass
+
+
+def _read(path):
+  with open(path, encoding="utf-8", errors="replace") as f:
+    return f.read()
+
+
+_SERVER = []
+_SERVER_LOCK = threading.Lock()
+
+
+def _prewarmed_server():
+  with _SERVER_LOCK:
+    if not _SERVER or _SERVER[0].process.poll() is not None:
+      _SERVER[:] = [_PrewarmedServer()]
+    return _SERVER[0]
 
 
 def run_cli(*flags, timeout=300, check=False, env_overrides=None):
