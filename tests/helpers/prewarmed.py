@@ -11,7 +11,7 @@ directory and sys.path as `python ARGS` would, takes stdout and stderr to
 files, runs the module, script or code as `__main__`, and exits the way the
 interpreter does (atexit handlers, non-daemon threads joined). The monitor
 sends the run's pid, then its exit code (negative for a signal, as
-`subprocess` gives it).
+`subprocess` gives it) and the CPU seconds it used.
 
 Nothing of TensorFlow's runtime exists before the fork (no op has run, no
 device was made), so each run configures its own devices and cluster.
@@ -101,9 +101,10 @@ def _monitor(conn, request, listener, base_path):
     return _run(request, base_path)
   try:
     conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
-    _, status = os.waitpid(pid, 0)
-    conn.sendall(json.dumps({"exit": os.waitstatus_to_exitcode(status)})
-                 .encode() + b"\n")
+    _, status, usage = os.wait4(pid, 0)
+    conn.sendall(json.dumps({
+        "exit": os.waitstatus_to_exitcode(status),
+        "cpu_s": usage.ru_utime + usage.ru_stime}).encode() + b"\n")
     conn.close()
   except OSError:  # The test stopped waiting (its timeout) and killed it.
     pass

@@ -111,6 +111,7 @@ class _PrewarmedServer:
                          f"{_read(os.path.join(self._dir, 'server.err'))}")
     self._count = 0
     self._lock = threading.Lock()
+    self.cpu_seconds = 0.0  # Of the runs that ended (not of this server).
     atexit.register(self.close)
 
   def run(self, request, timeout):
@@ -136,7 +137,10 @@ class _PrewarmedServer:
                                         stderr=_read(request["stderr"]))
     if not line:
       raise RuntimeError(f"tests/helpers/prewarmed.py lost the run {command}")
-    returncode = json.loads(line)["exit"]
+    reply = json.loads(line)
+    returncode = reply["exit"]
+    with self._lock:
+      self.cpu_seconds += reply["cpu_s"]
     result = subprocess.CompletedProcess(command, returncode,
                                          _read(request["stdout"]),
                                          _read(request["stderr"]))
@@ -166,6 +170,11 @@ def _read(path):
 
 _SERVER = []
 _SERVER_LOCK = threading.Lock()
+
+
+def prewarmed_cpu_seconds():
+  """CPU seconds used by the forked runs of this process so far."""
+  return _SERVER[0].cpu_seconds if _SERVER else 0.0
 
 
 def _prewarmed_server():
