@@ -5,7 +5,7 @@ import pytest
 
 from dist_train import train
 from dist_train import config as config_lib
-from dist_train.data import datasets
+from dist_train.data import mnist as mnist_data
 from dist_train.models import mnist
 from dist_train import user_code
 from dist_train.outputs import summaries
@@ -44,7 +44,7 @@ def test_malformed_model_plugins_fail_clearly(tmp_path, model, message):
   config = config_lib.Config(model_dir=str(tmp_path), model=model)
   with pytest.raises(user_code.UserCodeError) as error:
     user_code.check_model_fits("model", model, mnist.create_model(config),
-                             (datasets.NUM_FEATURES,))
+                             (mnist_data.NUM_FEATURES,))
   assert f"--model={model}" in str(error.value)
   assert message in str(error.value)
 
