@@ -9,7 +9,6 @@ import pytest
 
 from dist_train import train
 from dist_train.data import pipelines
-from dist_train.loop import schedule
 from dist_train import config as config_lib
 from dist_train.data import datasets
 from dist_train.data import mnist
@@ -121,7 +120,7 @@ def test_train_dataset_batches_and_scales(tmp_path):
       splits.train, global_batch_size=32, shuffle_buffer=100, seed=1,
       epoch=0))
   assert [len(y) for _, y in batches] == [32, 32, 32, 4]
-  assert len(batches) == schedule.num_batches(100, 32)
+  assert len(batches) == pipelines.num_batches(100, 32)
   features = np.concatenate([x.numpy() for x, _ in batches])
   assert features.shape == (100, 784)
   assert 0.0 <= features.min() and features.max() <= 1.0
