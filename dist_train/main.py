@@ -18,9 +18,9 @@ import traceback
 from absl import app
 from absl import flags
 
-from dist_train import console
 from dist_train import errors
 from dist_train import flags as flags_lib
+from dist_train import logs
 from dist_train.distribute import cluster
 from dist_train.loop import stop
 from dist_train.outputs import ownership
@@ -82,11 +82,11 @@ def main(argv):
       ownership.check_writable(config.model_dir)
     logging.getLogger("tensorflow").addFilter(_drop_coordinator_errors)
     # Imported here so that flag errors are reported before TensorFlow loads.
-    console.quiet_tensorflow_startup()
-    with console.startup_info_hidden():
+    logs.quiet_tensorflow_startup()
+    with logs.startup_info_hidden():
       # pylint: disable-next=import-outside-toplevel
       from dist_train import train
-    console.configure_logging(verbose=show_traceback)
+    logs.configure_logging(verbose=show_traceback)
     train.run(config, resolved=resolved)
   except errors.DistTrainError as e:
     if show_traceback:
