@@ -13,6 +13,7 @@ import functools
 import numpy as np
 import tensorflow as tf
 
+from dist_train import compat
 from dist_train import errors
 from dist_train import user_code
 
@@ -113,22 +114,6 @@ def _count(dataset, where):
   return int(dataset.reduce(np.int64(0), lambda count, _: count + 1))
 
 
-def _is_batched(dataset: tf.data.Dataset) -> bool:
-  """Whether `dataset` or one it reads batches examples (a batch, padded
-  batch or ragged batch anywhere upstream; unbatch undoes it)."""
-  seen = [dataset]
-  while seen:
-    current = seen.pop()
-    name = type(current).__name__.lower()
-    if "unbatch" in name:
-      return False
-    if "batch" in name:
-      return True
-    inputs = getattr(current, "_inputs", None)
-    seen.extend(inputs() if callable(inputs) else [])
-  return False
-
-
 def task_split(value, *, where: str, required: bool, sharded: bool = False):
   """What user code returned for a split, as an InMemory or StreamSplit: the
   one rule every user data set is checked by (a task's `build_dataset(split)`
@@ -160,7 +145,7 @@ def task_split(value, *, where: str, required: bool, sharded: bool = False):
       raise user_code.UserCodeError(
           f"{where} must yield (features, labels) pairs or (features, labels, "
           f"sample_weight) triples, got {spec}")
-    if _is_batched(value):
+    if compat.is_batched(value):
       raise user_code.UserCodeError(
           f"{where} is batched: return unbatched examples, dist_train "
           "batches them by the global batch size")

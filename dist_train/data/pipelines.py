@@ -15,7 +15,7 @@ import dataclasses
 
 import tensorflow as tf
 
-from dist_train.data import compat
+from dist_train import compat
 from dist_train.data import datasets
 
 

@@ -165,7 +165,7 @@ def test_shuffle_with_seed_tensor_matches_python_seed(global_seed):
   itself fails with TensorFlow's global seed at 0): the epochs of a lazy
   pipeline keep the documented order."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from dist_train.data import compat  # pylint: disable=import-outside-toplevel
+  from dist_train import compat  # pylint: disable=import-outside-toplevel
   tf.random.set_seed(global_seed)
   try:
     examples = tf.data.Dataset.range(50)
