@@ -127,15 +127,14 @@ def abort_collectives(message: str) -> None:
 # keras/src/utils/naming.py (to_snake_case).
 
 KERAS_WEIGHTS_ENTRY = "model.weights.h5"
-KERAS_FILE_ERRORS = (OSError, KeyError, zipfile.BadZipFile)
 
 
 def read_keras_weights(keras_file: str) -> bytes:
   """The HDF5 weights file inside a `.keras` file.
 
   Raises:
-    One of KERAS_FILE_ERRORS: the file is unreadable, not a zip, or has no
-      weights entry.
+    OSError, zipfile.BadZipFile, KeyError: the file is unreadable, not a
+      zip, or has no weights entry.
   """
   with zipfile.ZipFile(keras_file) as archive:
     return archive.read(KERAS_WEIGHTS_ENTRY)

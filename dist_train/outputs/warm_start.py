@@ -14,6 +14,7 @@ classification head) fails the run with one line naming it, unless
 import io
 import os
 import tempfile
+import zipfile
 
 import h5py
 import keras
@@ -103,7 +104,7 @@ def initialize(model: keras.Model, path: str, *,
   if kind == "keras":
     try:
       mismatched = _mismatched_layers(model, source)
-    except compat.KERAS_FILE_ERRORS as e:
+    except (OSError, KeyError, zipfile.BadZipFile) as e:
       raise WarmStartError(f"cannot read {source}: {errors.first_line(e)}")
     if mismatched and not skip_mismatch:
       raise WarmStartError(

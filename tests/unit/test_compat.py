@@ -8,6 +8,7 @@ import inspect
 import io
 import json
 import textwrap
+import zipfile
 
 from absl import flags
 import h5py
@@ -90,7 +91,7 @@ def test_keras_file_layout_and_layer_paths(tmp_path):
     assert paths["layers/dense"] == "hidden"
     assert paths["layers/dense_1"] == "predictions"
     assert paths["layers/batch_normalization"] == "batch_normalization"
-    with pytest.raises(compat.KERAS_FILE_ERRORS):
+    with pytest.raises((OSError, KeyError, zipfile.BadZipFile)):
       compat.read_keras_weights(str(tmp_path / "missing.keras"))
 
 
