@@ -11,6 +11,8 @@ import re
 import sysconfig
 import traceback
 
+from dist_train import compat
+
 # Exit codes, as documented in docs/failures.md.
 EXIT_BAD_INPUT = 1  # Flags, data, user code, checkpoints or model_dir unusable.
 EXIT_NON_FINITE = 3  # A loss term or weight became NaN or Inf.
@@ -60,29 +62,6 @@ def first_line(error: BaseException) -> str:
   return lines[0] if lines else type(error).__name__
 
 
-def op_error_summary(message: str) -> str:
-  """The part of a TensorFlow op error that says what went wrong.
-
-  Errors from inside a tf.function wrap the op's own message in the op's
-  stack and, with several replicas, in "N root error(s) found. (0) ...".
-  """
-  root = re.search(r"\(0\) [A-Z_]+:\s*(.+)", message)
-  if root:
-    line = root.group(1)
-  else:
-    skip = ("Graph execution error", "Detected at", "File ", "[[", "<stack")
-    lines = [l.strip() for l in message.splitlines()]
-    line = next((l for l in lines if l and not l.startswith(skip)),
-                message.strip())
-  # Ops run by a tf.function name it first: "{{function_node ...}} message".
-  line = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", line)
-  # tf.data prefixes the message of an op inside a map with where it ran.
-  line = re.sub(r"^Error in user-defined function passed to (\w+?)(:\d+)? "
-                r"transformation with iterator: \w*Iterator::\S+: ",
-                r"in the input pipeline (\1): ", line)
-  return re.split(r"\s+Label values:|\s*\[\[|\s*\[Op:", line)[0].strip()
-
-
 def _is_op_error(error: BaseException) -> bool:
   """A tf.errors.OpError, recognised without importing TensorFlow."""
   return any(cls.__name__ == "OpError" and
@@ -92,7 +71,7 @@ def _is_op_error(error: BaseException) -> bool:
 
 def summary(error: BaseException) -> str:
   """`Type: what went wrong`, on one line."""
-  text = (op_error_summary(error.message) if _is_op_error(error)
+  text = (compat.op_error_summary(error.message) if _is_op_error(error)
           else first_line(error))
   return f"{type(error).__name__}: {text}"
 

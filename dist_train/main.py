@@ -18,9 +18,10 @@ import traceback
 from absl import app
 from absl import flags
 
-from dist_train import console
+from dist_train import compat
 from dist_train import errors
 from dist_train import flags as flags_lib
+from dist_train import logs
 from dist_train.distribute import cluster
 from dist_train.loop import stop
 from dist_train.outputs import ownership
@@ -37,17 +38,6 @@ def _fail(message, exit_code=errors.EXIT_BAD_INPUT):
   sys.exit(exit_code)
 
 
-def _flagfile_being_read(error):
-  """The flagfile absl was reading when `error` was raised, if it says."""
-  name = None
-  frame = error.__traceback__
-  while frame is not None:  # Nested flagfiles: the innermost one.
-    if frame.tb_frame.f_code.co_name == "_get_flag_file_lines":
-      name = frame.tb_frame.f_locals.get("filename", name)
-    frame = frame.tb_next
-  return name
-
-
 def parse_flags(argv):
   """Parses flags; a bad flag or flagfile exits 1 with one line on stderr."""
   try:
@@ -60,7 +50,7 @@ def parse_flags(argv):
   except flags.Error as e:
     _fail(errors.first_line(e))
   except UnicodeDecodeError as e:
-    name = _flagfile_being_read(e)
+    name = compat.flagfile_being_read(e)
     _fail(f"cannot read {f'--flagfile={name}' if name else 'a --flagfile'}: "
           f"it is not UTF-8 text (byte 0x{e.object[e.start]:02x}: {e.reason}); "
           "a flagfile holds one --flag=value per line")
@@ -82,11 +72,11 @@ def main(argv):
       ownership.check_writable(config.model_dir)
     logging.getLogger("tensorflow").addFilter(_drop_coordinator_errors)
     # Imported here so that flag errors are reported before TensorFlow loads.
-    console.quiet_tensorflow_startup()
-    with console.startup_info_hidden():
+    logs.quiet_tensorflow_startup()
+    with logs.startup_info_hidden():
       # pylint: disable-next=import-outside-toplevel
       from dist_train import train
-    console.configure_logging(verbose=show_traceback)
+    logs.configure_logging(verbose=show_traceback)
     train.run(config, resolved=resolved)
   except errors.DistTrainError as e:
     if show_traceback:

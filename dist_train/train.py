@@ -21,8 +21,8 @@ import keras
 import tensorflow as tf
 
 from dist_train import config as config_lib
-from dist_train import console
 from dist_train import errors
+from dist_train import progress
 from dist_train import user_code
 from dist_train.data import datasets
 from dist_train.distribute import cluster
@@ -318,7 +318,7 @@ def _build(config, task, strategy, boundary_checks=(), callbacks=(), *,
       validation=validation, checkpoint=checkpoint,
       summary_writers=summary_writers, preemption_agreement=agreement,
       log=logging.info if is_chief else lambda *args: None,
-      progress_fn=console.EpochProgress if is_chief else None,
+      progress_fn=progress.EpochProgress if is_chief else None,
       boundary_checks=boundary_checks, selection=selection,
       callbacks=callback_list,
       epoch_end_fns=(_read_report(train_input, layout.worker_index),),

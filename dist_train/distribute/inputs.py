@@ -20,7 +20,6 @@ Placements of the shares (`--input_placement`):
 """
 
 import functools
-import math
 
 from absl import logging
 import numpy as np
@@ -28,22 +27,25 @@ import tensorflow as tf
 
 from dist_train.data import datasets
 from dist_train.data import pipelines
+from dist_train.distribute import step_elements
 
 PLACEMENTS = ("device", "prefetch", "host")
 
 
-def replica_layout(strategy: tf.distribute.Strategy) -> pipelines.ReplicaLayout:
+def replica_layout(strategy: tf.distribute.Strategy
+                   ) -> step_elements.ReplicaLayout:
   """This worker's replicas: their global ids are consecutive (MultiWorker
   MirroredStrategy numbers worker i's L replicas i*L .. i*L + L - 1)."""
   ids = strategy.experimental_local_results(
       strategy.experimental_distribute_values_from_function(
           lambda context: context.replica_id_in_sync_group))
-  return pipelines.ReplicaLayout(
+  return step_elements.ReplicaLayout(
       num_replicas=strategy.num_replicas_in_sync,
       num_local_replicas=len(ids), first_replica=int(ids[0]))
 
 
-def input_context(layout: pipelines.ReplicaLayout) -> tf.distribute.InputContext:
+def input_context(layout: step_elements.ReplicaLayout
+                  ) -> tf.distribute.InputContext:
   """The tf.distribute.InputContext a task's build_dataset gets: one input
   pipeline per worker."""
   return tf.distribute.InputContext(
@@ -52,7 +54,7 @@ def input_context(layout: pipelines.ReplicaLayout) -> tf.distribute.InputContext
       num_replicas_in_sync=layout.num_replicas)
 
 
-def worker_values(strategy, layout: pipelines.ReplicaLayout,
+def worker_values(strategy, layout: step_elements.ReplicaLayout,
                   value: float) -> np.ndarray:
   """Every worker's `value`, by worker index, on every worker: one SUM
   all-reduce of one-hot vectors (tf.distribute reduces by SUM or MEAN only).
@@ -107,11 +109,11 @@ class ReplicaInput:
     placement: device, prefetch or host (device applies to in-memory splits
       only; a stream is prefetched instead).
     divisors_in_batch: whether `info` holds the global batch's divisors.
-    elements: the split's `pipelines.StepElements` on this worker.
+    elements: the split's `step_elements.StepElements` on this worker.
   """
 
   def __init__(self, split, *, strategy: tf.distribute.Strategy,
-               layout: pipelines.ReplicaLayout, global_batch_size: int,
+               layout: step_elements.ReplicaLayout, global_batch_size: int,
                placement: str, where: str = "the data"):
     if placement not in PLACEMENTS:
       raise ValueError(f"placement must be one of {PLACEMENTS}, got "
@@ -129,8 +131,9 @@ class ReplicaInput:
           strategy, layout, len(split), global_batch_size, where)
     else:
       self.num_examples = len(split)
-      self.steps_per_epoch = -(-len(split) // global_batch_size)
-    self.elements = pipelines.StepElements(
+      self.steps_per_epoch = pipelines.num_batches(len(split),
+                                                   global_batch_size)
+    self.elements = step_elements.StepElements(
         split, layout, global_batch_size, self.steps_per_epoch,
         gather_on_device=placement == "device")
     self._devices = strategy.extended.worker_devices
@@ -175,7 +178,8 @@ class ReplicaInput:
     # Endless (the loop reads only the steps it runs): a distributed dataset
     # of unknown length would all-reduce at every step whether any worker
     # still has data.
-    flat = flat.concatenate(pipelines.empty_elements(flat.element_spec)).apply(
+    flat = flat.concatenate(
+        step_elements.empty_elements(flat.element_spec)).apply(
         tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
     options = tf.distribute.InputOptions(
         experimental_fetch_to_device=True,
@@ -249,7 +253,7 @@ def _agree_on_shards(strategy, layout, num_local_examples, global_batch_size,
   for worker, count in enumerate(counts):
     begin, end = pipelines.share_bounds(global_batch_size, worker,
                                         layout.num_workers)
-    steps = max(steps, math.ceil(count / (end - begin)))
+    steps = max(steps, pipelines.num_batches(int(count), end - begin))
   logging.info("%s: this worker's shard holds %d examples (all: %s); %d "
                "steps per epoch", where, num_local_examples,
                ", ".join(str(int(c)) for c in counts), steps)

@@ -22,7 +22,8 @@ import time
 from typing import Optional
 
 from absl import logging
-import tensorflow as tf
+
+from dist_train import compat
 
 
 class CollectiveWatchdog:
@@ -83,13 +84,4 @@ class CollectiveWatchdog:
         message = (f"{self._what} waited more than --collective_timeout_s="
                    f"{self._timeout_s:g}s for a peer worker")
         logging.error("%s; aborting this worker's collectives", message)
-        _abort_collectives(message)
-
-
-def _abort_collectives(message: str) -> None:
-  """Makes every pending and later collective of this process fail with
-  `message` (what TensorFlow's own health check calls when a peer dies)."""
-  # pylint: disable-next=import-outside-toplevel
-  from tensorflow.python.eager import context
-  context.context().abort_collective_ops(
-      tf.errors.DEADLINE_EXCEEDED, f"Collective has timed out: {message}")
+        compat.abort_collectives(message)

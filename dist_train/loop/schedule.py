@@ -3,10 +3,7 @@
 import dataclasses
 from typing import Optional
 
-
-def num_batches(num_examples: int, global_batch_size: int) -> int:
-  """Global steps in one pass, counting a partial last batch."""
-  return -(-num_examples // global_batch_size)
+from dist_train.data import pipelines
 
 
 @dataclasses.dataclass(frozen=True)
@@ -14,11 +11,11 @@ class LoopSchedule:
   """The run's shape: epochs of global steps, and the boundaries between
   compiled loops (log steps, checkpoint steps, epoch ends).
 
-  The one place that knows how many steps an epoch has: ceil(num_examples /
-  global_batch_size), or `epoch_steps` when the workers agreed on it (each
-  reads its own shard of a stream). With `profile_steps` (first, last),
-  loops also end before step `first` and after step `last`, so that a
-  profile covers exactly those steps.
+  The one place the loop learns how many steps an epoch has:
+  `pipelines.num_batches` (a partial last batch counts), or `epoch_steps`
+  when the workers agreed on it (each reads its own shard of a stream).
+  With `profile_steps` (first, last), loops also end before step `first`
+  and after step `last`, so that a profile covers exactly those steps.
   """
 
   num_examples: int
@@ -41,7 +38,7 @@ class LoopSchedule:
   def steps_per_epoch(self) -> int:
     if self.epoch_steps is not None:
       return self.epoch_steps
-    return num_batches(self.num_examples, self.global_batch_size)
+    return pipelines.num_batches(self.num_examples, self.global_batch_size)
 
   @property
   def total_steps(self) -> int:

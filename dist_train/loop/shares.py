@@ -17,10 +17,10 @@ before its forward pass runs, and `describe` turns a TensorFlow error into
 one line naming the step, the replica's share, the micro-batch and the op.
 """
 
-import re
 
 import tensorflow as tf
 
+from dist_train import compat
 from dist_train import errors
 from dist_train.loop import losses
 
@@ -167,10 +167,8 @@ class ShareLog:
   def describe(self, error: tf.errors.OpError) -> tf.errors.OpError:
     """`error` again, its message one line naming the step, the failing
     replica's share and micro-batch (with their rows) and the op."""
-    node = re.search(r"\{\{node ([^}]+)\}\}", error.message)
-    node = node.group(1) if node else None
-    replica = re.search(r"(?:^|/)replica_(\d+)/", node or "")
-    local = int(replica.group(1)) if replica else 0
+    node = compat.error_node(error.message)
+    local = compat.node_replica(node)
     log = self._log.numpy()
     if not 0 <= local < len(log) or log[local][0] < 0:
       return error
@@ -185,5 +183,5 @@ class ShareLog:
     location = errors.user_location(error)
     if location:
       where += f", at {location}"
-    message = f"{errors.op_error_summary(error.message)} ({where})"
+    message = f"{compat.op_error_summary(error.message)} ({where})"
     return type(error)(error.node_def, error.op, message)

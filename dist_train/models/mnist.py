@@ -4,7 +4,7 @@ import keras
 
 from dist_train import config as config_lib
 from dist_train import user_code
-from dist_train.data import datasets
+from dist_train.data import mnist as mnist_data
 
 
 @keras.saving.register_keras_serializable(package="dist_train")
@@ -60,7 +60,7 @@ def _classifier_head(x, *, hidden_name, hidden_units, regularizer):
   x = keras.layers.Dense(hidden_units, activation="relu",
                          kernel_regularizer=regularizer, name=hidden_name)(x)
   # float32 under any mixed-precision policy: logits and loss stay float32.
-  return keras.layers.Dense(datasets.NUM_CLASSES,
+  return keras.layers.Dense(mnist_data.NUM_CLASSES,
                             kernel_regularizer=regularizer, dtype="float32",
                             name="predictions")(x)
 
@@ -75,8 +75,8 @@ def create_cnn(*, hidden_units: int, kernel_l2: float = 0.0,
     raise ValueError("the cnn model has no activity loss layer, got "
                      f"activity_regularization={activity_regularization}")
   regularizer = _l2(kernel_l2)
-  inputs = keras.Input(shape=(datasets.NUM_FEATURES,), name="digits")
-  x = keras.layers.Reshape(datasets.IMAGE_SHAPE + (1,))(inputs)
+  inputs = keras.Input(shape=(mnist_data.NUM_FEATURES,), name="digits")
+  x = keras.layers.Reshape(mnist_data.IMAGE_SHAPE + (1,))(inputs)
   for i, filters in enumerate((16, 32), start=1):
     x = keras.layers.Conv2D(filters, 3, activation="relu",
                             kernel_regularizer=regularizer, name=f"conv_{i}")(x)
@@ -94,7 +94,7 @@ def create_mlp(*, hidden_units: int, kernel_l2: float = 0.0,
   Returns logits; the loss applies the softmax.
   """
   regularizer = _l2(kernel_l2)
-  inputs = keras.Input(shape=(datasets.NUM_FEATURES,), name="digits")
+  inputs = keras.Input(shape=(mnist_data.NUM_FEATURES,), name="digits")
   x = keras.layers.Dense(hidden_units, activation="relu",
                          kernel_regularizer=regularizer, name="dense_1")(inputs)
   if activity_regularization > 0:

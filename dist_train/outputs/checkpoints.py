@@ -8,7 +8,6 @@ next batch exactly.
 import contextlib
 import dataclasses
 import os
-import re
 import shutil
 import tempfile
 from typing import Optional
@@ -17,6 +16,7 @@ from absl import logging
 import keras
 import tensorflow as tf
 
+from dist_train import compat
 from dist_train import errors
 from dist_train.outputs import model_dir as model_dir_lib
 
@@ -37,9 +37,7 @@ class CheckpointMismatchError(CheckpointError):
   """A checkpoint was written by a different model (a variable's shape)."""
 
 
-SHAPE_MISMATCH = re.compile(
-    r"variable\.shape=(?P<model>\([^)]*\)), Received: "
-    r"value\.shape=(?P<checkpoint>\([^)]*\)).*?path=(?P<name>[^,>]+)", re.S)
+SHAPE_MISMATCH = compat.CHECKPOINT_SHAPE_MISMATCH
 
 
 def mismatch_error(path, error):

@@ -13,7 +13,6 @@ classification head) fails the run with one line naming it, unless
 
 import io
 import os
-import re
 import tempfile
 import zipfile
 
@@ -21,6 +20,7 @@ import h5py
 import keras
 import tensorflow as tf
 
+from dist_train import compat
 from dist_train import errors
 from dist_train.outputs import checkpoints
 from dist_train.outputs import model_dir as model_dir_lib
@@ -71,39 +71,18 @@ def _weight_shapes(h5_file) -> dict:
           for layer, shapes in layers.items()}
 
 
-def _snake_case(name: str) -> str:
-  """Keras' naming.to_snake_case: "InputLayer" -> "input_layer"."""
-  name = re.sub(r"\W+", "", name)
-  name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
-  return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
-
-
-def _layer_names(model: keras.Model) -> dict:
-  """{"layers/dense_2": "predictions", ...}: where a Keras weights file keeps
-  each layer of `model`. Keras files a layer under its class name, numbered
-  in model order (saving_lib._save_container_state), which may be the name
-  of another layer of the model."""
-  names, used = {}, {}
-  for layer in model.layers:
-    path = _snake_case(type(layer).__name__)
-    used[path] = used.get(path, -1) + 1
-    names["layers/" + (f"{path}_{used[path]}" if used[path] else path)] = (
-        layer.name)
-  return names
-
-
 def _mismatched_layers(model: keras.Model, keras_file: str) -> list:
   """Layers of `model` whose weights the file lacks or has in other shapes:
   `layer <name> (<path in the file>) <shapes> (in the file: <shapes>)`."""
-  with zipfile.ZipFile(keras_file) as archive:
-    with h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r") as f:
-      source = _weight_shapes(f)
+  weights = compat.read_keras_weights(keras_file)
+  with h5py.File(io.BytesIO(weights), "r") as f:
+    source = _weight_shapes(f)
   with tempfile.TemporaryDirectory() as directory:
     path = os.path.join(directory, "target.weights.h5")
     model.save_weights(path)
     with h5py.File(path, "r") as f:
       target = _weight_shapes(f)
-  names = _layer_names(model)
+  names = compat.keras_layer_paths(model)
   def describe(path):
     name = names.get("/".join(path.split("/")[:2]))
     return f"layer {name} ({path})" if name else path

@@ -1,5 +1,5 @@
-"""Tasks: what to train and on what (model, data, loss, metrics); the built-in
-classification task and examples."""
+"""Tasks: what to train and on what (model, data, loss, metrics); the task
+protocol and the built-in classification task (example tasks: examples/)."""
 
 from dist_train.tasks.base import Task
 from dist_train.tasks.base import TaskError

@@ -13,6 +13,7 @@ import tensorflow as tf
 from dist_train import config as config_lib
 from dist_train import user_code
 from dist_train.data import datasets
+from dist_train.data import mnist as mnist_data
 from dist_train.models import mnist
 from dist_train.tasks import base
 
@@ -43,7 +44,7 @@ class ClassificationTask(base.Task):
   @functools.cached_property
   def _splits(self) -> datasets.Splits:
     config = self._config
-    return datasets.load_splits(
+    return mnist_data.load_splits(
         dataset=config.dataset, data_dir=config.data_dir,
         num_validation_examples=config.num_validation_examples,
         num_train_examples=config.num_train_examples, seed=config.seed,

@@ -1,4 +1,4 @@
-"""The example tasks (dist_train/tasks/char_lm.py, mnist_two_heads.py) train
+"""The example tasks (examples/char_lm.py, mnist_two_heads.py) train
 on 2 CPU replicas, report their own metrics in the RunResult, TensorBoard and
 eval_results.json, and compute what they claim to."""
 
@@ -8,8 +8,8 @@ import os
 import pytest
 
 from dist_train.outputs import summaries
-from dist_train.tasks import char_lm
-from dist_train.tasks import mnist_two_heads
+from examples import char_lm
+from examples import mnist_two_heads
 from tests.helpers import processes
 
 # Trains through the Python API in its own process (one device layout per
@@ -23,11 +23,11 @@ print(json.dumps({"global_step": result.global_step,
                   "validation": result.validation_metrics}))
 """
 
-CHAR_LM = dict(task="dist_train.tasks.char_lm:task", num_train_examples=640,
+CHAR_LM = dict(task="examples.char_lm:task", num_train_examples=640,
                num_validation_examples=128, global_batch_size=32, epochs=1,
                optimizer="adam", learning_rate=0.003, log_every_steps=5,
                cpu_replicas=2)
-TWO_HEADS = dict(task="dist_train.tasks.mnist_two_heads:task",
+TWO_HEADS = dict(task="examples.mnist_two_heads:task",
                  num_train_examples=512, num_validation_examples=200,
                  global_batch_size=64, epochs=1, optimizer="adam",
                  learning_rate=0.001, log_every_steps=4, cpu_replicas=2)
@@ -130,7 +130,7 @@ _GRU_SCRIPT = """
 import json, sys
 import keras
 from dist_train import config, train
-from dist_train.tasks import char_lm
+from examples import char_lm
 
 class GruCharLM(char_lm.CharLMTask):
   def build_model(self):

@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from dist_train.data import datasets
 from dist_train.data import pipelines
+from dist_train.distribute import step_elements
 from tests.helpers import input_fixtures
 from tests.helpers import parity
 from tests.helpers import parity_run
@@ -39,7 +40,7 @@ TIMEOUT_FLAG = (
 
 
 def _layout(num_workers, worker, local_replicas=1):
-  return pipelines.ReplicaLayout(
+  return step_elements.ReplicaLayout(
       num_replicas=num_workers * local_replicas,
       num_local_replicas=local_replicas, first_replica=worker * local_replicas)
 
@@ -53,7 +54,7 @@ def _split(num_examples, weights=False):
 
 
 def _train_elements(split, layout, batch=64, **kwargs):
-  elements = pipelines.StepElements(split, layout, batch,
+  elements = step_elements.StepElements(split, layout, batch,
                                     -(-len(split) // batch), **kwargs)
   return list(elements.train(shuffle_buffer=1000, seed=4, epoch=2)
               .as_numpy_iterator())
@@ -106,7 +107,7 @@ def test_sharded_streams_pad_shorter_shards_with_empty_shares():
       tf.data.Dataset.range(15).map(lambda i: (tf.cast(i, tf.float32), i)),
       15, sharded=True)
   # A global batch of 32 gives worker 2 batches of 11; 5 steps an epoch.
-  elements = pipelines.StepElements(shard, layout, 32, steps_per_epoch=5)
+  elements = step_elements.StepElements(shard, layout, 32, steps_per_epoch=5)
   steps = list(elements.evaluation().as_numpy_iterator())
   assert [[len(s[1]) for s in shares] for shares, _ in steps] == [
       [5, 6], [2, 2], [0, 0], [0, 0], [0, 0]]
@@ -121,7 +122,7 @@ def test_a_resumed_shard_skips_exactly_the_steps_run():
   shard = datasets.StreamSplit(
       tf.data.Dataset.range(40).map(lambda i: (tf.cast(i, tf.float32), i)),
       40, sharded=True)
-  elements = pipelines.StepElements(shard, layout, 32, steps_per_epoch=6)
+  elements = step_elements.StepElements(shard, layout, 32, steps_per_epoch=6)
 
   def labels(**kwargs):
     return [shares[0][1].tolist() for shares, _ in elements.train(

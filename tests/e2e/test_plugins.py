@@ -6,6 +6,7 @@ import pytest
 from dist_train import train
 from dist_train import config as config_lib
 from dist_train.data import datasets
+from dist_train.data import mnist as mnist_data
 from dist_train.models import mnist
 from dist_train import user_code
 from dist_train.outputs import summaries
@@ -44,7 +45,7 @@ def test_malformed_model_plugins_fail_clearly(tmp_path, model, message):
   config = config_lib.Config(model_dir=str(tmp_path), model=model)
   with pytest.raises(user_code.UserCodeError) as error:
     user_code.check_model_fits("model", model, mnist.create_model(config),
-                             (datasets.NUM_FEATURES,))
+                             (mnist_data.NUM_FEATURES,))
   assert f"--model={model}" in str(error.value)
   assert message in str(error.value)
 
@@ -111,6 +112,21 @@ def test_user_dataset_is_checked_against_the_model(tmp_path):
                            r"data has features of shape \(12,\)"):
     user_code.check_model_fits("model", "mlp", mnist.create_model(config),
                              splits.train.feature_shape)
+
+
+def test_user_dataset_is_checked_by_the_rule_of_a_tasks_data(tmp_path):
+  """A --dataset function's splits pass the same check as a task's
+  build_dataset: (features, label, sample_weight) triples are taken too."""
+  config = config_lib.Config(
+      model_dir=str(tmp_path),
+      dataset="tests.helpers.plugin_fixtures:weighted_blobs")
+  splits = train.load_splits(config)
+  assert (len(splits.train), len(splits.validation)) == (300, 90)
+  assert len(splits.train.dataset.element_spec) == 3
+  same = datasets.task_split(
+      plugin_fixtures.weighted_blobs("train", config), where="a task",
+      required=True)
+  assert len(same) == len(splits.train)
 
 
 def test_num_train_examples_takes_the_first_user_examples(tmp_path):

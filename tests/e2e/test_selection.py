@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dist_train.data import datasets
+from dist_train.data import mnist
 from dist_train.loop import preemption
 from dist_train.outputs import summaries
 from tests.helpers import processes
@@ -224,7 +224,7 @@ def test_best_model_reproduces_its_metrics(run):
   metrics, _ = _best(run["model_dir"])
   model = keras.saving.load_model(
       os.path.join(run["model_dir"], "best", "model.keras"))
-  features, labels = datasets.load_splits(**DATA).validation.examples
+  features, labels = mnist.load_splits(**DATA).validation.examples
   logits = model.predict(features, batch_size=len(labels), verbose=0)
   loss = float(np.mean(keras.ops.convert_to_numpy(
       keras.losses.sparse_categorical_crossentropy(labels, logits,

@@ -27,8 +27,8 @@ from absl import flags
 from absl import logging
 import keras
 
-from dist_train import console
 from dist_train import flags as flags_lib
+from dist_train import logs
 from dist_train import train
 
 
@@ -79,7 +79,7 @@ def main():
   flags.FLAGS(["callback_run", f"--model_dir={args.output_dir}",
                *argv[separator + 1:]])
   base = flags_lib.config_from_flags()
-  console.configure_logging()
+  logs.configure_logging()
   logging.set_verbosity(logging.INFO)
   strategy = train.create_strategy(base)
   task = _task_index()

@@ -52,6 +52,12 @@ def blob_model(config):
   return keras.Model(inputs, keras.layers.Dense(BLOB_CLASSES)(x))
 
 
+def weighted_blobs(split, config):
+  """blobs with a sample weight per example: (features, label, weight)."""
+  return blobs(split, config).map(
+      lambda features, label: (features, label, tf.cast(label % 2, tf.float32)))
+
+
 def batched_blobs(split, config):
   return blobs(split, config).batch(8)
 

@@ -23,8 +23,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dist_train import console
 from dist_train import flags as flags_lib
+from dist_train import logs
 from dist_train import train
 from dist_train.outputs import checkpoints
 from tests.helpers import plugin_fixtures
@@ -62,7 +62,7 @@ def main(argv):
   assert separator == "--", argv
   flags.FLAGS(["warm_start_run", *dist_train_flags])
   base = flags_lib.config_from_flags()
-  console.configure_logging()
+  logs.configure_logging()
   logging.set_verbosity(logging.INFO)
   strategy = train.create_strategy(base)
 

@@ -9,9 +9,9 @@ import pytest
 
 from dist_train import train
 from dist_train.data import pipelines
-from dist_train.loop import schedule
 from dist_train import config as config_lib
 from dist_train.data import datasets
+from dist_train.data import mnist
 
 
 def _config(tmp_path, **changes):
@@ -34,7 +34,7 @@ def test_mnist_npz_in_data_dir(tmp_path):
                                     num_validation_examples=20))
   assert len(splits.train) == 100 and len(splits.validation) == 20
   np.testing.assert_array_equal(splits.train.examples[0],
-                                datasets.decode_images(images[:100]))
+                                mnist.decode_images(images[:100]))
   np.testing.assert_array_equal(splits.validation.examples[1], labels[100:])
 
 
@@ -99,12 +99,12 @@ def test_synthetic_is_deterministic_and_learnable(tmp_path):
   other_seed = train.load_splits(dataclasses.replace(config, seed=1))
   assert not np.array_equal(a.train.examples[0], other_seed.train.examples[0])
   assert len(a.train) == 300 and len(a.validation) == 50
-  assert len(np.unique(a.train.examples[1])) == datasets.NUM_CLASSES
+  assert len(np.unique(a.train.examples[1])) == mnist.NUM_CLASSES
   # Learnable from the pixels: the nearest class mean of the training images
   # labels the held-out images far better than chance (10%).
   train_x = a.train.examples[0]
   means = np.stack([train_x[a.train.examples[1] == c].mean(axis=0)
-                    for c in range(datasets.NUM_CLASSES)])
+                    for c in range(mnist.NUM_CLASSES)])
   validation_x = a.validation.examples[0]
   distances = ((validation_x[:, None, :] - means[None]) ** 2).sum(axis=-1)
   accuracy = np.mean(distances.argmin(axis=1) == a.validation.examples[1])
@@ -120,7 +120,7 @@ def test_train_dataset_batches_and_scales(tmp_path):
       splits.train, global_batch_size=32, shuffle_buffer=100, seed=1,
       epoch=0))
   assert [len(y) for _, y in batches] == [32, 32, 32, 4]
-  assert len(batches) == schedule.num_batches(100, 32)
+  assert len(batches) == pipelines.num_batches(100, 32)
   features = np.concatenate([x.numpy() for x, _ in batches])
   assert features.shape == (100, 784)
   assert 0.0 <= features.min() and features.max() <= 1.0
@@ -165,7 +165,7 @@ def test_shuffle_with_seed_tensor_matches_python_seed(global_seed):
   itself fails with TensorFlow's global seed at 0): the epochs of a lazy
   pipeline keep the documented order."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from dist_train.data import compat  # pylint: disable=import-outside-toplevel
+  from dist_train import compat  # pylint: disable=import-outside-toplevel
   tf.random.set_seed(global_seed)
   try:
     examples = tf.data.Dataset.range(50)

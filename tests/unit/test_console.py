@@ -1,5 +1,6 @@
-"""The console: progress bar, log format, TensorFlow's start-up lines filtered
-(tests/e2e/test_console_runs.py: what a real run prints)."""
+"""The console: progress bar (progress.py), log format and TensorFlow's
+start-up lines filtered (logs.py); tests/e2e/test_console_runs.py: what a real
+run prints."""
 
 import contextlib
 import errno
@@ -16,7 +17,8 @@ import textwrap
 from absl import logging as absl_logging
 import pytest
 
-from dist_train import console
+from dist_train import logs
+from dist_train import progress
 from tests.helpers import processes
 
 ERASE = "\r\x1b[2K"
@@ -41,7 +43,7 @@ class FakeClock:
 
 
 def make_bar(stream=None, clock=None, **kwargs):
-  return console.EpochProgress(
+  return progress.EpochProgress(
       2, 10, 63, FakeTerminal() if stream is None else stream,
       environ={}, clock=clock or FakeClock(), **kwargs)
 
@@ -66,7 +68,7 @@ def test_bar_renders_steps_rate_and_eta():
 
 def test_eta_in_hours():
   clock = FakeClock()
-  bar = console.EpochProgress(1, 1, 10_000, FakeTerminal(), environ={},
+  bar = progress.EpochProgress(1, 1, 10_000, FakeTerminal(), environ={},
                               clock=clock)
   bar.update(1)
   clock.now += 1.0
@@ -110,7 +112,7 @@ def test_clear_redraw_and_close():
     (FakeTerminal(), False),
 ])
 def test_not_interactive_does_nothing(stream, is_tty):
-  bar = console.EpochProgress(1, 1, 10, stream, is_tty, environ={})
+  bar = progress.EpochProgress(1, 1, 10, stream, is_tty, environ={})
   assert not bar.enabled
   bar.update(3, 100.0)
   bar.update(10, 100.0)
@@ -129,9 +131,9 @@ def test_not_interactive_does_nothing(stream, is_tty):
     ({"TERM": "dumb"}, False),
 ])
 def test_interactive_only_on_a_terminal_outside_batch_jobs(environ, expected):
-  assert console.interactive(FakeTerminal(), environ) is expected
-  assert not console.interactive(io.StringIO(), environ)
-  bar = console.EpochProgress(1, 1, 10, io.StringIO(), is_tty=True,
+  assert progress.interactive(FakeTerminal(), environ) is expected
+  assert not progress.interactive(io.StringIO(), environ)
+  bar = progress.EpochProgress(1, 1, 10, io.StringIO(), is_tty=True,
                               environ=environ)
   assert bar.enabled is expected
 
@@ -139,16 +141,16 @@ def test_interactive_only_on_a_terminal_outside_batch_jobs(environ, expected):
 def test_interactive_with_closed_or_plain_streams():
   closed = open(os.devnull, encoding="utf-8")
   closed.close()
-  assert not console.interactive(closed, {})
-  assert not console.interactive(object(), {})
+  assert not progress.interactive(closed, {})
+  assert not progress.interactive(object(), {})
 
 
 def test_quiet_tensorflow_startup_keeps_a_level_the_user_set():
   environ = {}
-  console.quiet_tensorflow_startup(environ)
+  logs.quiet_tensorflow_startup(environ)
   assert environ == {"TF_CPP_MIN_LOG_LEVEL": "1"}
   environ = {"TF_CPP_MIN_LOG_LEVEL": "0"}
-  console.quiet_tensorflow_startup(environ)
+  logs.quiet_tensorflow_startup(environ)
   assert environ == {"TF_CPP_MIN_LOG_LEVEL": "0"}
 
 
@@ -190,7 +192,7 @@ def log_lines(stream):
 
 def test_plain_log_format():
   with absl_output() as output:
-    console.configure_logging()
+    logs.configure_logging()
     logging.root.setLevel(logging.INFO)
     absl_logging.info("step %d | loss %.2f", 100, 0.5)
     absl_logging.warning("careful")
@@ -204,7 +206,7 @@ def test_plain_log_format():
 
 def test_verbose_keeps_absl_prefix():
   with absl_output() as output:
-    console.configure_logging(verbose=True)
+    logs.configure_logging(verbose=True)
     logging.root.setLevel(logging.INFO)
     absl_logging.info("hello")
     lines = log_lines(output)
@@ -215,7 +217,7 @@ def test_verbose_keeps_absl_prefix():
 
 def test_tensorflow_info_is_hidden_but_not_its_warnings():
   with absl_output():
-    console.configure_logging()
+    logs.configure_logging()
     assert logging.getLogger("tensorflow").level == logging.WARNING
     # TensorFlow's checkpoint code logs through absl, not its own logger.
     tf_file = os.path.join(
@@ -228,14 +230,14 @@ def test_tensorflow_info_is_hidden_but_not_its_warnings():
 
     assert not handler.filter(record(logging.INFO, tf_file))
     assert handler.filter(record(logging.WARNING, tf_file))
-    assert handler.filter(record(logging.INFO, console.__file__))
+    assert handler.filter(record(logging.INFO, logs.__file__))
 
 
 def test_log_line_clears_the_bar_and_redraws_it_below():
   with absl_output() as output:
-    console.configure_logging()
+    logs.configure_logging()
     logging.root.setLevel(logging.INFO)
-    bar = console.EpochProgress(1, 3, 63, output, environ={})
+    bar = progress.EpochProgress(1, 3, 63, output, environ={})
     bar.update(20)
     absl_logging.info("Saved checkpoint")
     bar.close()
@@ -249,11 +251,11 @@ def test_log_line_clears_the_bar_and_redraws_it_below():
 
 def test_log_line_redraws_only_the_newest_bar():
   with absl_output() as output:
-    console.configure_logging()
+    logs.configure_logging()
     logging.root.setLevel(logging.INFO)
-    first = console.EpochProgress(1, 2, 10, output, environ={})
+    first = progress.EpochProgress(1, 2, 10, output, environ={})
     first.update(10)  # Not closed by its caller.
-    second = console.EpochProgress(2, 2, 10, output, environ={})
+    second = progress.EpochProgress(2, 2, 10, output, environ={})
     second.update(3)
     absl_logging.info("Saved checkpoint")
   text = logged_text(output)
@@ -269,8 +271,8 @@ def run_python_code(code, env_overrides=None):
 def test_startup_filter_drops_only_cpp_info_lines():
   result = run_python_code("""
       import os, sys
-      from dist_train import console
-      with console.startup_info_hidden({"TF_CPP_MIN_LOG_LEVEL": "1"}):
+      from dist_train import logs
+      with logs.startup_info_hidden({"TF_CPP_MIN_LOG_LEVEL": "1"}):
         for line in [
             "WARNING: All log messages before absl::InitializeLog() is called"
             " are written to STDERR",
@@ -294,8 +296,8 @@ def test_startup_filter_drops_only_cpp_info_lines():
 def test_startup_filter_keeps_a_crash_message_and_info_when_asked_for():
   crash = run_python_code("""
       import os
-      from dist_train import console
-      with console.startup_info_hidden({"TF_CPP_MIN_LOG_LEVEL": "1"}):
+      from dist_train import logs
+      with logs.startup_info_hidden({"TF_CPP_MIN_LOG_LEVEL": "1"}):
         os.write(2, b"F0000 00:00:1795785503.5 4660 cpu_feature_guard.cc:1] "
                     b"no AVX\\n")
         os.abort()
@@ -304,8 +306,8 @@ def test_startup_filter_keeps_a_crash_message_and_info_when_asked_for():
   assert "cpu_feature_guard.cc:1] no AVX" in crash.stderr
   verbose = run_python_code("""
       import os
-      from dist_train import console
-      with console.startup_info_hidden({"TF_CPP_MIN_LOG_LEVEL": "0"}):
+      from dist_train import logs
+      with logs.startup_info_hidden({"TF_CPP_MIN_LOG_LEVEL": "0"}):
         os.write(2, b"I0000 00:00:1795785503.5 4660 port.cc:153] oneDNN\\n")
       """)
   assert "port.cc:153] oneDNN" in verbose.stderr
@@ -314,11 +316,11 @@ def test_startup_filter_keeps_a_crash_message_and_info_when_asked_for():
 # A stand-in for the controller: a bar per epoch, log lines in between.
 DRIVER = """
 from absl import app, logging
-from dist_train import console
+from dist_train import logs, progress
 
 def main(argv):
-  console.configure_logging()
-  bar = console.EpochProgress(1, 1, 3, min_redraw_seconds=0)
+  logs.configure_logging()
+  bar = progress.EpochProgress(1, 1, 3, min_redraw_seconds=0)
   for step in range(1, 4):
     bar.update(step, 1000.0)
     if step == 2:

@@ -1,4 +1,4 @@
-"""The example tasks' own pieces (dist_train/tasks/char_lm.py,
+"""The example tasks' own pieces (examples/char_lm.py,
 mnist_two_heads.py): the baseline, the encoding, the data split and the
 metrics compute what they claim to (tests/e2e/test_examples.py trains them).
 """
@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from dist_train.tasks import char_lm
-from dist_train.tasks import mnist_two_heads
+from examples import char_lm
+from examples import mnist_two_heads
 
 
 def test_unigram_baseline_of_a_tiny_corpus():

@@ -22,7 +22,7 @@ def cli_error(capsys, monkeypatch, *flags):
   def would_start_tensorflow():
     raise AssertionError(f"{flags} got past the checks made before "
                          "TensorFlow loads")
-  monkeypatch.setattr(main.console, "quiet_tensorflow_startup",
+  monkeypatch.setattr(main.logs, "quiet_tensorflow_startup",
                       would_start_tensorflow)
   capsys.readouterr()
   with flagsaver.flagsaver(), pytest.raises(SystemExit) as exited:

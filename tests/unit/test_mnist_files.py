@@ -8,7 +8,7 @@ import pytest
 
 from dist_train import train
 from dist_train import config as config_lib
-from dist_train.data import datasets
+from dist_train.data import mnist
 from dist_train.data import mnist_files
 
 
@@ -57,7 +57,7 @@ def test_idx_and_npz_load_to_the_same_arrays(tmp_path, digits, gz):
                     getattr(from_npz, split).examples):
       np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(from_idx.train.examples[0],
-                                datasets.decode_images(images[:40]))
+                                mnist.decode_images(images[:40]))
 
 
 def test_bad_magic_is_named(tmp_path, digits):

@@ -20,6 +20,7 @@ import numpy as np
 
 from dist_train import tasks
 from dist_train.data import datasets
+from dist_train.data import mnist
 
 INK_THRESHOLD = 0.5
 
@@ -66,7 +67,7 @@ class MnistTwoHeadsTask(tasks.Task):
 
   def build_dataset(self, split):
     if self._splits is None:
-      self._splits = datasets.load_splits(
+      self._splits = mnist.load_splits(
           dataset="mnist_sample",
           num_validation_examples=self._num_validation_examples,
           num_train_examples=self._num_train_examples, seed=0)
@@ -77,13 +78,13 @@ class MnistTwoHeadsTask(tasks.Task):
 
   def build_model(self):
     """A shared hidden layer, then a hidden layer and an output per head."""
-    pixels = keras.Input(shape=(datasets.NUM_FEATURES,), name="pixels")
+    pixels = keras.Input(shape=(mnist.NUM_FEATURES,), name="pixels")
     shared = keras.layers.Dense(self._hidden_units, activation="relu",
                                 name="shared")(pixels)
     digit = keras.layers.Dense(self._hidden_units, activation="relu")(shared)
     ink = keras.layers.Dense(32, activation="relu")(shared)
     return keras.Model(pixels, {
-        "digit": keras.layers.Dense(datasets.NUM_CLASSES, name="digit")(digit),
+        "digit": keras.layers.Dense(mnist.NUM_CLASSES, name="digit")(digit),
         "ink": keras.layers.Dense(1, name="ink")(ink)}, name="mnist_two_heads")
 
   def metrics(self):
@@ -92,7 +93,7 @@ class MnistTwoHeadsTask(tasks.Task):
 
 
 def task(config) -> MnistTwoHeadsTask:
-  """task_fn for `--task=dist_train.tasks.mnist_two_heads:task`."""
+  """task_fn for `--task=examples.mnist_two_heads:task`."""
   return MnistTwoHeadsTask(
       num_validation_examples=config.num_validation_examples,
       num_train_examples=config.num_train_examples,

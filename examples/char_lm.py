@@ -240,6 +240,6 @@ class CharLMTask(tasks.Task):
 
 
 def task(config) -> CharLMTask:
-  """task_fn for `--task=dist_train.tasks.char_lm:task`."""
+  """task_fn for `--task=examples.char_lm:task`."""
   return CharLMTask(max_train_lines=config.num_train_examples,
                     max_validation_lines=config.num_validation_examples)
