@@ -10,11 +10,10 @@ every layer below takes the values it uses.
 
 import contextlib
 import dataclasses
-import inspect
 import json
 import os
 import time
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from absl import logging
 import keras
@@ -23,7 +22,6 @@ import tensorflow as tf
 from dist_train import config as config_lib
 from dist_train import console
 from dist_train import errors
-from dist_train import user_code
 from dist_train.data import datasets
 from dist_train.distribute import cluster
 from dist_train.distribute import inputs
@@ -45,11 +43,10 @@ from dist_train.outputs import ownership
 from dist_train.outputs import profiler as profiler_lib
 from dist_train.outputs import summaries
 from dist_train.outputs import warm_start
-from dist_train.tasks import base as tasks_base
 from dist_train.tasks import checks as task_checks
-from dist_train.tasks import classification
+from dist_train.tasks import loading as task_loading
 
-ModelFn = Callable[[config_lib.Config], keras.Model]
+ModelFn = task_loading.ModelFn
 # Written by the chief when training ends (at its last step or early): an
 # evaluator beside the run stops after the checkpoint of that step.
 TRAINING_DONE = "training_done.json"
@@ -100,74 +97,8 @@ class _Run:
   profiler: profiler_lib.StepProfiler
 
 
-def create_task(config: config_lib.Config, model_fn: Optional[ModelFn] = None):
-  """The task of `config`: `--task=package.module:function`'s task_fn(config),
-  or the built-in classification task of `--model` (or `model_fn`) on
-  `--dataset`.
-
-  Raises:
-    user_code.UserCodeError: the task_fn cannot be loaded or raises.
-    tasks.TaskError: what it returned is not a usable task.
-  """
-  if not config.task:
-    return classification.ClassificationTask(config, model_fn)
-  if model_fn is not None:
-    raise ValueError("give a task or a model_fn, not both")
-  task_fn = user_code.load_function("task", config.task)
-  task = user_code.call("task", config.task, task_fn, config)
-  tasks_base.check_task(task, f"--task={config.task}")
-  if getattr(task, "name", None) in (None, tasks_base.Task.name):
-    task.name = f"--task={config.task}"
-  return task
-
-
-def _checked(task):
-  """A task given to the Python API, checked as a --task is."""
-  tasks_base.check_task(task, getattr(task, "name", type(task).__name__))
-  if not getattr(task, "name", None):
-    task.name = type(task).__name__
-  return task
-
-
-def load_splits(config: config_lib.Config, task=None,
-                input_context: Optional[tf.distribute.InputContext] = None
-                ) -> datasets.Splits:
-  """The training and validation splits of a task (default: the config's),
-  checked.
-
-  A task whose `build_dataset` takes an `input_context` gets it; with several
-  workers, a tf.data.Dataset it returns is taken as this worker's shard.
-  """
-  task = task or create_task(config)
-  where = getattr(task, "name", "the task")
-  takes_context = "input_context" in _parameters(task.build_dataset)
-  sharded = bool(takes_context and input_context and
-                 input_context.num_input_pipelines > 1)
-  splits = {}
-  for split in tasks_base.SPLITS:
-    with errors.phase(f"loading the {split} data"):
-      kwargs = {"input_context": input_context} if takes_context else {}
-      value = _call_task(task, task.build_dataset, split, **kwargs)
-      splits[split] = datasets.task_split(
-          value, where=f"{where} ({split})", required=split == "train",
-          sharded=sharded)
-  return datasets.Splits(**splits)
-
-
-def _call_task(task, method, *args, **kwargs):
-  """Calls a task's method: a user's through user_code.call (one line naming
-  the task and the user's file:line if it raises); the built-in task's
-  directly, as library code, whose errors name themselves."""
-  if isinstance(task, classification.ClassificationTask):
-    return method(*args, **kwargs)
-  return user_code.call("task", task.name, method, *args, **kwargs)
-
-
-def _parameters(function) -> tuple:
-  try:
-    return tuple(inspect.signature(function).parameters)
-  except (TypeError, ValueError):
-    return ()
+create_task = task_loading.create_task
+load_splits = task_loading.load_splits
 
 
 def _create_optimizer(config, total_steps):
@@ -248,8 +179,8 @@ def _selection(config, summary_writers, is_chief, callbacks):
       callbacks=callbacks, log=logging.info if is_chief else lambda *a: None)
 
 
-def _build(config, task, strategy, boundary_checks=(), callbacks=(), *,
-           writes_checkpoints=True) -> _Run:
+def _build(config, task, description, strategy, boundary_checks=(),
+           callbacks=(), *, writes_checkpoints=True) -> _Run:
   """Builds the strategy (first: before any other TensorFlow op, which a
   task's data may run), then data, model, optimizer and loop objects.
 
@@ -260,7 +191,7 @@ def _build(config, task, strategy, boundary_checks=(), callbacks=(), *,
     strategy = create_strategy(config)
   is_chief = strategy_lib.is_chief(strategy)
   splits = load_splits(config, task, inputs.input_context(
-      inputs.replica_layout(strategy)))
+      inputs.replica_layout(strategy)), description=description)
   layout, train_input, validation_input = _inputs(splits, config, strategy)
   schedule = schedule_lib.LoopSchedule(
       num_examples=train_input.num_examples,
@@ -277,22 +208,19 @@ def _build(config, task, strategy, boundary_checks=(), callbacks=(), *,
   with strategy.scope():
     with errors.phase("building the model"):
       with precision.policy_scope(config.mixed_precision):
-        model = _call_task(task, task.build_model)
-      user_code.check_returns("task", task.name, model, keras.Model,
-                              "a keras.Model from build_model()")
+        model = task_loading.build_model(task, description)
       optimizer = _create_optimizer(config, schedule.total_steps)
       # Built now, so that a checkpoint restores into existing slot variables.
       optimizer.build(model.trainable_variables)
-  task.model = model  # What a task's own train_step trains.
   trainer = steps.Trainer(
       strategy=strategy, task=task, model=model, optimizer=optimizer,
       add_loss_reduction=config.add_loss_reduction,
       clip_norm=config.clip_norm, jit_compile=config.jit_compile,
       grad_accum_steps=config.grad_accum_steps, train_input=train_input,
-      eval_input=validation_input)
+      eval_input=validation_input, description=description)
   if len(splits.train):  # A worker's shard of a stream may be empty.
     with errors.phase("checking the task's loss on one batch"):
-      task_checks.check_loss_shapes(task, model, splits.train)
+      task_checks.check_loss_shapes(description, model, splits.train)
   summary_writers = summaries.SummaryWriters(config.model_dir, enabled=is_chief)
   callback_list = keras.callbacks.CallbackList(list(callbacks), model=model)
   selection = _selection(config, summary_writers, is_chief, callback_list)
@@ -430,9 +358,9 @@ def _train_and_evaluate(config, *, task, model_fn, strategy, validate,
            if strategy_lib.is_chief(strategy) else None)
   with owner or contextlib.nullcontext(), (
       stop.closing(owner.release) if owner else contextlib.nullcontext()):
-    task = _checked(task) if task is not None else create_task(config,
-                                                               model_fn)
-    run = _build(config, task, strategy,
+    task, description = task_loading.load_task(config, task=task,
+                                               model_fn=model_fn)
+    run = _build(config, task, description, strategy,
                  boundary_checks=(owner.check,) if owner else (),
                  callbacks=callbacks)
     _warm_start(config, run)
@@ -477,8 +405,9 @@ def evaluate(config: config_lib.Config, *, task=None,
     NoCheckpointError: model_dir holds no checkpoint.
   """
   stop.set_phase("while evaluating")  # Nothing to save: a stop exits at once.
-  task = _checked(task) if task is not None else create_task(config, model_fn)
-  run = _build(config, task, strategy, writes_checkpoints=False)
+  task, description = task_loading.load_task(config, task=task,
+                                             model_fn=model_fn)
+  run = _build(config, task, description, strategy, writes_checkpoints=False)
   try:
     with errors.phase("restoring the latest checkpoint"):
       position = run.checkpoint.restore_latest(model_only=True)
@@ -514,8 +443,9 @@ def continuous_evaluate(config: config_lib.Config, *, task=None,
     The results of the last evaluation ({} when there was none).
   """
   stop.set_phase("while evaluating")  # Nothing to save: a stop exits at once.
-  task = _checked(task) if task is not None else create_task(config, model_fn)
-  run = _build(config, task, strategy, writes_checkpoints=False)
+  task, description = task_loading.load_task(config, task=task,
+                                             model_fn=model_fn)
+  run = _build(config, task, description, strategy, writes_checkpoints=False)
   _require_validation(run, config, "")
   best = (best_lib.BestModel(config.model_dir, metric=config.best_metric,
                              mode=config.best_mode, is_chief=run.is_chief)

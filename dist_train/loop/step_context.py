@@ -4,7 +4,7 @@ the global objective, gradients applied through the strategy, metrics.
     def train_step(self, batch, ctx):
       features, labels, weights = batch
       with tf.GradientTape() as tape:
-        outputs, add_losses = ctx.call(self.model, features)
+        outputs, add_losses = ctx.call(ctx.model, features)
         loss = (ctx.global_mean(my_loss(labels, outputs), weights)
                 + ctx.regularization() + ctx.add_loss_share(add_losses))
       ctx.apply_gradients(tape, loss)

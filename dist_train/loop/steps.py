@@ -85,12 +85,20 @@ class _Metrics:
   cross-replica context, which aggregates all replicas.
   """
 
-  def __init__(self, task, loss_names: dict):
+  def __init__(self, description: base.TaskDescription, metrics,
+               loss_names: dict):
+    """Creates the metrics.
+
+    Args:
+      description: the task's description (its loss weights).
+      metrics: what the task's `metrics()` returned (a list, or a dict of
+        lists by output name).
+      loss_names: {output name or None: the name of its mean loss}.
+    """
     self.loss_means = {name: keras.metrics.Mean(name=name)
                        for name in loss_names.values()}
     self._loss_names = loss_names  # output name or None -> metric name.
-    self._loss_weights = dict(getattr(task, "loss_weights", None) or {})
-    metrics = task.metrics() if callable(getattr(task, "metrics", None)) else []
+    self._description = description
     self.task_metrics = {}  # metric name -> (output name or None, metric)
     if isinstance(metrics, dict):
       for output, output_metrics in metrics.items():
@@ -108,9 +116,6 @@ class _Metrics:
     return ({name: m.result() for name, m in self.loss_means.items()},
             {name: metric.result()
              for name, (_, metric) in self.task_metrics.items()})
-
-  def loss_weight(self, output) -> float:
-    return self._loss_weights.get(output, 1.0)
 
   def update_losses(self, per_element_losses: dict, weights) -> None:
     """Each loss's weighted mean over every element seen: flattened, so that
@@ -146,7 +151,7 @@ class _Metrics:
     results = {name: float(value) for name, value in loss_results.items()}
     if self._loss_names and None not in self._loss_names:
       results[losses.TOTAL] = sum(
-          self._loss_weights.get(output, 1.0) * results[name]
+          self._description.loss_weight(output) * results[name]
           for output, name in self._loss_names.items())
     for name, result in metric_results.items():
       if isinstance(result, dict):  # A metric of several values.
@@ -174,13 +179,16 @@ class Trainer:
                model: keras.Model, optimizer: keras.optimizers.Optimizer,
                add_loss_reduction: str, clip_norm: Optional[float] = None,
                jit_compile: bool = False, grad_accum_steps: int = 1,
-               train_input=None, eval_input=None):
+               train_input=None, eval_input=None,
+               description: Optional[base.TaskDescription] = None):
     """Creates the trainer.
 
     `add_loss_reduction`, `clip_norm`, `jit_compile` and `grad_accum_steps`
     are the flags of the same names. `train_input` and `eval_input` give the
     loops each step's per-replica shares (`inputs.ReplicaInput`); by default
     (`inputs.GlobalBatches`) the iterators yield whole global batches.
+    `description` is the task's, from `tasks.base.check_task`; by default
+    the task is checked and described here.
     """
     if grad_accum_steps < 1:
       raise ValueError(
@@ -196,18 +204,17 @@ class Trainer:
     self._grad_accum_steps = grad_accum_steps
     self._loss_scaling = isinstance(optimizer,
                                     keras.optimizers.LossScaleOptimizer)
-    self._custom_step = callable(getattr(task, "train_step", None))
-    self._loss_fns = ({} if self._custom_step and not _has_loss(task)
-                      else base.loss_functions(task))
+    self._description = description = (description or base.check_task(
+        task, getattr(task, "name", None) or type(task).__name__))
+    self._custom_step = description.own_step
     loss_names = {output: (losses.TOTAL if output is None else
-                           f"{output}_loss") for output in self._loss_fns}
+                           f"{output}_loss") for output in description.outputs}
     # The data terms the step reports, besides the total and the extra terms.
-    self._data_terms = {output: (getattr(task, "loss_name", "task_loss")
+    self._data_terms = {output: (description.loss_name
                                  if output is None else f"{output}_loss")
-                        for output in self._loss_fns}
+                        for output in description.outputs}
     if self._custom_step:
-      self.term_names = (losses.TOTAL,) + tuple(
-          getattr(task, "loss_terms", ()))
+      self.term_names = (losses.TOTAL,) + description.loss_terms
     else:
       self.term_names = ((losses.TOTAL,) + tuple(self._data_terms.values()) +
                          (losses.REGULARIZATION, losses.ADD_LOSS))
@@ -217,8 +224,9 @@ class Trainer:
       self._gradients_fn = tf.function(self._gradients_fn, jit_compile=True)
       self._outputs_fn = tf.function(self._outputs_fn, jit_compile=True)
     with strategy.scope():
-      self.train_metrics = _Metrics(task, loss_names)
-      self.eval_metrics = _Metrics(task, loss_names)
+      self.train_metrics, self.eval_metrics = (
+          _Metrics(description, self._task_metrics(), loss_names)
+          for _ in range(2))
     if self._custom_step:
       # A task's own step reports its loss, not per-element losses: the
       # training `loss` is the mean over the epoch's steps. Created outside
@@ -232,6 +240,12 @@ class Trainer:
     self._train_loop = tf.function(self._train_loop_fn)
     self._eval_loop = tf.function(self._eval_loop_fn)
     self._train_loop_calls = 0
+
+  def _task_metrics(self):
+    """New metric objects from the task's `metrics()`, if it has one."""
+    if "metrics" not in self._description.hooks:
+      return []
+    return self.task.metrics()
 
   # Tier 1: one replica, one step.
 
@@ -249,18 +263,16 @@ class Trainer:
       outputs, add_losses = losses.call_collecting_add_losses(
           self.model, features, training=True)
       outputs = _float32(outputs)
-      per_element, terms = {}, {}
-      for output, loss_fn in self._loss_fns.items():
-        target = labels if output is None else labels[output]
-        prediction = outputs if output is None else outputs[output]
+      per_element = self._description.per_element_losses(labels, outputs)
+      terms = {}
+      for output, loss in per_element.items():
         weight = _weight_for(weights, output)
-        per_element[output] = loss_fn(target, prediction)
         divisor = (_weight_for(global_info["weight_sums"], output)
                    if weight is not None else losses.element_count(
-                       per_element[output], global_info["num_examples"]))
-        loss_weight = self.train_metrics.loss_weight(output)
-        terms[self._data_terms[output]] = loss_weight * losses.share_of_mean(
-            per_element[output], weight, divisor)
+                       loss, global_info["num_examples"]))
+        terms[self._data_terms[output]] = (
+            self._description.loss_weight(output) *
+            losses.share_of_mean(loss, weight, divisor))
       terms[losses.REGULARIZATION] = losses.regularization_share(
           self.model, num_shares)
       terms[losses.ADD_LOSS] = losses.add_loss_share(
@@ -430,7 +442,8 @@ class Trainer:
     return losses.pack(terms, self.term_names)
 
   def _replica_train_step(self, batch, global_info):
-    batch = self.task.validate_batch(batch)
+    if "validate_batch" in self._description.hooks:
+      batch = self.task.validate_batch(batch)
     if not self._train_input.divisors_in_batch:
       global_info = losses.all_reduced_divisors(batch)
     step = self._custom_step_fn if self._custom_step else self._default_step
@@ -490,11 +503,7 @@ class Trainer:
 
     def compute():
       outputs = self._outputs_fn(features)
-      per_element = {}
-      for output, loss_fn in self._loss_fns.items():
-        per_element[output] = loss_fn(
-            labels if output is None else labels[output],
-            outputs if output is None else outputs[output])
+      per_element = self._description.per_element_losses(labels, outputs)
       self.eval_metrics.update_losses(per_element, weights)
       self.eval_metrics.update(labels, outputs, weights)
       return tf.constant(0)
@@ -597,13 +606,3 @@ class Trainer:
       results[losses.TOTAL] = float(self._step_loss.result())
     return results
 
-
-def _has_loss(task) -> bool:
-  loss = getattr(task, "loss", None)
-  if isinstance(loss, dict):
-    return True
-  if not callable(loss):
-    return False
-  # The base class's loss raises NotImplementedError: a custom step then
-  # has no declarative loss.
-  return getattr(type(task), "loss", None) is not base.Task.loss
