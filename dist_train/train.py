@@ -28,12 +28,12 @@ from dist_train.distribute import inputs
 from dist_train.distribute import strategy as strategy_lib
 from dist_train.distribute import watchdog as watchdog_lib
 from dist_train.loop import controller as controller_lib
+from dist_train.loop import hooks
 from dist_train.loop import optimizers
 from dist_train.loop import precision
 from dist_train.loop import preemption
 from dist_train.loop import early_stopping as early_stopping_lib
 from dist_train.loop import schedule as schedule_lib
-from dist_train.loop import selection as selection_lib
 from dist_train.loop import steps
 from dist_train.loop import stop
 from dist_train.outputs import best as best_lib
@@ -136,25 +136,6 @@ def _inputs(splits, config, strategy):
   return layout, train_input, validation_input
 
 
-def _train_iterator_fn(train_input, config):
-  def make(epoch, step_in_epoch):
-    # Batches already consumed are skipped on the global order (or this
-    # worker's shard), before any split across replicas: a resumed epoch
-    # goes on exactly.
-    return iter(train_input.train_dataset(
-        shuffle_buffer=config.shuffle_buffer, seed=config.seed, epoch=epoch,
-        num_epochs=config.epochs - epoch, skip_batches=step_in_epoch))
-  return make
-
-
-def _read_report(train_input, worker_index):
-  def report(epoch):
-    del epoch
-    logging.info("worker %d read %d training examples", worker_index,
-                 train_input.take_read_count())
-  return report
-
-
 def _profiler(config, layout, is_chief):
   profiled = config.profile_steps and (is_chief or config.profile_all_workers)
   return profiler_lib.StepProfiler(
@@ -163,20 +144,33 @@ def _profiler(config, layout, is_chief):
       if profiled else None)
 
 
-def _selection(config, summary_writers, is_chief, callbacks):
-  """Best model and early stopping, as the config asks; and the state the
-  run's checkpoint keeps for them."""
-  best = (best_lib.BestModel(config.model_dir, metric=config.best_metric,
-                             mode=config.best_mode, is_chief=is_chief)
-          if config.best_metric else None)
+def _hooks(config, *, trainer, summary_writers, is_chief, worker_index,
+           profiler, boundary_checks, callbacks):
+  """The run's one list of hooks, in the order they are called: ownership
+  checks, the profiler and the read report; validation summaries and the
+  best model; the user's callbacks; early stopping last, after every
+  callback saw the evaluation. Also returns early stopping's state, which
+  the run's checkpoint keeps (None without a patience)."""
+  def global_step():
+    return int(trainer.optimizer.iterations.numpy())
+  own = [hooks.BoundaryCheck(check) for check in boundary_checks]
+  own += [hooks.ProfileSteps(profiler),
+          hooks.ReadReport(take_read_count=trainer.take_read_count,
+                           worker_index=worker_index),
+          hooks.ValidationSummaries(summary_writers=summary_writers,
+                                    global_step_fn=global_step)]
+  if config.best_metric:
+    own.append(hooks.KeepBest(
+        best=best_lib.BestModel(config.model_dir, metric=config.best_metric,
+                                mode=config.best_mode, is_chief=is_chief),
+        global_step_fn=global_step))
   stopping = (early_stopping_lib.EarlyStopping(
       metric=config.best_metric, mode=config.best_mode,
       patience=config.early_stopping_patience,
       min_delta=config.early_stopping_min_delta)
               if config.early_stopping_patience else None)
-  return selection_lib.Selection(
-      summary_writers=summary_writers, best=best, early_stopping=stopping,
-      callbacks=callbacks, log=logging.info if is_chief else lambda *a: None)
+  last = [hooks.StopWhenNotImproving(stopping)] if stopping else []
+  return own + list(callbacks) + last, stopping
 
 
 def _build(config, task, description, strategy, boundary_checks=(),
@@ -217,39 +211,33 @@ def _build(config, task, description, strategy, boundary_checks=(),
       add_loss_reduction=config.add_loss_reduction,
       clip_norm=config.clip_norm, jit_compile=config.jit_compile,
       grad_accum_steps=config.grad_accum_steps, train_input=train_input,
-      eval_input=validation_input, description=description)
+      eval_input=validation_input, shuffle_buffer=config.shuffle_buffer,
+      seed=config.seed, description=description)
   if len(splits.train):  # A worker's shard of a stream may be empty.
     with errors.phase("checking the task's loss on one batch"):
       task_checks.check_loss_shapes(description, model, splits.train)
   summary_writers = summaries.SummaryWriters(config.model_dir, enabled=is_chief)
-  callback_list = keras.callbacks.CallbackList(list(callbacks), model=model)
-  selection = _selection(config, summary_writers, is_chief, callback_list)
+  profiler = _profiler(config, layout, is_chief)
+  run_hooks, stopping = _hooks(
+      config, trainer=trainer, summary_writers=summary_writers,
+      is_chief=is_chief, worker_index=layout.worker_index, profiler=profiler,
+      boundary_checks=boundary_checks, callbacks=callbacks)
   with errors.phase("opening the checkpoints"):
     checkpoint = checkpoints.RunCheckpoint(
         checkpoints.checkpoint_dir(config.model_dir), model=model,
         optimizer=optimizer, max_to_keep=config.keep_checkpoints,
         is_chief=is_chief and writes_checkpoints,
         on_corrupt=config.on_corrupt_checkpoint,
-        extra=(selection.early_stopping.variables
-               if selection.early_stopping else None))
+        extra=stopping.variables if stopping else None)
   agreement = preemption.PreemptionAgreement(
       strategy=strategy, num_workers=strategy_lib.num_workers(strategy),
       watcher=preemption.SigtermWatcher())
-  profiler = _profiler(config, layout, is_chief)
-  validation = None if validation_input is None else controller_lib.Validation(
-      dataset_fn=validation_input.eval_dataset,
-      num_steps=validation_input.steps_per_epoch)
   controller = controller_lib.Controller(
-      trainer=trainer, schedule=schedule,
-      train_iterator_fn=_train_iterator_fn(train_input, config),
-      validation=validation, checkpoint=checkpoint,
+      trainer=trainer, schedule=schedule, checkpoint=checkpoint,
       summary_writers=summary_writers, preemption_agreement=agreement,
       log=logging.info if is_chief else lambda *args: None,
+      callbacks=run_hooks,
       progress_fn=console.EpochProgress if is_chief else None,
-      boundary_checks=boundary_checks, selection=selection,
-      callbacks=callback_list,
-      epoch_end_fns=(_read_report(train_input, layout.worker_index),),
-      profiler=profiler,
       watchdog=watchdog_lib.CollectiveWatchdog(
           timeout_s=config.collective_timeout_s,
           num_workers=layout.num_workers))

@@ -9,12 +9,13 @@ Three tiers, kept apart:
     not retrace;
   * the eager outer loop, which lives in `controller.py`.
 
-Each step's per-replica shares come from an input (`distribute/inputs.py`):
-by default an iterator of whole global batches sliced across the replicas
-inside the loop (instead of `strategy.experimental_distribute_dataset`, whose
-per-step machinery cost more than the step of the reference model on CPU
-replicas); in a run, the `ReplicaInput` of each split, which reads only this
-worker's rows. The global example count and weight sums that scale the loss
+As Orbit's StandardTrainer does, the Trainer owns its inputs and their
+iterators: the outer loop says `train(num_steps)` and `evaluate()`. Each
+step's per-replica shares come from an input: in a run, the
+`inputs.ReplicaInput` of each split, which reads only this worker's rows and
+slices them across the replicas inside the loop (instead of
+`strategy.experimental_distribute_dataset`, whose per-step machinery cost
+more than the step of the reference model on CPU replicas). The global example count and weight sums that scale the loss
 (`losses.py`) come with the shares, or, for a stream each worker reads its
 own shard of, from one all-reduce in the step.
 """
@@ -40,30 +41,39 @@ class Trainer:
   The model and optimizer must have been created under `strategy.scope()`;
   the metrics are created under it here. Each replica's step is a
   `replica_step.ReplicaStep`; gradients are applied by a
-  `gradients.GradientApplier`.
+  `gradients.GradientApplier`. It owns the training input and its iterator
+  (`start_training`, then `train(num_steps)`) and the validation input
+  (`evaluate()`).
   """
 
   def __init__(self, *, strategy: tf.distribute.Strategy, task,
                model: keras.Model, optimizer: keras.optimizers.Optimizer,
                add_loss_reduction: str, clip_norm: Optional[float] = None,
                jit_compile: bool = False, grad_accum_steps: int = 1,
-               train_input=None, eval_input=None,
+               train_input, eval_input=None, shuffle_buffer: int = 0,
+               seed: int = 0,
                description: Optional[base.TaskDescription] = None):
     """Creates the trainer.
 
-    `add_loss_reduction`, `clip_norm`, `jit_compile` and `grad_accum_steps`
-    are the flags of the same names. `train_input` and `eval_input` give the
-    loops each step's per-replica shares (`inputs.ReplicaInput`); by default
-    (`inputs.GlobalBatches`) the iterators yield whole global batches.
-    `description` is the task's, from `tasks.base.check_task`; by default
-    the task is checked and described here.
+    `add_loss_reduction`, `clip_norm`, `jit_compile`, `grad_accum_steps`,
+    `shuffle_buffer` and `seed` are the flags of the same names.
+    `train_input` and `eval_input` (None: no validation) give the loops each
+    step's per-replica shares: an `inputs.ReplicaInput`, or any object with
+    its `next_shares(iterator)` and `divisors_in_batch` for callers that run
+    `train_steps` on iterators of their own. `description` is the task's,
+    from `tasks.base.check_task`; by default the task is checked and
+    described here.
     """
     if grad_accum_steps < 1:
       raise ValueError(
           f"grad_accum_steps must be positive, got {grad_accum_steps}")
     self.strategy = strategy
-    self._train_input = train_input or inputs.GlobalBatches(strategy)
-    self._eval_input = eval_input or inputs.GlobalBatches(strategy)
+    self._train_input = train_input
+    self._eval_input = eval_input
+    self._shuffle_buffer = shuffle_buffer
+    self._seed = seed
+    self._train_iterator = None
+    self._eval_dataset = None
     self.task = task
     self.model = model
     self.optimizer = optimizer
@@ -127,9 +137,55 @@ class Trainer:
 
   # The interface the outer loop uses.
 
+  def start_training(self, *, epoch: int, step_in_epoch: int,
+                     num_epochs: int) -> None:
+    """Builds the training iterator over the epochs from `epoch` to
+    `num_epochs`, starting at its step `step_in_epoch`.
+
+    Batches already consumed are skipped on the global order (or this
+    worker's shard), before any split across replicas: a resumed epoch goes
+    on exactly.
+    """
+    self._train_iterator = iter(self._train_input.train_dataset(
+        shuffle_buffer=self._shuffle_buffer, seed=self._seed, epoch=epoch,
+        num_epochs=num_epochs - epoch, skip_batches=step_in_epoch))
+
+  def train(self, num_steps: int) -> dict:
+    """Runs the next `num_steps` global steps of the training input (see
+    `train_steps`); `start_training` comes first."""
+    return self.train_steps(self._started_iterator(), num_steps)
+
+  def trace_train(self, num_steps: int) -> None:
+    """Traces the training loop without running a step (a stop request
+    during a long first trace can then end the run at once)."""
+    self.trace_train_steps(self._started_iterator(), num_steps)
+
+  def _started_iterator(self):
+    if self._train_iterator is None:
+      raise RuntimeError("Trainer.train() before start_training()")
+    return self._train_iterator
+
+  @property
+  def has_validation(self) -> bool:
+    return self._eval_input is not None
+
+  def evaluate(self, *, chunk_steps=None, stop_fn=None, guard=None):
+    """One pass over the validation input; returns the metric values, or
+    None when `stop_fn` stopped it (see `eval_steps`)."""
+    if self._eval_dataset is None:  # Built once: it captures the data.
+      self._eval_dataset = self._eval_input.eval_dataset()
+    return self.eval_steps(self._eval_dataset,
+                           self._eval_input.steps_per_epoch,
+                           chunk_steps=chunk_steps, stop_fn=stop_fn,
+                           guard=guard)
+
+  def take_read_count(self) -> int:
+    """Training examples this worker's pipeline read since the last call."""
+    return self._train_input.take_read_count()
+
   def train_steps(self, iterator, num_steps: int) -> dict:
-    """Runs `num_steps` global steps from `iterator`, an iterator of the
-    train input's datasets (by default, over global batches).
+    """Runs `num_steps` global steps from `iterator`, an iterator over the
+    train input's datasets (`train` uses the trainer's own).
 
     Returns:
       The mean over those steps of the global-batch objective (`loss`) and
@@ -151,8 +207,8 @@ class Trainer:
 
   def eval_steps(self, dataset, num_steps: int, *, chunk_steps=None,
                  stop_fn=None, guard=None):
-    """One pass over a dataset of the eval input (by default, of global
-    batches); returns the metric values.
+    """One pass over a dataset of the eval input; returns the metric
+    values.
 
     With `stop_fn`, the pass runs in compiled calls of `chunk_steps` steps
     and asks `stop_fn()` before each; it returns None when that says stop.
