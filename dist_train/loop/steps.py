@@ -15,9 +15,10 @@ step's per-replica shares come from an input: in a run, the
 `inputs.ReplicaInput` of each split, which reads only this worker's rows and
 slices them across the replicas inside the loop (instead of
 `strategy.experimental_distribute_dataset`, whose per-step machinery cost
-more than the step of the reference model on CPU replicas). The global example count and weight sums that scale the loss
-(`losses.py`) come with the shares, or, for a stream each worker reads its
-own shard of, from one all-reduce in the step.
+more than the step of the reference model on CPU replicas). The global
+example count and weight sums that scale the loss (`losses.py`) come with
+the shares, or, for a stream each worker reads its own shard of, from one
+all-reduce in the step.
 """
 
 import contextlib

@@ -29,9 +29,9 @@ class StepProfiler:
   `last`; does nothing when `steps` is empty or this worker does not
   profile.
 
-  Call `start_at(first_step)` before each compiled loop, `stop_after(
-  last_step)` after it, and `close()` at the end of the run (a run that stopped early keeps what was
-  traced).
+  Call `start_at(first_step)` before each compiled loop,
+  `stop_after(last_step)` after it, and `close()` at the end of the run (a
+  run that stopped early keeps what was traced).
   """
 
   def __init__(self, *, steps: tuple = (), logdir: Optional[str] = None):
