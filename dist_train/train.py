@@ -1,344 +1,52 @@
-"""The Python API: build a run from a Config, then train or evaluate it.
+"""The Python API: train or evaluate the run a Config describes.
 
     from dist_train import config, train
     result = train.train_and_evaluate(config.Config(model_dir="/tmp/run"))
 
 The command line (`dist_train.main`) calls `run`, which dispatches on
-`config.mode` to the same functions. This is where the Config is unpacked:
-every layer below takes the values it uses.
+`config.mode` to the same functions. The run is built by `builder.py`
+(where the Config is unpacked: every layer below takes the values it uses),
+evaluated by `evaluation.py`, and its task loaded by `tasks/loading.py`;
+their public names are importable from here.
 """
 
 import contextlib
 import dataclasses
-import inspect
 import json
 import os
-import time
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from absl import logging
 import keras
 import tensorflow as tf
 
+from dist_train import builder
 from dist_train import config as config_lib
 from dist_train import errors
-from dist_train import progress
-from dist_train import user_code
-from dist_train.data import datasets
+from dist_train import evaluation
 from dist_train.distribute import cluster
-from dist_train.distribute import inputs
 from dist_train.distribute import strategy as strategy_lib
-from dist_train.distribute import watchdog as watchdog_lib
 from dist_train.loop import controller as controller_lib
-from dist_train.loop import optimizers
-from dist_train.loop import precision
-from dist_train.loop import preemption
-from dist_train.loop import early_stopping as early_stopping_lib
-from dist_train.loop import schedule as schedule_lib
-from dist_train.loop import selection as selection_lib
-from dist_train.loop import steps
 from dist_train.loop import stop
-from dist_train.outputs import best as best_lib
-from dist_train.outputs import checkpoints
 from dist_train.outputs import export
 from dist_train.outputs import model_dir as model_dir_lib
 from dist_train.outputs import ownership
-from dist_train.outputs import profiler as profiler_lib
-from dist_train.outputs import summaries
 from dist_train.outputs import warm_start
-from dist_train.tasks import base as tasks_base
-from dist_train.tasks import checks as task_checks
-from dist_train.tasks import classification
+from dist_train.tasks import loading as task_loading
 
-ModelFn = Callable[[config_lib.Config], keras.Model]
-# Written by the chief when training ends (at its last step or early): an
-# evaluator beside the run stops after the checkpoint of that step.
-TRAINING_DONE = model_dir_lib.TRAINING_DONE
-# How often an evaluator without a new checkpoint looks for TRAINING_DONE.
-_EVALUATOR_POLL_S = 2.0
+ModelFn = task_loading.ModelFn
 RunResult = controller_lib.RunResult
+TRAINING_DONE = evaluation.TRAINING_DONE
+
+create_strategy = builder.create_strategy
+create_task = task_loading.create_task
+load_splits = task_loading.load_splits
+evaluate = evaluation.evaluate
+continuous_evaluate = evaluation.continuous_evaluate
+NoCheckpointError = evaluation.NoCheckpointError
 
 
-class NoCheckpointError(errors.DistTrainError):
-  """Evaluation was asked for, but model_dir holds no checkpoint."""
-
-
-def create_strategy(
-    config: config_lib.Config,
-    resolved: Optional[cluster.Resolved] = None) -> tf.distribute.Strategy:
-  """Builds the strategy of `config` on the cluster in the environment.
-
-  Call before any other TensorFlow op.
-
-  Args:
-    config: the run configuration.
-    resolved: the cluster and strategy `cluster.resolve` found, when the
-      caller resolved it already (the command line does, before TensorFlow
-      loads); by default it is resolved here.
-
-  Raises:
-    config_lib.ConfigError: the flags contradict the cluster environment.
-  """
-  if resolved is None:
-    resolved = cluster.resolve(strategy=config.strategy,
-                               cluster=config.cluster,
-                               cpu_replicas=config.cpu_replicas,
-                               environ=os.environ)
-  return strategy_lib.create_strategy(
-      resolved, num_gpus=config.num_gpus, cpu_replicas=config.cpu_replicas,
-      collective=config.collective,
-      collective_timeout_s=config.collective_timeout_s,
-      slurm_port_base=config.slurm_port_base)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Run:
-  strategy: tf.distribute.Strategy
-  controller: controller_lib.Controller
-  summary_writers: summaries.SummaryWriters
-  checkpoint: checkpoints.RunCheckpoint
-  is_chief: bool
-  profiler: profiler_lib.StepProfiler
-
-
-def create_task(config: config_lib.Config, model_fn: Optional[ModelFn] = None):
-  """The task of `config`: `--task=package.module:function`'s task_fn(config),
-  or the built-in classification task of `--model` (or `model_fn`) on
-  `--dataset`.
-
-  Raises:
-    user_code.UserCodeError: the task_fn cannot be loaded or raises.
-    tasks.TaskError: what it returned is not a usable task.
-  """
-  if not config.task:
-    return classification.ClassificationTask(config, model_fn)
-  if model_fn is not None:
-    raise ValueError("give a task or a model_fn, not both")
-  task_fn = user_code.load_function("task", config.task)
-  task = user_code.call("task", config.task, task_fn, config)
-  tasks_base.check_task(task, f"--task={config.task}")
-  if getattr(task, "name", None) in (None, tasks_base.Task.name):
-    task.name = f"--task={config.task}"
-  return task
-
-
-def _checked(task):
-  """A task given to the Python API, checked as a --task is."""
-  tasks_base.check_task(task, getattr(task, "name", type(task).__name__))
-  if not getattr(task, "name", None):
-    task.name = type(task).__name__
-  return task
-
-
-def load_splits(config: config_lib.Config, task=None,
-                input_context: Optional[tf.distribute.InputContext] = None
-                ) -> datasets.Splits:
-  """The training and validation splits of a task (default: the config's),
-  checked.
-
-  A task whose `build_dataset` takes an `input_context` gets it; with several
-  workers, a tf.data.Dataset it returns is taken as this worker's shard.
-  """
-  task = task or create_task(config)
-  where = getattr(task, "name", "the task")
-  takes_context = "input_context" in _parameters(task.build_dataset)
-  sharded = bool(takes_context and input_context and
-                 input_context.num_input_pipelines > 1)
-  splits = {}
-  for split in tasks_base.SPLITS:
-    with errors.phase(f"loading the {split} data"):
-      kwargs = {"input_context": input_context} if takes_context else {}
-      value = _call_task(task, task.build_dataset, split, **kwargs)
-      splits[split] = datasets.task_split(
-          value, where=f"{where} ({split})", required=split == "train",
-          sharded=sharded)
-  return datasets.Splits(**splits)
-
-
-def _call_task(task, method, *args, **kwargs):
-  """Calls a task's method: a user's through user_code.call (one line naming
-  the task and the user's file:line if it raises); the built-in task's
-  directly, as library code, whose errors name themselves."""
-  if isinstance(task, classification.ClassificationTask):
-    return method(*args, **kwargs)
-  return user_code.call("task", task.name, method, *args, **kwargs)
-
-
-def _parameters(function) -> tuple:
-  try:
-    return tuple(inspect.signature(function).parameters)
-  except (TypeError, ValueError):
-    return ()
-
-
-def _create_optimizer(config, total_steps):
-  learning_rate = optimizers.create_learning_rate(
-      kind=config.lr_schedule, base_learning_rate=config.learning_rate,
-      total_steps=total_steps, warmup_steps=config.warmup_steps,
-      boundaries=config.lr_boundaries, decay_factor=config.lr_decay_factor)
-  return precision.wrap_optimizer(
-      optimizers.create_optimizer(config.optimizer, learning_rate,
-                                  momentum=config.momentum,
-                                  weight_decay=config.weight_decay),
-      config.mixed_precision)
-
-
-def _inputs(splits, config, strategy):
-  """The ReplicaInput of each split (validation: None when it is empty on
-  every worker)."""
-  layout = inputs.replica_layout(strategy)
-  placement = inputs.resolve_placement(
-      config.input_placement, splits, strategy,
-      config.device_data_max_mb * 2**20)
-
-  def make(split, where):
-    return inputs.ReplicaInput(
-        split, strategy=strategy, layout=layout,
-        global_batch_size=config.global_batch_size, placement=placement,
-        where=where)
-  train_input = make(splits.train, "the training data")
-  if not train_input.num_examples:
-    raise datasets.DataError("the training split is empty on every worker")
-  validation_input = (make(splits.validation, "the validation data")
-                      if splits.validation is not None else None)
-  if validation_input is not None and not validation_input.num_examples:
-    validation_input = None
-  return layout, train_input, validation_input
-
-
-def _train_iterator_fn(train_input, config):
-  def make(epoch, step_in_epoch):
-    # Batches already consumed are skipped on the global order (or this
-    # worker's shard), before any split across replicas: a resumed epoch
-    # goes on exactly.
-    return iter(train_input.train_dataset(
-        shuffle_buffer=config.shuffle_buffer, seed=config.seed, epoch=epoch,
-        num_epochs=config.epochs - epoch, skip_batches=step_in_epoch))
-  return make
-
-
-def _read_report(train_input, worker_index):
-  def report(epoch):
-    del epoch
-    logging.info("worker %d read %d training examples", worker_index,
-                 train_input.take_read_count())
-  return report
-
-
-def _profiler(config, layout, is_chief):
-  profiled = config.profile_steps and (is_chief or config.profile_all_workers)
-  return profiler_lib.StepProfiler(
-      steps=config.profile_steps,
-      logdir=profiler_lib.profile_dir(config.model_dir, layout.worker_index)
-      if profiled else None)
-
-
-def _selection(config, summary_writers, is_chief, callbacks):
-  """Best model and early stopping, as the config asks; and the state the
-  run's checkpoint keeps for them."""
-  best = (best_lib.BestModel(config.model_dir, metric=config.best_metric,
-                             mode=config.best_mode, is_chief=is_chief)
-          if config.best_metric else None)
-  stopping = (early_stopping_lib.EarlyStopping(
-      metric=config.best_metric, mode=config.best_mode,
-      patience=config.early_stopping_patience,
-      min_delta=config.early_stopping_min_delta)
-              if config.early_stopping_patience else None)
-  return selection_lib.Selection(
-      summary_writers=summary_writers, best=best, early_stopping=stopping,
-      callbacks=callbacks, log=logging.info if is_chief else lambda *a: None)
-
-
-def _build(config, task, strategy, boundary_checks=(), callbacks=(), *,
-           writes_checkpoints=True) -> _Run:
-  """Builds the strategy (first: before any other TensorFlow op, which a
-  task's data may run), then data, model, optimizer and loop objects.
-
-  An evaluator (`writes_checkpoints=False`) only reads the checkpoints: it
-  leaves alone the `ckpt-<step>_temp*` files of a save in progress beside it.
-  """
-  if strategy is None:
-    strategy = create_strategy(config)
-  is_chief = strategy_lib.is_chief(strategy)
-  splits = load_splits(config, task, inputs.input_context(
-      inputs.replica_layout(strategy)))
-  layout, train_input, validation_input = _inputs(splits, config, strategy)
-  schedule = schedule_lib.LoopSchedule(
-      num_examples=train_input.num_examples,
-      global_batch_size=config.global_batch_size, num_epochs=config.epochs,
-      steps_per_loop=config.steps_per_loop,
-      log_every_steps=config.log_every_steps,
-      checkpoint_every_steps=config.checkpoint_every_steps,
-      eval_every_steps=config.eval_every_steps,
-      epoch_steps=train_input.steps_per_epoch,
-      profile_steps=config.profile_steps)
-
-  # Identical initial weights in every process and for every replica count.
-  keras.utils.set_random_seed(config.seed)
-  with strategy.scope():
-    with errors.phase("building the model"):
-      with precision.policy_scope(config.mixed_precision):
-        model = _call_task(task, task.build_model)
-      user_code.check_returns("task", task.name, model, keras.Model,
-                              "a keras.Model from build_model()")
-      optimizer = _create_optimizer(config, schedule.total_steps)
-      # Built now, so that a checkpoint restores into existing slot variables.
-      optimizer.build(model.trainable_variables)
-  task.model = model  # What a task's own train_step trains.
-  trainer = steps.Trainer(
-      strategy=strategy, task=task, model=model, optimizer=optimizer,
-      add_loss_reduction=config.add_loss_reduction,
-      clip_norm=config.clip_norm, jit_compile=config.jit_compile,
-      grad_accum_steps=config.grad_accum_steps, train_input=train_input,
-      eval_input=validation_input)
-  if len(splits.train):  # A worker's shard of a stream may be empty.
-    with errors.phase("checking the task's loss on one batch"):
-      task_checks.check_loss_shapes(task, model, splits.train)
-  summary_writers = summaries.SummaryWriters(config.model_dir, enabled=is_chief)
-  callback_list = keras.callbacks.CallbackList(list(callbacks), model=model)
-  selection = _selection(config, summary_writers, is_chief, callback_list)
-  with errors.phase("opening the checkpoints"):
-    checkpoint = checkpoints.RunCheckpoint(
-        checkpoints.checkpoint_dir(config.model_dir), model=model,
-        optimizer=optimizer, max_to_keep=config.keep_checkpoints,
-        is_chief=is_chief and writes_checkpoints,
-        on_corrupt=config.on_corrupt_checkpoint,
-        extra=(selection.early_stopping.variables
-               if selection.early_stopping else None))
-  agreement = preemption.PreemptionAgreement(
-      strategy=strategy, num_workers=strategy_lib.num_workers(strategy),
-      watcher=preemption.SigtermWatcher())
-  profiler = _profiler(config, layout, is_chief)
-  validation = None if validation_input is None else controller_lib.Validation(
-      dataset_fn=validation_input.eval_dataset,
-      num_steps=validation_input.steps_per_epoch)
-  controller = controller_lib.Controller(
-      trainer=trainer, schedule=schedule,
-      train_iterator_fn=_train_iterator_fn(train_input, config),
-      validation=validation, checkpoint=checkpoint,
-      summary_writers=summary_writers, preemption_agreement=agreement,
-      log=logging.info if is_chief else lambda *args: None,
-      progress_fn=progress.EpochProgress if is_chief else None,
-      boundary_checks=boundary_checks, selection=selection,
-      callbacks=callback_list,
-      epoch_end_fns=(_read_report(train_input, layout.worker_index),),
-      profiler=profiler,
-      watchdog=watchdog_lib.CollectiveWatchdog(
-          timeout_s=config.collective_timeout_s,
-          num_workers=layout.num_workers))
-  if is_chief:
-    logging.info(
-        "Training %d examples, validating %d, in global batches of %d (%d "
-        "steps per epoch) on %d replica(s); input placement: %s",
-        train_input.num_examples,
-        validation_input.num_examples if validation_input else 0,
-        config.global_batch_size, schedule.steps_per_epoch,
-        strategy.num_replicas_in_sync, train_input.placement)
-  return _Run(strategy, controller, summary_writers, checkpoint, is_chief,
-              profiler)
-
-
-def _warm_start(config, run: _Run) -> None:
+def _warm_start(config, run: builder.TrainingRun) -> None:
   """--init_checkpoint, while the run has no checkpoint of its own."""
   if not config.init_checkpoint:
     return
@@ -355,14 +63,7 @@ def _warm_start(config, run: _Run) -> None:
                f"; skipped {'; '.join(skipped)}" if skipped else "")
 
 
-def _require_validation(run: _Run, config: config_lib.Config, hint: str):
-  """Raises DataError unless the run has validation data."""
-  if not run.controller.has_validation:
-    raise datasets.DataError(
-        f"the validation split of --dataset={config.dataset} is empty{hint}")
-
-
-def _describe_run(run: _Run, config: config_lib.Config) -> None:
+def _describe_run(run: builder.TrainingRun, config: config_lib.Config) -> None:
   """Logs the configuration and the model to TensorBoard (chief only)."""
   model = run.controller.model
   lines = []
@@ -431,20 +132,23 @@ def _train_and_evaluate(config, *, task, model_fn, strategy, validate,
            if strategy_lib.is_chief(strategy) else None)
   with owner or contextlib.nullcontext(), (
       stop.closing(owner.release) if owner else contextlib.nullcontext()):
-    task = _checked(task) if task is not None else create_task(config,
-                                                               model_fn)
-    run = _build(config, task, strategy,
-                 boundary_checks=(owner.check,) if owner else (),
-                 callbacks=callbacks)
+    task, description = task_loading.load_task(config, task=task,
+                                               model_fn=model_fn)
+    run = builder.build_training(
+        config, task, description, strategy,
+        boundary_checks=(owner.check,) if owner else (), callbacks=callbacks)
     _warm_start(config, run)
     if run.is_chief and tf.io.gfile.exists(
-        os.path.join(config.model_dir, TRAINING_DONE)):
+        os.path.join(config.model_dir, evaluation.TRAINING_DONE)):
       # Training (again, e.g. with more epochs): an evaluator beside it
       # waits for the new final checkpoint.
-      tf.io.gfile.remove(os.path.join(config.model_dir, TRAINING_DONE))
+      tf.io.gfile.remove(os.path.join(config.model_dir,
+                                      evaluation.TRAINING_DONE))
     if validate:
-      _require_validation(run, config, ": give --num_validation_examples > 0, "
-                          "or --mode=train to train without validation")
+      builder.require_validation(
+          run.controller.has_validation, config,
+          ": give --num_validation_examples > 0, or --mode=train to train "
+          "without validation")
     try:
       _describe_run(run, config)
       result = run.controller.train(validate=validate)
@@ -465,132 +169,6 @@ def _train_and_evaluate(config, *, task, model_fn, strategy, validate,
             {"global_step": result.global_step,
              "stopped_early": result.stopped_early})
   return result
-
-
-def evaluate(config: config_lib.Config, *, task=None,
-             model_fn: Optional[ModelFn] = None,
-             strategy: Optional[tf.distribute.Strategy] = None) -> dict:
-  """Evaluates the latest checkpoint on the validation split.
-
-  Writes the metrics as JSON to <model_dir>/eval_results.json and returns
-  them, with the checkpoint's path and global step.
-
-  Raises:
-    NoCheckpointError: model_dir holds no checkpoint.
-  """
-  stop.set_phase("while evaluating")  # Nothing to save: a stop exits at once.
-  task = _checked(task) if task is not None else create_task(config, model_fn)
-  run = _build(config, task, strategy, writes_checkpoints=False)
-  try:
-    with errors.phase("restoring the latest checkpoint"):
-      position = run.checkpoint.restore_latest(model_only=True)
-    if position is None:
-      raise NoCheckpointError(
-          f"no checkpoint to evaluate in {run.checkpoint.directory}")
-    _require_validation(run, config, "")
-    metrics = run.controller.validate()
-  finally:
-    run.summary_writers.close()
-  results = {"checkpoint": position.path, "global_step": position.global_step,
-             **metrics}
-  if run.is_chief:
-    _write_eval_results(config.model_dir, results)
-  return results
-
-
-def continuous_evaluate(config: config_lib.Config, *, task=None,
-                        model_fn: Optional[ModelFn] = None,
-                        strategy: Optional[tf.distribute.Strategy] = None
-                        ) -> dict:
-  """Evaluates each new checkpoint of a training run beside it, once.
-
-  Watches <model_dir>/checkpoints, writes each evaluation's metrics to
-  TensorBoard under <model_dir>/eval/ (at the checkpoint's step) and to
-  <model_dir>/eval_results.json, keeps <model_dir>/best/ when given
-  --best_metric (give it to the trainers or to the evaluator, not both), and
-  returns after the run's final checkpoint (its last step, or the step
-  <model_dir>/training_done.json names when it stopped early) or after
-  --eval_timeout_s without a new one.
-
-  Returns:
-    The results of the last evaluation ({} when there was none).
-  """
-  stop.set_phase("while evaluating")  # Nothing to save: a stop exits at once.
-  task = _checked(task) if task is not None else create_task(config, model_fn)
-  run = _build(config, task, strategy, writes_checkpoints=False)
-  _require_validation(run, config, "")
-  best = (best_lib.BestModel(config.model_dir, metric=config.best_metric,
-                             mode=config.best_mode, is_chief=run.is_chief)
-          if config.best_metric else None)
-  total_steps = run.controller.total_steps
-  results = {}
-  last_new = time.monotonic()
-
-  def training_ended():
-    return bool(results) and (
-        results["global_step"] >= _final_step(config, total_steps))
-
-  def stop_waiting():
-    # Called after each poll without a new checkpoint.
-    return training_ended() or (
-        time.monotonic() - last_new >= config.eval_timeout_s)
-
-  try:
-    for path in tf.train.checkpoints_iterator(
-        run.checkpoint.directory, min_interval_secs=0.5,
-        timeout=min(config.eval_timeout_s, _EVALUATOR_POLL_S),
-        timeout_fn=stop_waiting):
-      last_new = time.monotonic()
-      results = _evaluate_checkpoint(run, path, best, config) or results
-      if training_ended():
-        break
-  finally:
-    run.summary_writers.close()
-  if training_ended():
-    logging.info("Evaluated the final checkpoint (step %d); done",
-                 results["global_step"])
-  else:
-    logging.info("No new checkpoint for %gs; done", config.eval_timeout_s)
-  return results
-
-
-def _evaluate_checkpoint(run: _Run, path: str, best, config) -> dict:
-  """Evaluates one checkpoint for continuous_evaluate and writes the results;
-  {} when it is gone."""
-  try:
-    position = run.checkpoint.restore_model(path)
-  except checkpoints.CheckpointError as e:
-    # Deleted by --keep_checkpoints before it could be read: go on.
-    logging.warning("Skipping %s: %s", path, e)
-    return {}
-  metrics = run.controller.validate()
-  results = {"checkpoint": path, "global_step": position.global_step,
-             **metrics}
-  run.summary_writers.write_scalars("eval", metrics, position.global_step)
-  if best is not None:
-    best.update(global_step=position.global_step, metrics=metrics,
-                model=run.controller.model)
-  if run.is_chief:
-    _write_eval_results(config.model_dir, results)
-  logging.info("Evaluated %s | %s", path, " ".join(
-      f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
-  return results
-
-
-def _write_eval_results(model_dir, results):
-  path = model_dir_lib.eval_results_file(model_dir)
-  with errors.phase(f"writing {model_dir_lib.EVAL_RESULTS}"):
-    model_dir_lib.write_json(path, results)
-  logging.info("Wrote %s", path)
-
-
-def _final_step(config, default):
-  """The last step of the training run in model_dir, once it has ended."""
-  path = os.path.join(config.model_dir, TRAINING_DONE)
-  if not tf.io.gfile.exists(path):
-    return default
-  with tf.io.gfile.GFile(path) as f:
-    return json.load(f)["global_step"]
 
 
 def run(config: config_lib.Config,

@@ -220,25 +220,6 @@ class ReplicaInput:
     return count
 
 
-class GlobalBatches:
-  """An iterator of whole global batches, each split across the replicas
-  (every worker reads every batch): for callers that build their own
-  batches (tests, scripts/benchmark.py)."""
-
-  divisors_in_batch = True
-
-  def __init__(self, strategy: tf.distribute.Strategy):
-    self._strategy = strategy
-
-  def next_shares(self, iterator):
-    batch = next(iterator)
-    info = pipelines.global_info(batch)
-    num_replicas = self._strategy.num_replicas_in_sync
-    return self._strategy.experimental_distribute_values_from_function(
-        lambda context: (pipelines.split_rows(
-            batch, context.replica_id_in_sync_group, num_replicas), info))
-
-
 def _agree_on_shards(strategy, layout, num_local_examples, global_batch_size,
                      where):
   """(examples over all workers, steps per epoch) of a split each worker

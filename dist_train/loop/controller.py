@@ -2,10 +2,9 @@
 
 import dataclasses
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import keras
-import tensorflow as tf
 
 from dist_train import errors
 from dist_train.distribute import strategy as strategy_lib
@@ -13,12 +12,10 @@ from dist_train.distribute import watchdog as watchdog_lib
 from dist_train.loop import guards
 from dist_train.loop import preemption
 from dist_train.loop import schedule as schedule_lib
-from dist_train.loop import selection as selection_lib
 from dist_train.loop import steps
 from dist_train.loop import stop
 from dist_train.loop import throughput as throughput_lib
 from dist_train.outputs import checkpoints
-from dist_train.outputs import profiler as profiler_lib
 from dist_train.outputs import summaries
 
 
@@ -44,82 +41,53 @@ class RunResult:
   loop_calls: int = 0
 
 
-@dataclasses.dataclass(frozen=True)
-class Validation:
-  """The validation split as the loop reads it: a dataset of global batches
-  (built on first use) and how many batches one pass has."""
-
-  dataset_fn: Callable[[], tf.data.Dataset]
-  num_steps: int
-
-
 class Controller:
   """Runs epochs of compiled training loops and a validation pass per epoch.
 
-  Collaborators are handed in: the trainer (compiled steps), the loop
-  schedule, a factory of training iterators, the validation data, the
-  checkpoint, the summary writers, the preemption agreement and a log
-  function (a no-op on workers other than the chief).
+  Collaborators are handed in: the trainer (its inputs and compiled steps),
+  the loop schedule, the checkpoint, the summary writers, the preemption
+  agreement, a log function (a no-op on workers other than the chief), and
+  one list of hooks, Keras callbacks: the user's and the run's own
+  (`hooks.py`).
   """
 
   def __init__(self, *, trainer: steps.Trainer,
                schedule: schedule_lib.LoopSchedule,
-               train_iterator_fn: Callable[[int, int], Iterator],
-               validation: Optional[Validation],
                checkpoint: checkpoints.RunCheckpoint,
                summary_writers: summaries.SummaryWriters,
                preemption_agreement: preemption.PreemptionAgreement,
                log: Callable[..., None],
+               callbacks: Sequence[keras.callbacks.Callback] = (),
                progress_fn: Optional[Callable[[int, int, int], Any]] = None,
-               boundary_checks: tuple = (),
-               selection: Optional[selection_lib.Selection] = None,
-               callbacks=None,
-               epoch_end_fns: tuple = (),
-               profiler=None,
                watchdog: Optional[watchdog_lib.CollectiveWatchdog] = None):
     """Creates the controller.
 
     Args:
-      trainer: runs compiled training and evaluation loops.
+      trainer: runs compiled training and evaluation loops on its inputs.
       schedule: epochs, steps per epoch and loop boundaries.
-      train_iterator_fn: (epoch, step_in_epoch) -> iterator over the global
-        batches of the remaining epochs, starting with that step.
-      validation: the validation split, or None.
       checkpoint: saves and restores the run.
       summary_writers: TensorBoard writers (writing nothing off the chief).
       preemption_agreement: whether the workers agreed to save and stop.
       log: `logging.info`-like; a no-op on workers other than the chief.
+      callbacks: keras.callbacks.Callback objects, called in this order at
+        loop boundaries (see `hooks.py`); one that sets
+        `model.stop_training` ends the run at the next boundary.
       progress_fn: (epoch from 1, epochs, steps per epoch) -> a progress bar
         with `update(step_in_epoch, examples_per_second)`, `close()` and
         `enabled` (console.EpochProgress); while a bar is shown, the log line
         of each interval is left out (TensorBoard still gets its scalars).
-      boundary_checks: callables run between compiled loops that raise to
-        stop the run (e.g. the model_dir ownership check).
-      selection: what follows each validation pass (summaries, best model,
-        early stopping); by default only the summaries.
-      callbacks: a keras.callbacks.CallbackList called at loop boundaries.
-      epoch_end_fns: callables (epoch from 1) run on every worker when an
-        epoch's training ends (e.g. the input accounting line).
-      profiler: `profiler.StepProfiler`, entered around each compiled loop.
       watchdog: fails a call that waits on peer workers for too long (the
         compiled loops after their first, the agreement at each boundary).
     """
     self._trainer = trainer
     self._schedule = schedule
-    self._train_iterator_fn = train_iterator_fn
-    self._validation = validation
-    self._validation_dataset = None
     self._checkpoint = checkpoint
     self._summaries = summary_writers
     self._preemption = preemption_agreement
     self._log = log
     self._progress_fn = progress_fn or _NoProgress
-    self._boundary_checks = tuple(boundary_checks)
-    self._selection = selection or selection_lib.Selection(
-        summary_writers=summary_writers)
-    self._callbacks = callbacks or keras.callbacks.CallbackList([])
-    self._epoch_end_fns = tuple(epoch_end_fns)
-    self._profiler = profiler or profiler_lib.StepProfiler()
+    self._callbacks = keras.callbacks.CallbackList(list(callbacks),
+                                                   model=trainer.model)
     self._watchdog = watchdog or watchdog_lib.CollectiveWatchdog(
         timeout_s=None, num_workers=1)
     self._first_loop_end_time = None
@@ -137,7 +105,7 @@ class Controller:
 
   @property
   def has_validation(self) -> bool:
-    return self._validation is not None
+    return self._trainer.has_validation
 
   @property
   def global_step(self) -> int:
@@ -148,18 +116,17 @@ class Controller:
     guards.check_variables(self.model.variables)
     return self._checkpoint.save(epoch=epoch, step_in_epoch=step_in_epoch)
 
-  def _train_epoch(self, iterator, epoch, step_in_epoch, throughput):
+  def _train_epoch(self, epoch, step_in_epoch, throughput):
     schedule = self._schedule
     self._trainer.reset_train_metrics()
     progress = self._progress_fn(epoch + 1, schedule.num_epochs,
                                  schedule.steps_per_epoch)
     try:
-      self._train_loops(iterator, epoch, step_in_epoch, throughput, progress)
+      self._train_loops(epoch, step_in_epoch, throughput, progress)
     finally:
       progress.close()
 
-  def _train_loops(self, iterator, epoch, step_in_epoch, throughput,
-                   progress):
+  def _train_loops(self, epoch, step_in_epoch, throughput, progress):
     schedule = self._schedule
     while step_in_epoch < schedule.steps_per_epoch:
       num_steps = schedule.next_loop_length(global_step=self.global_step,
@@ -175,13 +142,12 @@ class Controller:
         # Nothing trained yet: a stop request during the trace exits at once.
         # An error in the trace is one of these steps' (the model's call).
         with errors.phase(what):
-          self._trainer.trace_train_steps(iterator, num_steps)
+          self._trainer.trace_train(num_steps)
         stop.check_now()
       stop.set_unsaved()
       with errors.phase(what), (
-          self._profiler.around_loop(first_step, last_step)), (
-              self._watchdog.guard(what, armed=not compiling)):
-        losses = self._trainer.train_steps(iterator, num_steps)
+          self._watchdog.guard(what, armed=not compiling)):
+        losses = self._trainer.train(num_steps)
       seconds = time.perf_counter() - start
       step_in_epoch += num_steps
       # Checked every loop, and loops end at log steps: a NaN stops the run
@@ -202,8 +168,6 @@ class Controller:
       self._callbacks.on_train_batch_end(self.global_step, logs=dict(losses))
       if self._validate and schedule.is_eval_step(self.global_step):
         self._evaluate(epoch, step_in_epoch)
-      for check in self._boundary_checks:
-        check()
       if step_in_epoch == schedule.steps_per_epoch:
         return  # The epoch end saves.
       if self._agreed_stop(epoch, step_in_epoch):
@@ -251,14 +215,25 @@ class Controller:
           note=(" before its validation, which the resume runs" if redone
                 else ", leaving out its unfinished validation"))
     self._last_validation = metrics
-    reason = self._selection.after_validation(
-        global_step=self.global_step, metrics=metrics, model=self.model)
+    if metrics:
+      # Validation summaries, the best model, the user's callbacks and early
+      # stopping, in the list's order.
+      self._callbacks.on_test_end(dict(metrics))
+      reason = self._callback_stop_reason()
+      if reason:
+        self._stop_reason = reason
     if metrics and self._schedule.eval_every_steps:
       self._log("validation at step %d | %s", self.global_step,
                 _fmt_metrics(metrics))
-    if reason:
-      self._stop_reason = reason
     return metrics
+
+  def _callback_stop_reason(self) -> Optional[str]:
+    """Why a callback that names its reason (early stopping) asked to stop;
+    None when none did."""
+    if not self.model.stop_training:
+      return None
+    return next((callback.stop_reason for callback in self._callbacks.callbacks
+                 if getattr(callback, "stop_reason", None)), None)
 
   def _log_interval(self, epoch, losses, examples_seen, examples_per_second,
                     steps_per_second, *, to_console=True):
@@ -288,14 +263,11 @@ class Controller:
       stop_fn: asked before each compiled call of `--steps_per_loop` steps;
         when it says stop, the pass is abandoned and None returned.
     """
-    if self._validation is None:
+    if not self._trainer.has_validation:
       return {}
     what = f"validating at step {self.global_step}"
     with errors.phase(what):
-      if self._validation_dataset is None:  # Built once: it captures the data.
-        self._validation_dataset = self._validation.dataset_fn()
-      return self._trainer.eval_steps(
-          self._validation_dataset, self._validation.num_steps,
+      return self._trainer.evaluate(
           chunk_steps=self._schedule.steps_per_loop, stop_fn=stop_fn,
           guard=lambda: self._watchdog.guard(
               what, armed=self._trainer.eval_traces > 0))
@@ -334,16 +306,15 @@ class Controller:
     throughput = throughput_lib.Throughput()
     history = []
     train_metrics = {}
-    with errors.phase("building the training input pipeline"):
-      iterator = (self._train_iterator_fn(epoch, step_in_epoch)
-                  if epoch < num_epochs else None)
+    if epoch < num_epochs:
+      with errors.phase("building the training input pipeline"):
+        self._trainer.start_training(epoch=epoch, step_in_epoch=step_in_epoch,
+                                     num_epochs=num_epochs)
     while epoch < num_epochs and self._stop_reason is None:
       self._callbacks.on_epoch_begin(epoch)
       start = time.perf_counter()
-      self._train_epoch(iterator, epoch, step_in_epoch, throughput)
+      self._train_epoch(epoch, step_in_epoch, throughput)
       train_seconds = time.perf_counter() - start
-      for epoch_end_fn in self._epoch_end_fns:
-        epoch_end_fn(epoch + 1)
       train_metrics = self._trainer.train_metric_results()
       if self._stop_reason is not None and (
           self._schedule.steps_per_epoch != self._position(epoch)):

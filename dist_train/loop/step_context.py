@@ -4,7 +4,7 @@ the global objective, gradients applied through the strategy, metrics.
     def train_step(self, batch, ctx):
       features, labels, weights = batch
       with tf.GradientTape() as tape:
-        outputs, add_losses = ctx.call(self.model, features)
+        outputs, add_losses = ctx.call(ctx.model, features)
         loss = (ctx.global_mean(my_loss(labels, outputs), weights)
                 + ctx.regularization() + ctx.add_loss_share(add_losses))
       ctx.apply_gradients(tape, loss)
@@ -43,21 +43,22 @@ from dist_train.loop import losses
 
 
 class StepContext:
-  """One replica's view of one (micro-)step; created by the Trainer."""
+  """One replica's view of one (micro-)step; created by its
+  `replica_step.ReplicaStep`."""
 
-  def __init__(self, *, trainer, num_examples, global_num_examples,
+  def __init__(self, *, step, num_examples, global_num_examples,
                num_micro_batches: int = 1, divisors: Optional[list] = None,
                measuring: bool = False, defer_apply: bool = False):
-    self._trainer = trainer
-    self.model = trainer.model
-    self.optimizer = trainer.optimizer
-    self.num_replicas = trainer.strategy.num_replicas_in_sync
+    self._step = step
+    self.model = step.model  # What the task trains.
+    self.optimizer = step.optimizer
+    self.num_replicas = step.strategy.num_replicas_in_sync
     self.num_examples = num_examples
     self.global_num_examples = global_num_examples
     self._num_micro_batches = num_micro_batches
     self._divisors = divisors
     self._measuring = measuring
-    # Keep the gradients for the Trainer to apply (several shares a step).
+    # Keep the gradients for the replica step to apply (several shares a step).
     self._defer_apply = defer_apply or num_micro_batches > 1
     self.measured = []  # This share's divisor parts, in call order.
     self.gradients = None  # (gradients, variables) when deferred.
@@ -103,7 +104,7 @@ class StepContext:
     return losses.add_loss_share(
         add_losses, num_examples=self.num_examples,
         global_num_examples=self.global_num_examples,
-        reduction=self._trainer.add_loss_reduction)
+        reduction=self._step.add_loss_reduction)
 
   def apply_gradients(self, tape: tf.GradientTape, loss,
                       variables=None) -> None:
@@ -116,13 +117,13 @@ class StepContext:
       return
     variables = (self.model.trainable_variables if variables is None
                  else variables)
-    gradients = self._trainer.gradients(tape, loss, variables)
+    gradients = self._step.gradients(tape, loss, variables)
     if self._defer_apply:
       self.gradients = (gradients, variables)
     else:
-      self._trainer.apply_gradients(gradients, variables)
+      self._step.apply_gradients(gradients, variables)
 
   def update_metrics(self, labels, outputs, sample_weight=None) -> None:
     """Updates the task's training metrics with this share."""
     if not self._measuring:
-      self._trainer.update_train_metrics(labels, outputs, sample_weight)
+      self._step.update_train_metrics(labels, outputs, sample_weight)

@@ -7,7 +7,6 @@ those steps. `tf.profiler.experimental.stop` writes
 `<logdir>/plugins/profile/<date_time>/<host>.xplane.pb`.
 """
 
-import contextlib
 import os
 from typing import Optional
 
@@ -29,9 +28,9 @@ class StepProfiler:
   `last`; does nothing when `steps` is empty or this worker does not
   profile.
 
-  Use `around_loop(first_step, last_step)` around each compiled loop and
-  `close()` at the end of the run (a run that stopped early keeps what was
-  traced).
+  Call `start_at(first_step)` before each compiled loop,
+  `stop_after(last_step)` after it, and `close()` at the end of the run (a
+  run that stopped early keeps what was traced).
   """
 
   def __init__(self, *, steps: tuple = (), logdir: Optional[str] = None):
@@ -39,14 +38,16 @@ class StepProfiler:
     self._logdir = logdir
     self._active = False
 
-  @contextlib.contextmanager
-  def around_loop(self, first_step: int, last_step: int):
+  def start_at(self, first_step: int) -> None:
+    """Called before the compiled loop that starts at `first_step`."""
     if self._steps and first_step == self._steps[0]:
       tf.profiler.experimental.start(self._logdir)
       self._active = True
       logging.info("Profiling steps %d-%d into %s", *self._steps,
                    os.path.join(self._logdir, "plugins", "profile"))
-    yield
+
+  def stop_after(self, last_step: int) -> None:
+    """Called after the compiled loop that ended at `last_step`."""
     if self._active and last_step >= self._steps[1]:
       self.close()
 

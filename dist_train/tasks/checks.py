@@ -18,25 +18,28 @@ def _shape(tensor):
   return tuple(tf.shape(tensor).numpy().tolist())
 
 
-def check_loss_shapes(task, model, split) -> None:
+def check_loss_shapes(description: base.TaskDescription, model, split) -> None:
   """Calls the model and the task's loss on the first two training examples.
+
+  Args:
+    description: the task, as `base.check_task` described it.
+    model: the task's model.
+    split: the training split.
 
   Raises:
     base.TaskError: an output named by the loss is missing, the loss is not
       per element (a scalar, or not one value per example), or its shape is
       not the shape of the sample weights.
   """
-  loss = getattr(task, "loss", None)
-  if callable(getattr(task, "train_step", None)) and (
-      getattr(type(task), "loss", None) is base.Task.loss or loss is None):
+  if not description.has_loss:
     return  # A task's own step computes its own objective.
   batch = _first_examples(split)
   features, labels = batch[0], batch[1]
   weights = batch[2] if len(batch) == 3 else None
   outputs = model(features, training=False)
   num_examples = _shape(tf.nest.flatten(labels)[0])[0]
-  where = getattr(task, "name", "the task")
-  for output, loss_fn in base.loss_functions(task).items():
+  where = description.name
+  for output in description.outputs:
     if output is not None:
       for what, structure in (("outputs", outputs), ("labels", labels)):
         if not isinstance(structure, dict) or output not in structure:
@@ -45,10 +48,10 @@ def check_loss_shapes(task, model, split) -> None:
           raise base.TaskError(
               f"{where}: loss names output {output!r}, but the model's "
               f"{what} are {names}")
-    target = labels if output is None else labels[output]
-    prediction = outputs if output is None else outputs[output]
-    per_element = loss_fn(target, tf.cast(prediction, tf.float32)
-                          if prediction.dtype.is_floating else prediction)
+  outputs = tf.nest.map_structure(
+      lambda t: tf.cast(t, tf.float32) if t.dtype.is_floating else t, outputs)
+  for output, per_element in description.per_element_losses(
+      labels, outputs).items():
     name = "loss" if output is None else f"loss[{output!r}]"
     shape = _shape(per_element)
     if not shape or shape[0] != num_examples:

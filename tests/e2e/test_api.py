@@ -91,3 +91,54 @@ def test_evaluate_returns_and_writes_the_latest_checkpoints_metrics(runs):
                                           abs=1e-6), name
   with open(root / "resumed" / "eval_results.json") as f:
     assert json.load(f) == results
+
+
+# A task that does not subclass tasks.Task: four methods and nothing else.
+_DUCK_TYPED_SCRIPT = r"""
+import json, sys
+import keras
+import numpy as np
+import tensorflow as tf
+from dist_train import config as config_lib
+from dist_train import train
+
+class Blobs:
+  def build_model(self):
+    return keras.Sequential([keras.Input([2]), keras.layers.Dense(3)])
+
+  def build_dataset(self, split):
+    rng = np.random.default_rng(0 if split == "train" else 1)
+    labels = rng.integers(0, 3, 96).astype(np.int32)
+    points = (rng.normal(size=[96, 2]) +
+              3 * np.eye(3, 2)[labels]).astype(np.float32)
+    return tf.data.Dataset.from_tensor_slices((points, labels))
+
+  def loss(self, labels, outputs):
+    return keras.losses.sparse_categorical_crossentropy(
+        labels, outputs, from_logits=True)
+
+  def metrics(self):
+    return [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+
+task = Blobs()
+config = config_lib.Config(model_dir=sys.argv[1], optimizer="adam",
+                           learning_rate=0.05, epochs=10, global_batch_size=32,
+                           cpu_replicas=2, seed=1)
+result = train.train_and_evaluate(config, task=task)
+print(json.dumps({"global_step": result.global_step,
+                  "validation_metrics": result.validation_metrics,
+                  "task_attributes": sorted(vars(task))}))
+"""
+
+
+def test_a_task_that_does_not_subclass_task_trains(tmp_path):
+  """Four methods make a task: the optional hooks (validate_batch,
+  train_step, loss_weights, ...) are optional in fact, and dist_train
+  writes nothing into the object (no model, no name)."""
+  result = processes.run_python(
+      ["-c", _DUCK_TYPED_SCRIPT, str(tmp_path / "run")], check=True)
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  assert out["global_step"] == 10 * 3  # 96 examples in batches of 32.
+  assert sorted(out["validation_metrics"]) == ["accuracy", "loss"]
+  assert out["validation_metrics"]["accuracy"] > 0.5
+  assert out["task_attributes"] == []

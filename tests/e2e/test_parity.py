@@ -64,10 +64,10 @@ def test_each_run_says_it_ran_as_asked(runs):
     steps, loop_calls = STEPS_AND_LOOPS.get(case, DEFAULT_STEPS_AND_LOOPS)
     ran = {name: int(result[name]) for name in (
         "num_replicas", "num_workers", "global_step", "loop_calls",
-        "xla_gradient_modules")}
+        "xla_modules")}
     assert ran == {"num_replicas": replicas, "num_workers": 1,
                    "global_step": steps, "loop_calls": loop_calls,
-                   "xla_gradient_modules": 0}, (case, replicas)
+                   "xla_modules": 0}, (case, replicas)
 
 
 @pytest.mark.parametrize("replicas", [2, 3])

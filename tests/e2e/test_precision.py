@@ -19,6 +19,7 @@ from dist_train.loop import precision
 from dist_train import train
 from dist_train.loop import steps
 from dist_train.tasks import classification
+from tests.helpers import global_batches
 
 strategy = train.create_strategy(
     config_lib.Config(model_dir="/tmp/unused", cpu_replicas=2))
@@ -48,7 +49,8 @@ out["optimizer"] = type(optimizer).__name__
 trainer = steps.Trainer(strategy=strategy,
                         task=classification.ClassificationTask(config),
                         model=model, optimizer=optimizer,
-                        add_loss_reduction="sum")
+                        add_loss_reduction="sum",
+                        train_input=global_batches.GlobalBatches(strategy))
 before = [v.numpy() for v in model.trainable_variables]
 features = np.full([4, 784], 0.5, np.float32)
 features[2:] = 1e6

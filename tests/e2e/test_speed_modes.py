@@ -60,9 +60,9 @@ def test_each_run_says_it_ran_in_its_mode(runs):
     assert int(result["global_step"]) == STEPS, case
     assert int(result["loop_calls"]) == LOOP_CALLS.get(
         case, DEFAULT_LOOP_CALLS), (case, replicas)
-    xla_modules = int(result["xla_gradient_modules"])
+    xla_modules = int(result["xla_modules"])
     if case == "reference_jit":
-      # At least one compiled module per replica's gradient function.
+      # At least one compiled module per replica's forward and backward pass.
       assert xla_modules >= replicas, (case, replicas, xla_modules)
     else:
       assert xla_modules == 0, (case, replicas, xla_modules)

@@ -163,7 +163,7 @@ class OwnStepConv1D(CausalConv1D):
   def train_step(self, batch, ctx):
     tokens, targets, weights = batch
     with tf.GradientTape() as tape:
-      outputs, add_losses = ctx.call(self.model, tokens)
+      outputs, add_losses = ctx.call(ctx.model, tokens)
       penalty = self.PENALTY * ctx.global_mean(
           tf.reduce_mean(outputs ** 2, -1), weights)
       loss = (ctx.global_mean(_cross_entropy(targets, outputs), weights) +

@@ -10,9 +10,9 @@ For each case, DIR/<case>_<replicas>.npz holds the initial and the final value
 of every model variable (`initial_<i>`, `weight_<i>`, in model order), the
 global step, the last epoch's train and validation metrics, and what the run
 says it ran: `num_replicas`, `num_workers` and `loop_calls` from its
-RunResult, and `xla_gradient_modules`, the XLA modules compiled for the
-replicas' gradient function (this process has XLA dump its modules, so the
-count comes from the compiler itself, not from dist_train). The case trains
+RunResult, and `xla_modules`, the XLA modules the run compiled (this
+process has XLA dump its modules, so the count comes from the compiler
+itself, not from dist_train's names). The case trains
 in the model_dir DIR/<case>_<replicas>/.
 """
 
@@ -120,12 +120,12 @@ def cli_flags(case, **overrides):
           for name, value in {**settings(case), **overrides}.items()]
 
 
-def _count_modules(dump_dir, function_name):
-  """Distinct XLA modules in `dump_dir` compiled from `function_name`."""
+def _count_modules(dump_dir):
+  """Distinct XLA modules compiled into `dump_dir`: none without
+  --jit_compile, and with it at least one per replica."""
   if not os.path.isdir(dump_dir):
     return 0
-  return len({name.split(".")[0] for name in os.listdir(dump_dir)
-              if function_name in name})
+  return len({name.split(".")[0] for name in os.listdir(dump_dir)})
 
 
 def _train_case(case, replicas, output_dir, strategy, xla_dump_dir):
@@ -148,15 +148,15 @@ def _train_case(case, replicas, output_dir, strategy, xla_dump_dir):
   config = config_lib.Config(
       model_dir=os.path.join(output_dir, f"{case}_{replicas}"),
       cpu_replicas=replicas, **settings(case))
-  modules_before = _count_modules(xla_dump_dir, "micro_gradients")
+  modules_before = _count_modules(xla_dump_dir)
   result = train.train_and_evaluate(config, model_fn=model_fn,
                                     strategy=strategy)
   np.savez(
       os.path.join(output_dir, f"{case}_{replicas}.npz"),
       global_step=result.global_step, num_replicas=result.num_replicas,
       num_workers=result.num_workers, loop_calls=result.loop_calls,
-      xla_gradient_modules=(
-          _count_modules(xla_dump_dir, "micro_gradients") - modules_before),
+      xla_modules=(
+          _count_modules(xla_dump_dir) - modules_before),
       **{f"train_{k}": v for k, v in result.train_metrics.items()},
       **{f"validation_{k}": v for k, v in result.validation_metrics.items()},
       **{f"initial_{i}": v for i, v in enumerate(initial)},

@@ -117,7 +117,7 @@ class OwnStep(MaskedSequences):
   def train_step(self, batch, ctx):
     tokens, targets, weights = batch
     with tf.GradientTape() as tape:
-      outputs, add_losses = ctx.call(self.model, tokens)
+      outputs, add_losses = ctx.call(ctx.model, tokens)
       per_token = keras.losses.sparse_categorical_crossentropy(
           targets, outputs, from_logits=True)
       penalty = 0.01 * ctx.global_mean(tf.reduce_mean(outputs ** 2, -1),

@@ -8,6 +8,7 @@ from dist_train import config as config_lib
 from dist_train.loop import steps
 from dist_train.tasks import classification
 from dist_train.models import mnist
+from tests.helpers import global_batches
 
 
 def test_loops_of_different_lengths_share_one_trace():
@@ -20,7 +21,8 @@ def test_loops_of_different_lengths_share_one_trace():
                           task=classification.ClassificationTask(
                               config_lib.Config(model_dir="/tmp/unused")),
                           model=model, optimizer=optimizer,
-                          add_loss_reduction="mean")
+                          add_loss_reduction="mean",
+                          train_input=global_batches.GlobalBatches(strategy))
   batch = (np.zeros([8, 784], np.float32), np.arange(8, dtype=np.int32))
   iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
   assert trainer.train_traces == 0

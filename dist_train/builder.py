@@ -1,0 +1,330 @@
+"""Builds a run from a Config, with only what its mode needs: the Trainer
+(data, model, optimizer) and checkpoint of every mode; for training, the
+Controller with its hooks, the preemption agreement and the profiler."""
+
+import dataclasses
+import os
+from typing import Callable, Optional, Sequence
+
+from absl import logging
+import keras
+import tensorflow as tf
+
+from dist_train import config as config_lib
+from dist_train import errors
+from dist_train import progress
+from dist_train.data import datasets
+from dist_train.distribute import cluster
+from dist_train.distribute import inputs
+from dist_train.distribute import strategy as strategy_lib
+from dist_train.distribute import watchdog as watchdog_lib
+from dist_train.loop import controller as controller_lib
+from dist_train.loop import early_stopping as early_stopping_lib
+from dist_train.loop import hooks
+from dist_train.loop import optimizers
+from dist_train.loop import precision
+from dist_train.loop import preemption
+from dist_train.loop import schedule as schedule_lib
+from dist_train.loop import steps
+from dist_train.outputs import best as best_lib
+from dist_train.outputs import checkpoints
+from dist_train.outputs import profiler as profiler_lib
+from dist_train.outputs import summaries
+from dist_train.tasks import base as tasks_base
+from dist_train.tasks import checks as task_checks
+from dist_train.tasks import loading as task_loading
+
+
+def create_strategy(
+    config: config_lib.Config,
+    resolved: Optional[cluster.Resolved] = None) -> tf.distribute.Strategy:
+  """Builds the strategy of `config` on the cluster in the environment.
+
+  Call before any other TensorFlow op.
+
+  Args:
+    config: the run configuration.
+    resolved: the cluster and strategy `cluster.resolve` found, when the
+      caller resolved it already (the command line does, before TensorFlow
+      loads); by default it is resolved here.
+
+  Raises:
+    config_lib.ConfigError: the flags contradict the cluster environment.
+  """
+  if resolved is None:
+    resolved = cluster.resolve(strategy=config.strategy,
+                               cluster=config.cluster,
+                               cpu_replicas=config.cpu_replicas,
+                               environ=os.environ)
+  return strategy_lib.create_strategy(
+      resolved, num_gpus=config.num_gpus, cpu_replicas=config.cpu_replicas,
+      collective=config.collective,
+      collective_timeout_s=config.collective_timeout_s,
+      slurm_port_base=config.slurm_port_base)
+
+
+@dataclasses.dataclass(frozen=True)
+class Parts:
+  """What every mode builds: the trainer and what it reads and writes."""
+
+  strategy: tf.distribute.Strategy
+  trainer: steps.Trainer
+  schedule: schedule_lib.LoopSchedule
+  summary_writers: summaries.SummaryWriters
+  is_chief: bool
+  layout: object  # pipelines.ReplicaLayout of this worker.
+  watchdog: watchdog_lib.CollectiveWatchdog
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingRun:
+  """A training run: the Controller drives the trainer."""
+
+  strategy: tf.distribute.Strategy
+  controller: controller_lib.Controller
+  summary_writers: summaries.SummaryWriters
+  checkpoint: checkpoints.RunCheckpoint
+  is_chief: bool
+  profiler: profiler_lib.StepProfiler
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationRun:
+  """An evaluator: restores checkpoints into the trainer's model and
+  evaluates them; it never trains, saves or agrees on a stop."""
+
+  parts: Parts
+  checkpoint: checkpoints.RunCheckpoint
+
+  @property
+  def model(self) -> keras.Model:
+    return self.parts.trainer.model
+
+  @property
+  def is_chief(self) -> bool:
+    return self.parts.is_chief
+
+  @property
+  def summary_writers(self) -> summaries.SummaryWriters:
+    return self.parts.summary_writers
+
+  @property
+  def has_validation(self) -> bool:
+    return self.parts.trainer.has_validation
+
+  @property
+  def total_steps(self) -> int:
+    return self.parts.schedule.total_steps
+
+  def validate(self) -> dict:
+    """One pass over the validation split, in compiled calls of
+    `--steps_per_loop` steps."""
+    trainer = self.parts.trainer
+    what = (f"validating at step "
+            f"{int(trainer.optimizer.iterations.numpy())}")
+    with errors.phase(what):
+      return trainer.evaluate(
+          chunk_steps=self.parts.schedule.steps_per_loop,
+          guard=lambda: self.parts.watchdog.guard(
+              what, armed=trainer.eval_traces > 0))
+
+
+def _create_optimizer(config, total_steps):
+  learning_rate = optimizers.create_learning_rate(
+      kind=config.lr_schedule, base_learning_rate=config.learning_rate,
+      total_steps=total_steps, warmup_steps=config.warmup_steps,
+      boundaries=config.lr_boundaries, decay_factor=config.lr_decay_factor)
+  return precision.wrap_optimizer(
+      optimizers.create_optimizer(config.optimizer, learning_rate,
+                                  momentum=config.momentum,
+                                  weight_decay=config.weight_decay),
+      config.mixed_precision)
+
+
+def _inputs(splits, config, strategy):
+  """The ReplicaInput of each split (validation: None when it is empty on
+  every worker)."""
+  layout = inputs.replica_layout(strategy)
+  placement = inputs.resolve_placement(
+      config.input_placement, splits, strategy,
+      config.device_data_max_mb * 2**20)
+
+  def make(split, where):
+    return inputs.ReplicaInput(
+        split, strategy=strategy, layout=layout,
+        global_batch_size=config.global_batch_size, placement=placement,
+        where=where)
+  train_input = make(splits.train, "the training data")
+  if not train_input.num_examples:
+    raise datasets.DataError("the training split is empty on every worker")
+  validation_input = (make(splits.validation, "the validation data")
+                      if splits.validation is not None else None)
+  if validation_input is not None and not validation_input.num_examples:
+    validation_input = None
+  return layout, train_input, validation_input
+
+
+def _profiler(config, layout, is_chief):
+  profiled = config.profile_steps and (is_chief or config.profile_all_workers)
+  return profiler_lib.StepProfiler(
+      steps=config.profile_steps,
+      logdir=profiler_lib.profile_dir(config.model_dir, layout.worker_index)
+      if profiled else None)
+
+
+def _hooks(config, *, trainer, summary_writers, is_chief, worker_index,
+           profiler, boundary_checks, callbacks):
+  """The run's one list of hooks, in the order they are called: ownership
+  checks, the profiler and the read report; validation summaries and the
+  best model; the user's callbacks; early stopping last, after every
+  callback saw the evaluation. Also returns early stopping's state, which
+  the run's checkpoint keeps (None without a patience)."""
+  def global_step():
+    return int(trainer.optimizer.iterations.numpy())
+  own = [hooks.BoundaryCheck(check) for check in boundary_checks]
+  own += [hooks.ProfileSteps(profiler),
+          hooks.ReadReport(take_read_count=trainer.take_read_count,
+                           worker_index=worker_index),
+          hooks.ValidationSummaries(summary_writers=summary_writers,
+                                    global_step_fn=global_step)]
+  if config.best_metric:
+    own.append(hooks.KeepBest(
+        best=best_lib.BestModel(config.model_dir, metric=config.best_metric,
+                                mode=config.best_mode, is_chief=is_chief),
+        global_step_fn=global_step))
+  stopping = (early_stopping_lib.EarlyStopping(
+      metric=config.best_metric, mode=config.best_mode,
+      patience=config.early_stopping_patience,
+      min_delta=config.early_stopping_min_delta)
+              if config.early_stopping_patience else None)
+  last = [hooks.StopWhenNotImproving(stopping)] if stopping else []
+  return own + list(callbacks) + last, stopping
+
+
+def _build_parts(config, task, description, strategy) -> Parts:
+  """Builds the strategy (first: before any other TensorFlow op, which a
+  task's data may run), then data, model, optimizer and trainer."""
+  if strategy is None:
+    strategy = create_strategy(config)
+  is_chief = strategy_lib.is_chief(strategy)
+  splits = task_loading.load_splits(
+      config, task, inputs.input_context(inputs.replica_layout(strategy)),
+      description=description)
+  layout, train_input, validation_input = _inputs(splits, config, strategy)
+  schedule = schedule_lib.LoopSchedule(
+      num_examples=train_input.num_examples,
+      global_batch_size=config.global_batch_size, num_epochs=config.epochs,
+      steps_per_loop=config.steps_per_loop,
+      log_every_steps=config.log_every_steps,
+      checkpoint_every_steps=config.checkpoint_every_steps,
+      eval_every_steps=config.eval_every_steps,
+      epoch_steps=train_input.steps_per_epoch,
+      profile_steps=config.profile_steps)
+
+  # Identical initial weights in every process and for every replica count.
+  keras.utils.set_random_seed(config.seed)
+  with strategy.scope():
+    with errors.phase("building the model"):
+      with precision.policy_scope(config.mixed_precision):
+        model = task_loading.build_model(task, description)
+      optimizer = _create_optimizer(config, schedule.total_steps)
+      # Built now, so that a checkpoint restores into existing slot variables.
+      optimizer.build(model.trainable_variables)
+  trainer = steps.Trainer(
+      strategy=strategy, task=task, model=model, optimizer=optimizer,
+      add_loss_reduction=config.add_loss_reduction,
+      clip_norm=config.clip_norm, jit_compile=config.jit_compile,
+      grad_accum_steps=config.grad_accum_steps, train_input=train_input,
+      eval_input=validation_input, shuffle_buffer=config.shuffle_buffer,
+      seed=config.seed, description=description)
+  if len(splits.train):  # A worker's shard of a stream may be empty.
+    with errors.phase("checking the task's loss on one batch"):
+      task_checks.check_loss_shapes(description, model, splits.train)
+  if is_chief:
+    logging.info(
+        "Training %d examples, validating %d, in global batches of %d (%d "
+        "steps per epoch) on %d replica(s); input placement: %s",
+        train_input.num_examples,
+        validation_input.num_examples if validation_input else 0,
+        config.global_batch_size, schedule.steps_per_epoch,
+        strategy.num_replicas_in_sync, train_input.placement)
+  return Parts(
+      strategy=strategy, trainer=trainer, schedule=schedule,
+      summary_writers=summaries.SummaryWriters(config.model_dir,
+                                               enabled=is_chief),
+      is_chief=is_chief, layout=layout,
+      watchdog=watchdog_lib.CollectiveWatchdog(
+          timeout_s=config.collective_timeout_s,
+          num_workers=layout.num_workers))
+
+
+def _checkpoint(config, parts: Parts, *, writes: bool, extra=None):
+  with errors.phase("opening the checkpoints"):
+    return checkpoints.RunCheckpoint(
+        checkpoints.checkpoint_dir(config.model_dir),
+        model=parts.trainer.model, optimizer=parts.trainer.optimizer,
+        max_to_keep=config.keep_checkpoints,
+        is_chief=parts.is_chief and writes,
+        on_corrupt=config.on_corrupt_checkpoint, extra=extra)
+
+
+def build_training(config: config_lib.Config, task,
+                   description: tasks_base.TaskDescription,
+                   strategy: Optional[tf.distribute.Strategy], *,
+                   boundary_checks: Sequence[Callable[[], None]] = (),
+                   callbacks: Sequence[keras.callbacks.Callback] = ()
+                   ) -> TrainingRun:
+  """A training run: the trainer, its checkpoint (with early stopping's
+  state), the hooks, the preemption agreement and the Controller.
+
+  Args:
+    config: the run configuration.
+    task: what to train, and `description` its description.
+    strategy: the strategy; None builds the config's.
+    boundary_checks: callables run at each loop boundary that raise to stop
+      the run (the model_dir ownership check).
+    callbacks: the user's keras.callbacks.Callback objects.
+  """
+  parts = _build_parts(config, task, description, strategy)
+  trainer, is_chief = parts.trainer, parts.is_chief
+  profiler = _profiler(config, parts.layout, is_chief)
+  run_hooks, stopping = _hooks(
+      config, trainer=trainer, summary_writers=parts.summary_writers,
+      is_chief=is_chief, worker_index=parts.layout.worker_index,
+      profiler=profiler, boundary_checks=boundary_checks, callbacks=callbacks)
+  checkpoint = _checkpoint(config, parts, writes=True,
+                           extra=stopping.variables if stopping else None)
+  agreement = preemption.PreemptionAgreement(
+      strategy=parts.strategy,
+      num_workers=strategy_lib.num_workers(parts.strategy),
+      watcher=preemption.SigtermWatcher())
+  controller = controller_lib.Controller(
+      trainer=trainer, schedule=parts.schedule, checkpoint=checkpoint,
+      summary_writers=parts.summary_writers, preemption_agreement=agreement,
+      log=logging.info if is_chief else lambda *args: None,
+      callbacks=run_hooks,
+      progress_fn=progress.EpochProgress if is_chief else None,
+      watchdog=parts.watchdog)
+  return TrainingRun(strategy=parts.strategy, controller=controller,
+                     summary_writers=parts.summary_writers,
+                     checkpoint=checkpoint, is_chief=is_chief,
+                     profiler=profiler)
+
+
+def build_evaluation(config: config_lib.Config, task,
+                     description: tasks_base.TaskDescription,
+                     strategy: Optional[tf.distribute.Strategy]
+                     ) -> EvaluationRun:
+  """An evaluator: the trainer and a checkpoint it only reads (it leaves
+  alone the `ckpt-<step>_temp*` files of a save in progress beside it)."""
+  parts = _build_parts(config, task, description, strategy)
+  return EvaluationRun(parts=parts,
+                       checkpoint=_checkpoint(config, parts, writes=False))
+
+
+def require_validation(has_validation: bool, config: config_lib.Config,
+                       hint: str) -> None:
+  """Raises DataError unless the run has validation data."""
+  if not has_validation:
+    raise datasets.DataError(
+        f"the validation split of --dataset={config.dataset} is empty{hint}")

@@ -1,0 +1,117 @@
+"""Loads a run's task and its data: `--task`, or the built-in classification.
+
+A task is checked and described once (`base.check_task`); everything after
+reads that description and calls the task through `call_task`, which names
+the task and the user's file:line when its code raises.
+"""
+
+import inspect
+from typing import Callable, Optional, Tuple
+
+import keras
+import tensorflow as tf
+
+from dist_train import config as config_lib
+from dist_train import errors
+from dist_train import user_code
+from dist_train.data import datasets
+from dist_train.tasks import base
+from dist_train.tasks import classification
+
+ModelFn = Callable[[config_lib.Config], keras.Model]
+
+
+def create_task(config: config_lib.Config,
+                model_fn: Optional[ModelFn] = None):
+  """The task of `config`: `--task=package.module:function`'s task_fn(config),
+  or the built-in classification task of `--model` (or `model_fn`) on
+  `--dataset`.
+
+  Raises:
+    user_code.UserCodeError: the task_fn cannot be loaded or raises.
+    tasks.TaskError: what it returned is not a usable task.
+  """
+  return load_task(config, model_fn=model_fn)[0]
+
+
+def load_task(config: config_lib.Config, *, task=None,
+              model_fn: Optional[ModelFn] = None
+              ) -> Tuple[object, base.TaskDescription]:
+  """(task, its description): `task` when given (checked as a --task is),
+  else the config's.
+
+  Raises:
+    user_code.UserCodeError: the task_fn cannot be loaded or raises.
+    tasks.TaskError: the task is not usable.
+  """
+  if task is not None:
+    return task, describe(task)
+  if not config.task:
+    task = classification.ClassificationTask(config, model_fn)
+    return task, base.check_task(task, task.name)
+  if model_fn is not None:
+    raise ValueError("give a task or a model_fn, not both")
+  task_fn = user_code.load_function("task", config.task)
+  task = user_code.call("task", config.task, task_fn, config)
+  where = f"--task={config.task}"
+  return task, base.check_task(task, where,
+                               name=getattr(task, "name", None) or where)
+
+
+def describe(task) -> base.TaskDescription:
+  """A task given to the Python API, checked and named: by its `name`, else
+  its class."""
+  name = getattr(task, "name", None) or type(task).__name__
+  return base.check_task(task, name)
+
+
+def load_splits(config: config_lib.Config, task=None,
+                input_context: Optional[tf.distribute.InputContext] = None,
+                *, description: Optional[base.TaskDescription] = None
+                ) -> datasets.Splits:
+  """The training and validation splits of a task (default: the config's),
+  checked.
+
+  A task whose `build_dataset` takes an `input_context` gets it; with several
+  workers, a tf.data.Dataset it returns is taken as this worker's shard.
+  """
+  if task is None:
+    task, description = load_task(config)
+  description = description or describe(task)
+  takes_context = "input_context" in _parameters(task.build_dataset)
+  sharded = bool(takes_context and input_context and
+                 input_context.num_input_pipelines > 1)
+  splits = {}
+  for split in base.SPLITS:
+    with errors.phase(f"loading the {split} data"):
+      kwargs = {"input_context": input_context} if takes_context else {}
+      value = call_task(task, description, task.build_dataset, split,
+                        **kwargs)
+      splits[split] = datasets.task_split(
+          value, where=f"{description.name} ({split})",
+          required=split == "train", sharded=sharded)
+  return datasets.Splits(**splits)
+
+
+def build_model(task, description: base.TaskDescription) -> keras.Model:
+  """The task's model, checked to be a keras.Model."""
+  model = call_task(task, description, task.build_model)
+  return user_code.check_returns("task", description.name, model, keras.Model,
+                                 "a keras.Model from build_model()")
+
+
+def call_task(task, description: base.TaskDescription, method, *args,
+              **kwargs):
+  """Calls a task's method: a user's through user_code.call (one line naming
+  the task and the user's file:line if it raises); the built-in task's
+  directly, as library code, whose errors name themselves."""
+  if isinstance(task, classification.ClassificationTask):
+    return method(*args, **kwargs)
+  return user_code.call("task", description.name, method, *args, **kwargs)
+
+
+def _parameters(function) -> tuple:
+  try:
+    return tuple(inspect.signature(function).parameters)
+  except (TypeError, ValueError):
+    return ()
