@@ -21,9 +21,41 @@ TIERS = ("unit", "integration", "e2e")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-# The runs made once per session: with pytest-xdist every test that reads
-# one goes to the same worker process, which makes it once.
-_SESSION_RUNS = ("parity_runs", "cpu_test_run")
+def _shared_runs(item):
+  """The suite's own session- and module-scoped fixtures `item` reads: the
+  runs it shares with other tests."""
+  shared = set()
+  fixture_info = getattr(item, "_fixtureinfo", None)
+  for name, definitions in (fixture_info.name2fixturedefs.items()
+                            if fixture_info else ()):
+    definition = definitions[-1]
+    if not definition.func.__module__.startswith("tests."):
+      continue  # pytest's own (tmp_path_factory, ...): cheap, per process.
+    if definition.scope == "session":
+      shared.add(name)
+    elif definition.scope == "module":
+      shared.add(f"{item.module.__name__}.{name}")
+  return shared
+
+
+def _group_by_shared_runs(items):
+  """Puts tests that read the same session or module run (transitively) in
+  one pytest-xdist group, so that one worker process makes each run once;
+  the other tests go wherever a worker is free."""
+  parent = {}
+
+  def root(name):
+    while parent.setdefault(name, name) != name:
+      name = parent[name]
+    return name
+
+  shared = {item.nodeid: sorted(_shared_runs(item)) for item in items}
+  for names in shared.values():
+    for name in names[1:]:
+      parent[root(name)] = root(names[0])
+  for item in items:
+    if shared[item.nodeid]:
+      item.add_marker(pytest.mark.xdist_group(root(shared[item.nodeid][0])))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -31,9 +63,7 @@ def pytest_collection_modifyitems(config, items):
     tier = os.path.relpath(str(item.path), _HERE).split(os.sep)[0]
     if tier in TIERS:
       item.add_marker(getattr(pytest.mark, tier))
-    for name in _SESSION_RUNS:
-      if name in getattr(item, "fixturenames", ()):
-        item.add_marker(pytest.mark.xdist_group(name))
+  _group_by_shared_runs(items)
   # The parity runs the collected modules ask for (PARITY_RUNS =
   # {replicas: [case, ...]}), made once per session by `parity_runs`.
   wanted = {}

@@ -124,9 +124,9 @@ def _read_line(conn):
 def serve(socket_path):
   """Imports once, then forks a run per connection until the parent dies.
   Returns the exit code of a run (in the forked run process only)."""
-  # The server dies with the pytest process that started it.
-  import ctypes  # pylint: disable=import-outside-toplevel
-  ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+  # The server ends with the pytest process that started it (checked every
+  # second: PR_SET_PDEATHSIG would end it with the *thread* that started it).
+  parent = os.getppid()
   base_path = _base_sys_path()
   sys.path.insert(0, os.getcwd())
   # pylint: disable=import-outside-toplevel,unused-import
@@ -145,9 +145,14 @@ def serve(socket_path):
   listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
   listener.bind(socket_path)
   listener.listen(64)
+  listener.settimeout(1.0)
   print("ready", flush=True)
-  while True:
-    conn, _ = listener.accept()
+  while os.getppid() == parent:
+    try:
+      conn, _ = listener.accept()
+    except socket.timeout:
+      continue
+    conn.settimeout(None)
     request = _read_line(conn)
     if request is None:
       conn.close()
@@ -157,6 +162,7 @@ def serve(socket_path):
     if os.fork() == 0:
       return _monitor(conn, request, listener, base_path)
     conn.close()
+  return 0
 
 
 if __name__ == "__main__":
