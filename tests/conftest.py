@@ -6,7 +6,9 @@ own), `integration` (real TensorFlow training in the test's process) and
 that `python -m pytest -m "not e2e" tests` is the quick inner loop.
 """
 
+import fcntl
 import os
+import pickle
 
 import pytest
 
@@ -21,49 +23,11 @@ TIERS = ("unit", "integration", "e2e")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _shared_runs(item):
-  """The suite's own session- and module-scoped fixtures `item` reads: the
-  runs it shares with other tests."""
-  shared = set()
-  fixture_info = getattr(item, "_fixtureinfo", None)
-  for name, definitions in (fixture_info.name2fixturedefs.items()
-                            if fixture_info else ()):
-    definition = definitions[-1]
-    if not definition.func.__module__.startswith("tests."):
-      continue  # pytest's own (tmp_path_factory, ...): cheap, per process.
-    if definition.scope == "session":
-      shared.add(name)
-    elif definition.scope == "module":
-      shared.add(f"{item.module.__name__}.{name}")
-  return shared
-
-
-def _group_by_shared_runs(items):
-  """Puts tests that read the same session or module run (transitively) in
-  one pytest-xdist group, so that one worker process makes each run once;
-  the other tests go wherever a worker is free."""
-  parent = {}
-
-  def root(name):
-    while parent.setdefault(name, name) != name:
-      name = parent[name]
-    return name
-
-  shared = {item.nodeid: sorted(_shared_runs(item)) for item in items}
-  for names in shared.values():
-    for name in names[1:]:
-      parent[root(name)] = root(names[0])
-  for item in items:
-    if shared[item.nodeid]:
-      item.add_marker(pytest.mark.xdist_group(root(shared[item.nodeid][0])))
-
-
 def pytest_collection_modifyitems(config, items):
   for item in items:
     tier = os.path.relpath(str(item.path), _HERE).split(os.sep)[0]
     if tier in TIERS:
       item.add_marker(getattr(pytest.mark, tier))
-  _group_by_shared_runs(items)
   # The parity runs the collected modules ask for (PARITY_RUNS =
   # {replicas: [case, ...]}), made once per session by `parity_runs`.
   wanted = {}
@@ -78,15 +42,40 @@ def pytest_collection_modifyitems(config, items):
 _PARITY_RUNS_WANTED = pytest.StashKey[dict]()
 
 
+def _made_once(tmp_path_factory, name, make):
+  """make(directory) once per pytest run, however many xdist workers ask.
+
+  pytest-xdist gives each worker its own session, so a session fixture
+  would be made once per worker; the first worker to ask makes it under a
+  file lock in the directory the workers share, and the others load what it
+  returned.
+  """
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # Shared by the workers of this run.
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    made = root / f"{name}.pickle"
+    if made.exists():
+      return pickle.loads(made.read_bytes())
+    directory = root / name
+    directory.mkdir(exist_ok=True)  # A failed earlier try left it.
+    value = make(str(directory))
+    made.write_bytes(pickle.dumps(value))
+    return value
+
+
 @pytest.fixture(scope="session")
 def cpu_test_run(tmp_path_factory):
   """(model_dir, CompletedProcess) of launch/flags/cpu_test.cfg as it is, run
-  once for the session through the command line. Read it only; a test that
+  once for the run through the command line. Read it only; a test that
   trains on in it takes a copy (`processes.copy_run`)."""
-  model_dir = str(tmp_path_factory.mktemp("cpu_test") / "run")
-  result = processes.run_cli(f"--flagfile={processes.FLAGS_DIR}/cpu_test.cfg",
-                             f"--model_dir={model_dir}", check=True)
-  return model_dir, result
+  def make(directory):
+    model_dir = os.path.join(directory, "run")
+    return model_dir, processes.run_cli(
+        f"--flagfile={processes.FLAGS_DIR}/cpu_test.cfg",
+        f"--model_dir={model_dir}", check=True)
+  return _made_once(tmp_path_factory, "cpu_test", make)
 
 
 @pytest.fixture(scope="session")
@@ -95,6 +84,7 @@ def parity_runs(request, tmp_path_factory):
   the collected modules declare, trained once for the session with one
   process per replica count. A case's model_dir is output_dir/CASE_REPLICAS.
   """
-  output_dir = str(tmp_path_factory.mktemp("parity"))
   wanted = request.config.stash.get(_PARITY_RUNS_WANTED, {})
-  return output_dir, parity.train_all(output_dir, wanted)
+  return _made_once(
+      tmp_path_factory, "parity",
+      lambda output_dir: (output_dir, parity.train_all(output_dir, wanted)))
