@@ -24,7 +24,9 @@ from dist_train import flags as flags_lib
 from dist_train import logs
 from dist_train.distribute import cluster
 from dist_train.loop import stop
+from dist_train.loop import time_limits
 from dist_train.outputs import ownership
+from dist_train.outputs import run_record
 
 
 def _drop_coordinator_errors(record: logging.LogRecord) -> bool:
@@ -64,6 +66,9 @@ def main(argv):
   show_traceback = flags_lib.TRACEBACK.value
   try:
     config = flags_lib.config_from_flags()
+    if flags_lib.PRINT_CONFIG.value:
+      print(run_record.flagfile_text(config), end="")
+      return
     resolved = cluster.resolve(strategy=config.strategy,
                                cluster=config.cluster,
                                cpu_replicas=config.cpu_replicas,
@@ -97,6 +102,7 @@ def run_cli():
   # Here rather than in `main`, which tests call in their own process: the
   # signals stay blocked for the rest of a process, and in its children.
   stop.install(block=True)
+  time_limits.mark_process_start()  # --max_runtime_s counts from here.
   app.run(main, flags_parser=parse_flags)
 
 

@@ -9,6 +9,9 @@
       export/model.keras     the final model (export.py)
       export/saved_model/    with --export_saved_model
       eval_results.json      the last evaluation (--mode=evaluate)
+      run.cfg                every option of the latest start, a flagfile
+      run.<start>.cfg        those of each earlier start (run_record.py)
+      run.json               versions, git commit, devices of the latest start
       training_done.json     written last, when training has ended
 
 Everything is read and written through one filesystem API, `tf.io.gfile`, so
@@ -49,6 +52,8 @@ KERAS_MODEL = "model.keras"  # In best/ and export/.
 SAVED_MODEL = "saved_model"  # In export/.
 EVAL_RESULTS = "eval_results.json"
 TRAINING_DONE = "training_done.json"
+RUN_CONFIG = "run.cfg"
+RUN_INFO = "run.json"
 # TensorBoard runs, one directory each: the chief's training and validation
 # scalars, and a continuous evaluator's.
 SUMMARY_SPLITS = ("train", "validation", "eval")
@@ -97,6 +102,21 @@ def eval_results_file(model_dir: str) -> str:
 
 def training_done_file(model_dir: str) -> str:
   return os.path.join(model_dir, TRAINING_DONE)
+
+
+def run_config_file(model_dir: str) -> str:
+  return os.path.join(model_dir, RUN_CONFIG)
+
+
+def earlier_run_config_file(model_dir: str, start: str) -> str:
+  """run.<start>.cfg: the options of an earlier start, e.g. of
+  20261202T031500Z."""
+  root, ext = os.path.splitext(RUN_CONFIG)
+  return os.path.join(model_dir, f"{root}.{start}{ext}")
+
+
+def run_info_file(model_dir: str) -> str:
+  return os.path.join(model_dir, RUN_INFO)
 
 
 def owner_lock_file(model_dir: str) -> str:
