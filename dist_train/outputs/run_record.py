@@ -120,10 +120,11 @@ def parse_flagfile(text: str, *, path: str) -> config_lib.Config:
     number = 0
     return config_lib.Config(**values)
   except (ValueError, TypeError) as e:
-    where = f"{path}, line {number}" if number else path
+    where = f"line {number}: " if number else ""
     raise RunRecordError(
-        f"the run record {where} is not a flagfile of dist_train options: "
-        f"{e} (fix it, or remove the file to start a new record)") from None
+        f"the run record {path} is not a flagfile of dist_train options: "
+        f"{where}{e} (fix it, or remove the file to start a new record)"
+    ) from None
 
 
 def changes(earlier: config_lib.Config, config: config_lib.Config
