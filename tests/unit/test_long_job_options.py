@@ -7,6 +7,8 @@ are in tests/e2e/test_long_jobs.py and tests/integration/test_run_record.py.
 """
 
 import dataclasses
+import os
+import subprocess
 
 from absl.testing import flagsaver
 import pytest
@@ -15,6 +17,7 @@ from dist_train import config as config_lib
 from dist_train import main
 from dist_train.loop import time_limits
 from dist_train.outputs import run_record
+from tests.helpers import processes
 from tests.unit import test_flag_errors
 
 
@@ -176,3 +179,21 @@ def test_bad_time_limits_give_one_line(tmp_path, capsys, monkeypatch, flag,
       f"--model_dir={tmp_path / 'run'}", flag)
   assert code == 1
   assert lines == [f"dist_train: error: {message}"]
+
+
+@pytest.mark.parametrize("left, seconds", [
+    ("1-02:03:04", "93784"), ("02:03:04", "7384"), ("03:04", "184"),
+    ("UNLIMITED", ""), ("NOT_SET", "")])
+def test_slurm_script_reads_the_time_left_from_squeue(tmp_path, left,
+                                                      seconds):
+  """launch/slurm.sbatch's seconds_left, with a squeue that prints `left`."""
+  squeue = tmp_path / "squeue"
+  squeue.write_text(f"#!/bin/sh\necho '{left}'\n")
+  squeue.chmod(0o755)
+  script = os.path.join(processes.REPO_ROOT, "launch", "slurm.sbatch")
+  env = {k: v for k, v in os.environ.items() if k != "SLURM_JOB_END_TIME"}
+  env["PATH"] = f"{tmp_path}:{env['PATH']}"
+  result = subprocess.run(
+      ["bash", "-c", f"source <(sed -n '/^seconds_left()/,/^}}/p' {script});"
+       " seconds_left"], env=env, capture_output=True, text=True, check=True)
+  assert result.stdout.strip() == seconds
