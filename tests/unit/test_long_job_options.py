@@ -197,3 +197,27 @@ def test_slurm_script_reads_the_time_left_from_squeue(tmp_path, left,
       ["bash", "-c", f"source <(sed -n '/^seconds_left()/,/^}}/p' {script});"
        " seconds_left"], env=env, capture_output=True, text=True, check=True)
   assert result.stdout.strip() == seconds
+
+
+@pytest.mark.parametrize("line, message", [
+    ("--epochs=three", "flag --epochs=three: invalid literal"),
+    ("--epochs=-3", "--epochs must be positive, got -3"),
+    ("--bogus=1", "Unknown command line flag 'bogus'"),
+])
+def test_replaying_a_run_cfg_edited_into_nonsense_names_the_line(
+    tmp_path, capsys, monkeypatch, line, message):
+  run_cfg = tmp_path / "run.cfg"
+  run_cfg.write_text(run_record.flagfile_text(_config()) + f"{line}\n")
+  code, lines = test_flag_errors.cli_error(capsys, monkeypatch,
+                                           f"--flagfile={run_cfg}")
+  assert code == 1
+  number = len(run_cfg.read_text().splitlines())
+  [error] = lines
+  assert error.startswith(f"dist_train: error: {message}")
+  assert error.endswith(f" (set in {run_cfg}, line {number})")
+  # Set again on the command line, the value is the command line's.
+  code, lines = test_flag_errors.cli_error(
+      capsys, monkeypatch, f"--flagfile={run_cfg}", "--epochs=-4",
+      "--model_dir=/tmp/x")
+  if line == "--epochs=-3":
+    assert lines == ["dist_train: error: --epochs must be positive, got -4"]
