@@ -155,13 +155,17 @@ def read_config(model_dir: str) -> Optional[config_lib.Config]:
   path = model_dir_lib.run_config_file(model_dir)
   if not tf.io.gfile.exists(path):
     return None
-  with tf.io.gfile.GFile(path) as f:
-    try:
+  try:
+    with tf.io.gfile.GFile(path) as f:
       text = f.read()
-    except UnicodeDecodeError as e:
-      raise RunRecordError(f"the run record {path} is not text: {e.reason} "
-                           "(fix it, or remove the file to start a new "
-                           "record)") from None
+  except tf.errors.NotFoundError:
+    # The chief moved it aside for its own start, which it
+    # only does after the same check passed.
+    return None
+  except UnicodeDecodeError as e:
+    raise RunRecordError(f"the run record {path} is not text: {e.reason} "
+                         "(fix it, or remove the file to start a new "
+                         "record)") from None
   return parse_flagfile(text, path=path)
 
 
