@@ -68,8 +68,9 @@ def _record_run(config, strategy, is_chief) -> None:
   """Checks a resume against the earlier run.cfg (every worker, so that all
   refuse together), then the chief writes run.cfg and run.json."""
   earlier = run_record.read_config(config.model_dir)
-  if earlier is not None and tf.io.gfile.exists(os.path.join(
-      model_dir_lib.checkpoints_dir(config.model_dir), "checkpoint")):
+  # Only a checkpoint holds the mathematics of the earlier start.
+  if earlier is not None and tf.io.gfile.exists(
+      model_dir_lib.checkpoint_state_file(config.model_dir)):
     for change in run_record.check_resume(config, earlier):
       logging.info("Resuming with a changed option %s", change)
   if is_chief:
@@ -149,7 +150,7 @@ def _train_and_evaluate(config, *, task, model_fn, strategy, validate,
            if strategy_lib.is_chief(strategy) else None)
   with owner or contextlib.nullcontext(), (
       stop.closing(owner.release) if owner else contextlib.nullcontext()):
-    _record_run(config, strategy, owner is not None)
+    _record_run(config, strategy, strategy_lib.is_chief(strategy))
     task, description = task_loading.load_task(config, task=task,
                                                model_fn=model_fn)
     run = builder.build_training(

@@ -44,6 +44,7 @@ from typing import Iterator, Optional
 
 OWNER_LOCK = "OWNER.lock"
 CHECKPOINTS = "checkpoints"
+CHECKPOINT_STATE = "checkpoint"  # TensorFlow's state file in checkpoints/.
 BEST = "best"
 BEST_CHECKPOINT = "ckpt"  # A checkpoint prefix inside best/.
 BEST_METRICS = "metrics.json"
@@ -74,6 +75,10 @@ def is_local(path: str) -> bool:
 
 def checkpoints_dir(model_dir: str) -> str:
   return os.path.join(model_dir, CHECKPOINTS)
+
+
+def checkpoint_state_file(model_dir: str) -> str:
+  return os.path.join(model_dir, CHECKPOINTS, CHECKPOINT_STATE)
 
 
 def best_dir(model_dir: str) -> str:
