@@ -26,6 +26,7 @@ from dist_train.loop import precision
 from dist_train.loop import preemption
 from dist_train.loop import schedule as schedule_lib
 from dist_train.loop import steps
+from dist_train.loop import time_limits
 from dist_train.outputs import best as best_lib
 from dist_train.outputs import checkpoints
 from dist_train.outputs import profiler as profiler_lib
@@ -304,7 +305,14 @@ def build_training(config: config_lib.Config, task,
       log=logging.info if is_chief else lambda *args: None,
       callbacks=run_hooks,
       progress_fn=progress.EpochProgress if is_chief else None,
-      watchdog=parts.watchdog)
+      watchdog=parts.watchdog,
+      wall_clock=time_limits.WallClock(
+          max_runtime_s=config.max_runtime_s,
+          # One clock decides when a time-based checkpoint is due: the
+          # chief's; the agreement tells the other workers.
+          checkpoint_every_secs=(config.checkpoint_every_secs if is_chief
+                                 else None),
+          start_time=time_limits.run_start()))
   return TrainingRun(strategy=parts.strategy, controller=controller,
                      summary_writers=parts.summary_writers,
                      checkpoint=checkpoint, is_chief=is_chief,

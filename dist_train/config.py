@@ -27,6 +27,20 @@ MIXED_PRECISION_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 INPUT_PLACEMENTS = ("auto", "device", "prefetch", "host")
 
 
+# The options whose change on resume changes the mathematics of the run
+# (which examples, in which order, through which model, loss and update):
+# resuming with another value is refused unless --allow_config_change
+# (outputs/run_record.py). Any other option (cadences, placement, replicas
+# and workers, where the data lives, --epochs to extend a run) may change.
+RUN_DEFINING_OPTIONS = (
+    "task", "dataset", "num_validation_examples", "num_train_examples",
+    "shuffle_buffer", "seed", "global_batch_size", "learning_rate",
+    "optimizer", "momentum", "weight_decay", "lr_schedule", "warmup_steps",
+    "lr_boundaries", "lr_decay_factor", "grad_accum_steps", "clip_norm",
+    "model", "hidden_units", "activity_regularization", "add_loss_reduction",
+    "kernel_l2", "mixed_precision")
+
+
 class ConfigError(errors.DistTrainError, ValueError):
   """A configuration value is impossible; the message names the flag and the value."""
 
@@ -164,6 +178,19 @@ class Config:
   checkpoint_every_steps: Optional[int] = option(
       None, "Also checkpoint every N global steps (always at epoch ends).",
       check="positive", shown="epoch ends only")
+  checkpoint_every_secs: Optional[float] = option(
+      None, "Also checkpoint at the first loop boundary after every T "
+      "seconds, at one step on every worker (the chief's clock decides).",
+      check="positive", shown="off")
+  max_runtime_s: Optional[float] = option(
+      None, "Stop, saved, at the last loop boundary before T seconds from "
+      "the start of this process (less the longest loop and checkpoint "
+      "save seen so far), agreed by every worker; exits 75 like SIGTERM, "
+      "and the same command resumes.", check="positive", shown="off")
+  allow_config_change: bool = option(
+      False, "Resume even when an option that changes the mathematics of "
+      "the run (config.RUN_DEFINING_OPTIONS) differs from "
+      "<model_dir>/run.cfg.")
   on_corrupt_checkpoint: str = option(
       "fail", "When the latest checkpoint cannot be read: fail (naming the "
       "file), or fall back to the newest intact one (previous).",

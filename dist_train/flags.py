@@ -50,6 +50,10 @@ flags.mark_flag_as_required("model_dir")
 TRACEBACK = flags.DEFINE_bool(
     "traceback", False,
     "On failure, print the Python traceback before the one-line error.")
+PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False,
+    "Print every resolved option as a flagfile (what <model_dir>/run.cfg "
+    "holds) and exit, before TensorFlow starts.")
 
 
 def config_from_flags() -> config_lib.Config:
@@ -82,5 +86,7 @@ def flag_table() -> str:
     help_text = field.metadata["help"].replace("|", "\\|")
     rows.append(f"| `--{field.name}` | {_shown_default(field)} | "
                 f"{help_text} |")
-  rows.append(f"| `--traceback` | false | {flags.FLAGS[TRACEBACK.name].help} |")
+  for holder in (TRACEBACK, PRINT_CONFIG):
+    rows.append(f"| `--{holder.name}` | false | "
+                f"{flags.FLAGS[holder.name].help} |")
   return "\n".join(rows) + "\n"

@@ -12,6 +12,7 @@ and the exit code of its error class (docs/failures.md);
 
 import logging
 import os
+import re
 import sys
 import traceback
 
@@ -19,12 +20,15 @@ from absl import app
 from absl import flags
 
 from dist_train import compat
+from dist_train import config as config_lib
 from dist_train import errors
 from dist_train import flags as flags_lib
 from dist_train import logs
 from dist_train.distribute import cluster
 from dist_train.loop import stop
+from dist_train.loop import time_limits
 from dist_train.outputs import ownership
+from dist_train.outputs import run_record
 
 
 def _drop_coordinator_errors(record: logging.LogRecord) -> bool:
@@ -38,8 +42,38 @@ def _fail(message, exit_code=errors.EXIT_BAD_INPUT):
   sys.exit(exit_code)
 
 
+# The flag an error is about: "flag --epochs=x: ...", "Unknown command line
+# flag 'x'", "--epochs must be ...".
+_FLAG_IN_ERROR = re.compile(r"^(?:flag --|Unknown command line flag '|--)(\w+)")
+_argv = []  # The command line parse_flags read.
+
+
+def _where_set(message: str) -> str:
+  """`message`, naming the flagfile line that set the flag it is about when
+  a --flagfile of the command line set it last (a hand-edited run.cfg)."""
+  match = _FLAG_IN_ERROR.match(message)
+  if not match:
+    return message
+  name, where = match.group(1), None
+  for arg in _argv[1:]:
+    if arg.startswith("--flagfile="):
+      path = arg.split("=", 1)[1]
+      try:
+        with open(path, encoding="utf-8") as f:
+          lines = f.read().splitlines()
+      except (OSError, UnicodeDecodeError):
+        continue
+      for number, line in enumerate(lines, 1):
+        if re.match(rf"--(no)?{name}(=|$)", line.strip()):
+          where = f"{path}, line {number}"
+    elif re.match(rf"--(no)?{name}(=|$)", arg):
+      where = None  # Set on the command line, after any flagfile.
+  return f"{message} (set in {where})" if where else message
+
+
 def parse_flags(argv):
   """Parses flags; a bad flag or flagfile exits 1 with one line on stderr."""
+  _argv[:] = argv
   try:
     return flags.FLAGS(argv)
   except flags.CantOpenFlagFileError as e:
@@ -48,7 +82,7 @@ def parse_flags(argv):
       _fail(f"cannot read --flagfile={cause.filename}: {cause.strerror}")
     _fail(errors.first_line(e))
   except flags.Error as e:
-    _fail(errors.first_line(e))
+    _fail(_where_set(errors.first_line(e)))
   except UnicodeDecodeError as e:
     name = compat.flagfile_being_read(e)
     _fail(f"cannot read {f'--flagfile={name}' if name else 'a --flagfile'}: "
@@ -63,7 +97,13 @@ def main(argv):
     _fail(f"unexpected arguments {argv[1:]}")
   show_traceback = flags_lib.TRACEBACK.value
   try:
-    config = flags_lib.config_from_flags()
+    try:
+      config = flags_lib.config_from_flags()
+    except config_lib.ConfigError as e:
+      raise config_lib.ConfigError(_where_set(str(e))) from None
+    if flags_lib.PRINT_CONFIG.value:
+      print(run_record.flagfile_text(config), end="")
+      return
     resolved = cluster.resolve(strategy=config.strategy,
                                cluster=config.cluster,
                                cpu_replicas=config.cpu_replicas,
@@ -97,6 +137,7 @@ def run_cli():
   # Here rather than in `main`, which tests call in their own process: the
   # signals stay blocked for the rest of a process, and in its children.
   stop.install(block=True)
+  time_limits.mark_process_start()  # --max_runtime_s counts from here.
   app.run(main, flags_parser=parse_flags)
 
 

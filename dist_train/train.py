@@ -31,6 +31,7 @@ from dist_train.loop import stop
 from dist_train.outputs import export
 from dist_train.outputs import model_dir as model_dir_lib
 from dist_train.outputs import ownership
+from dist_train.outputs import run_record
 from dist_train.outputs import warm_start
 from dist_train.tasks import loading as task_loading
 
@@ -61,6 +62,23 @@ def _warm_start(config, run: builder.TrainingRun) -> None:
                                     skip_mismatch=config.init_skip_mismatch)
   logging.info("Initialised the model from %s%s", config.init_checkpoint,
                f"; skipped {'; '.join(skipped)}" if skipped else "")
+
+
+def _record_run(config, strategy, is_chief) -> None:
+  """Checks a resume against the earlier run.cfg (every worker, so that all
+  refuse together), then the chief writes run.cfg and run.json."""
+  earlier = run_record.read_config(config.model_dir)
+  # Only a checkpoint holds the mathematics of the earlier start.
+  if earlier is not None and tf.io.gfile.exists(
+      model_dir_lib.checkpoint_state_file(config.model_dir)):
+    for change in run_record.check_resume(config, earlier):
+      logging.info("Resuming with a changed option %s", change)
+  if is_chief:
+    with errors.phase("writing the run record"):
+      run_record.write(
+          config, num_replicas=strategy.num_replicas_in_sync,
+          num_workers=strategy_lib.num_workers(strategy),
+          devices=strategy.extended.worker_devices)
 
 
 def _describe_run(run: builder.TrainingRun, config: config_lib.Config) -> None:
@@ -132,6 +150,7 @@ def _train_and_evaluate(config, *, task, model_fn, strategy, validate,
            if strategy_lib.is_chief(strategy) else None)
   with owner or contextlib.nullcontext(), (
       stop.closing(owner.release) if owner else contextlib.nullcontext()):
+    _record_run(config, strategy, strategy_lib.is_chief(strategy))
     task, description = task_loading.load_task(config, task=task,
                                                model_fn=model_fn)
     run = builder.build_training(

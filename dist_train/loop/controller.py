@@ -15,6 +15,7 @@ from dist_train.loop import schedule as schedule_lib
 from dist_train.loop import steps
 from dist_train.loop import stop
 from dist_train.loop import throughput as throughput_lib
+from dist_train.loop import time_limits
 from dist_train.outputs import checkpoints
 from dist_train.outputs import summaries
 
@@ -59,7 +60,8 @@ class Controller:
                log: Callable[..., None],
                callbacks: Sequence[keras.callbacks.Callback] = (),
                progress_fn: Optional[Callable[[int, int, int], Any]] = None,
-               watchdog: Optional[watchdog_lib.CollectiveWatchdog] = None):
+               watchdog: Optional[watchdog_lib.CollectiveWatchdog] = None,
+               wall_clock: Optional[time_limits.WallClock] = None):
     """Creates the controller.
 
     Args:
@@ -78,6 +80,8 @@ class Controller:
         of each interval is left out (TensorBoard still gets its scalars).
       watchdog: fails a call that waits on peer workers for too long (the
         compiled loops after their first, the agreement at each boundary).
+      wall_clock: --max_runtime_s and --checkpoint_every_secs, asked at each
+        boundary and agreed with the stop requests.
     """
     self._trainer = trainer
     self._schedule = schedule
@@ -90,6 +94,8 @@ class Controller:
                                                    model=trainer.model)
     self._watchdog = watchdog or watchdog_lib.CollectiveWatchdog(
         timeout_s=None, num_workers=1)
+    self._wall_clock = wall_clock or time_limits.WallClock()
+    self._checkpoint_due = False  # Agreed at the last boundary.
     self._first_loop_end_time = None
     self._stop_reason = None  # Set when training should end early.
     self._validate = True
@@ -114,7 +120,10 @@ class Controller:
   def _save(self, *, epoch, step_in_epoch):
     # Never write NaN or Inf over good work.
     guards.check_variables(self.model.variables)
-    return self._checkpoint.save(epoch=epoch, step_in_epoch=step_in_epoch)
+    start = time.perf_counter()
+    path = self._checkpoint.save(epoch=epoch, step_in_epoch=step_in_epoch)
+    self._wall_clock.saved(time.perf_counter() - start)
+    return path
 
   def _train_epoch(self, epoch, step_in_epoch, throughput):
     schedule = self._schedule
@@ -172,22 +181,37 @@ class Controller:
         return  # The epoch end saves.
       if self._agreed_stop(epoch, step_in_epoch):
         return
-      if schedule.is_checkpoint_step(self.global_step):
+      if schedule.is_checkpoint_step(self.global_step) or self._checkpoint_due:
         self._save(epoch=epoch, step_in_epoch=step_in_epoch)
 
   def _agreed_stop(self, epoch, step_in_epoch, *, saved=False) -> bool:
-    """Whether every worker agreed to stop here: on SIGTERM it saves (unless
-    `saved`) and raises Preempted; when training should end early it saves
-    and returns True."""
+    """Whether every worker agreed to stop here: on SIGTERM or at the time
+    limit it saves (unless `saved`) and raises Preempted or
+    TimeLimitReached; when training should end early it saves and returns
+    True. Whether a time-based checkpoint is due is kept for the caller."""
+    clock = self._wall_clock
+    clock.boundary()
     with self._watchdog.guard(f"the agreement at step {self.global_step}"):
-      preempted, stop = self._preemption.agreed(
-          self._stop_reason is not None or self.model.stop_training)
-    if preempted:
+      agreed = self._preemption.agreed(
+          self._stop_reason is not None or self.model.stop_training,
+          out_of_time=clock.out_of_time(),
+          checkpoint_due=clock.checkpoint_due())
+    stop = agreed.stop
+    self._checkpoint_due = agreed.checkpoint_due and not saved
+    # Ending early wins over the time limit: the run is done either way.
+    if agreed.preempted or (agreed.out_of_time and not stop):
       path = (self._checkpoint.latest if saved else
               self._save(epoch=epoch, step_in_epoch=step_in_epoch))
-      raise preemption.Preempted(
-          path, self.global_step,
-          signal_name=self._preemption.watcher.signal_name)
+      if agreed.preempted:
+        raise preemption.Preempted(
+            path, self.global_step,
+            signal_name=self._preemption.watcher.signal_name)
+      self._log("Time limit: stopping at step %d with %.1f s of margin "
+                "(longest loop interval %.1f s, longest save %.1f s)",
+                self.global_step, clock.margin_s, clock.longest_interval,
+                clock.longest_save)
+      raise time_limits.TimeLimitReached(
+          global_step=self.global_step, max_runtime_s=clock.max_runtime_s)
     if stop:
       self._stop_reason = self._stop_reason or (
           "a callback set model.stop_training")
@@ -291,6 +315,7 @@ class Controller:
     else:
       epoch, step_in_epoch = 0, 0
     self.model.stop_training = False
+    self._wall_clock.start_training()
     self._callbacks.on_train_begin()
     with self._preemption.watcher:
       result = self._run_epochs(epoch, step_in_epoch)

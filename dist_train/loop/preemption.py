@@ -9,6 +9,7 @@ and `stop` exits at once.
 """
 
 import contextlib
+from typing import NamedTuple
 
 import tensorflow as tf
 
@@ -67,15 +68,25 @@ class SigtermWatcher:
     return False
 
 
+class Agreed(NamedTuple):
+  """What every worker agreed at a loop boundary."""
+
+  preempted: bool  # Some worker got SIGTERM (or SIGINT): save, exit 75.
+  stop: bool  # Some worker asked to end training early: save, exit 0.
+  out_of_time: bool = False  # Some worker is at its --max_runtime_s.
+  checkpoint_due: bool = False  # The chief's --checkpoint_every_secs.
+
+
 class PreemptionAgreement:
   """Whether any worker was asked to stop, agreed by all of them.
 
   Every worker must stop at the same step boundary (the checkpoint save runs
   collectives), so with several workers the local requests are summed across
   workers with one small all-reduce; one process decides alone. Call
-  `agreed()` at the same loop boundaries on every worker. Two requests are
-  agreed at once: SIGTERM (save and exit 75) and a request to end training
-  early (a callback's `model.stop_training`; save, export and exit 0).
+  `agreed()` at the same loop boundaries on every worker. Four requests are
+  agreed at once: SIGTERM (save and exit 75), a request to end training
+  early (a callback's `model.stop_training`; save, export and exit 0), the
+  time limit (save and exit 75) and a time-based checkpoint (save, go on).
   """
 
   def __init__(self, *, strategy: tf.distribute.Strategy, num_workers: int,
@@ -92,12 +103,21 @@ class PreemptionAgreement:
     return self._strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica,
                                  axis=None)
 
-  def agreed(self, stop_requested: bool = False) -> tuple[bool, bool]:
-    """(preempted, stop): whether any worker got SIGTERM, and whether any
-    asked to end training early."""
-    requests = [self.watcher.requested, bool(stop_requested)]
+  def agreed(self, stop_requested: bool = False, *,
+             out_of_time: bool = False,
+             checkpoint_due: bool = False) -> Agreed:
+    """What any worker asked for, agreed by all of them.
+
+    Args:
+      stop_requested: this worker asks to end training early.
+      out_of_time: this worker must stop to save before its time limit.
+      checkpoint_due: a time-based checkpoint is due; pass it from the chief
+        only (the others pass False), so that one clock decides.
+    """
+    requests = [self.watcher.requested, bool(stop_requested),
+                bool(out_of_time), bool(checkpoint_due)]
     if self._num_workers > 1:
       summed = self._sum_over_workers(
           tf.constant(requests, tf.float32)).numpy()
       requests = [bool(value > 0) for value in summed]
-    return requests[0], requests[1]
+    return Agreed(*requests)

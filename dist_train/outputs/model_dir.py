@@ -9,6 +9,9 @@
       export/model.keras     the final model (export.py)
       export/saved_model/    with --export_saved_model
       eval_results.json      the last evaluation (--mode=evaluate)
+      run.cfg                every option of the latest start, a flagfile
+      run.<start>.cfg        those of each earlier start (run_record.py)
+      run.json               versions, git commit, devices of the latest start
       training_done.json     written last, when training has ended
 
 Everything is read and written through one filesystem API, `tf.io.gfile`, so
@@ -41,6 +44,7 @@ from typing import Iterator, Optional
 
 OWNER_LOCK = "OWNER.lock"
 CHECKPOINTS = "checkpoints"
+CHECKPOINT_STATE = "checkpoint"  # TensorFlow's state file in checkpoints/.
 BEST = "best"
 BEST_CHECKPOINT = "ckpt"  # A checkpoint prefix inside best/.
 BEST_METRICS = "metrics.json"
@@ -49,6 +53,8 @@ KERAS_MODEL = "model.keras"  # In best/ and export/.
 SAVED_MODEL = "saved_model"  # In export/.
 EVAL_RESULTS = "eval_results.json"
 TRAINING_DONE = "training_done.json"
+RUN_CONFIG = "run.cfg"
+RUN_INFO = "run.json"
 # TensorBoard runs, one directory each: the chief's training and validation
 # scalars, and a continuous evaluator's.
 SUMMARY_SPLITS = ("train", "validation", "eval")
@@ -69,6 +75,10 @@ def is_local(path: str) -> bool:
 
 def checkpoints_dir(model_dir: str) -> str:
   return os.path.join(model_dir, CHECKPOINTS)
+
+
+def checkpoint_state_file(model_dir: str) -> str:
+  return os.path.join(model_dir, CHECKPOINTS, CHECKPOINT_STATE)
 
 
 def best_dir(model_dir: str) -> str:
@@ -97,6 +107,21 @@ def eval_results_file(model_dir: str) -> str:
 
 def training_done_file(model_dir: str) -> str:
   return os.path.join(model_dir, TRAINING_DONE)
+
+
+def run_config_file(model_dir: str) -> str:
+  return os.path.join(model_dir, RUN_CONFIG)
+
+
+def earlier_run_config_file(model_dir: str, start: str) -> str:
+  """run.<start>.cfg: the options of an earlier start, e.g. of
+  20261202T031500Z."""
+  root, ext = os.path.splitext(RUN_CONFIG)
+  return os.path.join(model_dir, f"{root}.{start}{ext}")
+
+
+def run_info_file(model_dir: str) -> str:
+  return os.path.join(model_dir, RUN_INFO)
 
 
 def owner_lock_file(model_dir: str) -> str:

@@ -76,7 +76,8 @@ def test_a_run_on_ram_trains_exports_keeps_best_resumes_and_evaluates(
         strategy=strategy)
     assert first.global_step == 8
     assert sorted(gfile.listdir(model_dir)) == [
-        "best", "checkpoints", "export", "train", "training_done.json",
+        "best", "checkpoints", "export", "run.cfg", "run.json", "train",
+        "training_done.json",
         "validation"]  # No OWNER.lock: no lock is taken off POSIX.
     checkpoints_dir = model_dir_lib.checkpoints_dir(model_dir)
     assert tf.train.latest_checkpoint(checkpoints_dir) == (
@@ -118,8 +119,15 @@ def test_a_run_on_ram_trains_exports_keeps_best_resumes_and_evaluates(
         second.model)
     best = _read_json(model_dir_lib.best_metrics_file(model_dir))
     assert best["global_step"] in (8, 16)
-    assert sorted(gfile.listdir(model_dir)) == [
-        "best", "checkpoints", "export", "train", "training_done.json",
+    names = sorted(gfile.listdir(model_dir))
+    # The first start's run.cfg is kept as run.<its start>.cfg.
+    [earlier] = [name for name in names
+                 if name.startswith("run.") and name != "run.cfg" and
+                 name.endswith(".cfg")]
+    names.remove(earlier)
+    assert names == [
+        "best", "checkpoints", "export", "run.cfg", "run.json", "train",
+        "training_done.json",
         "validation"]  # Nothing left by the replaced best/ and export/.
 
     # 3. Evaluate the latest checkpoint: eval_results.json.

@@ -18,6 +18,7 @@ FOREIGN_FLAGS = {
     "logdir": "tensorboard",
     "nodes": "sbatch",
     "dependency": "sbatch",
+    "signal": "sbatch",
 }
 # This repository's absl programs: their flags are read from their own
 # --helpfull, so a renamed or removed flag fails here.

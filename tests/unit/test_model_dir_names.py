@@ -15,7 +15,8 @@ NAMES = {model_dir_lib.OWNER_LOCK, model_dir_lib.CHECKPOINTS,
          model_dir_lib.BEST, model_dir_lib.BEST_METRICS,
          model_dir_lib.EXPORT, model_dir_lib.KERAS_MODEL,
          model_dir_lib.SAVED_MODEL, model_dir_lib.EVAL_RESULTS,
-         model_dir_lib.TRAINING_DONE}
+         model_dir_lib.TRAINING_DONE, model_dir_lib.RUN_CONFIG,
+         model_dir_lib.RUN_INFO}
 
 
 def _string_constants(tree):
