@@ -27,6 +27,7 @@ from dist_train import evaluation
 from dist_train.distribute import cluster
 from dist_train.distribute import strategy as strategy_lib
 from dist_train.loop import controller as controller_lib
+from dist_train.loop import hooks
 from dist_train.loop import stop
 from dist_train.outputs import export
 from dist_train.outputs import model_dir as model_dir_lib
@@ -64,21 +65,29 @@ def _warm_start(config, run: builder.TrainingRun) -> None:
                f"; skipped {'; '.join(skipped)}" if skipped else "")
 
 
-def _record_run(config, strategy, is_chief) -> None:
+def _check_resume(config) -> None:
   """Checks a resume against the earlier run.cfg (every worker, so that all
-  refuse together), then the chief writes run.cfg and run.json."""
+  refuse together)."""
   earlier = run_record.read_config(config.model_dir)
   # Only a checkpoint holds the mathematics of the earlier start.
   if earlier is not None and tf.io.gfile.exists(
       model_dir_lib.checkpoint_state_file(config.model_dir)):
     for change in run_record.check_resume(config, earlier):
       logging.info("Resuming with a changed option %s", change)
-  if is_chief:
+
+
+def _run_record_hook(config, strategy) -> hooks.AtTrainBegin:
+  """Writes run.cfg and run.json (the chief) once the run restored and is
+  about to train."""
+  def write():
+    if not strategy_lib.is_chief(strategy):
+      return
     with errors.phase("writing the run record"):
       run_record.write(
           config, num_replicas=strategy.num_replicas_in_sync,
           num_workers=strategy_lib.num_workers(strategy),
           devices=strategy.extended.worker_devices)
+  return hooks.AtTrainBegin(write)
 
 
 def _describe_run(run: builder.TrainingRun, config: config_lib.Config) -> None:
@@ -150,12 +159,13 @@ def _train_and_evaluate(config, *, task, model_fn, strategy, validate,
            if strategy_lib.is_chief(strategy) else None)
   with owner or contextlib.nullcontext(), (
       stop.closing(owner.release) if owner else contextlib.nullcontext()):
-    _record_run(config, strategy, strategy_lib.is_chief(strategy))
+    _check_resume(config)
     task, description = task_loading.load_task(config, task=task,
                                                model_fn=model_fn)
     run = builder.build_training(
         config, task, description, strategy,
-        boundary_checks=(owner.check,) if owner else (), callbacks=callbacks)
+        boundary_checks=(owner.check,) if owner else (),
+        callbacks=(_run_record_hook(config, strategy), *callbacks))
     _warm_start(config, run)
     if run.is_chief and tf.io.gfile.exists(
         os.path.join(config.model_dir, evaluation.TRAINING_DONE)):

@@ -36,6 +36,19 @@ class BoundaryCheck(keras.callbacks.Callback):
     self._check()
 
 
+class AtTrainBegin(keras.callbacks.Callback):
+  """Calls `fn` once training is about to start: after the latest checkpoint
+  restored, so that a run refused or failing before that (a damaged
+  checkpoint, a changed model) writes nothing into its model_dir."""
+
+  def __init__(self, fn: Callable[[], None]):
+    super().__init__()
+    self._fn = fn
+
+  def on_train_begin(self, logs=None):
+    self._fn()
+
+
 class ReadReport(keras.callbacks.Callback):
   """Logs how many training examples this worker read in each epoch (and
   in the part of one a run stopped in), on every worker."""

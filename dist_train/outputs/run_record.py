@@ -27,6 +27,7 @@ import typing
 from typing import Optional
 
 from dist_train import config as config_lib
+from dist_train import errors
 from dist_train.outputs import model_dir as model_dir_lib
 
 _STARTED = re.compile(r"^# dist_train \S+ run started (\S+)$", re.MULTILINE)
@@ -212,10 +213,29 @@ def _earlier_start(model_dir: str, text: str) -> str:
   return candidate
 
 
-def write(config: config_lib.Config, *, num_replicas: int, num_workers: int,
-          devices: list) -> None:
+class RunRecordWriteError(errors.DistTrainError):
+  """run.cfg or run.json could not be written (a full disk, a lost mount)."""
+
+
+def write(config: config_lib.Config, **run_facts) -> None:
   """Writes run.cfg and run.json for this start (the chief only), keeping
-  an earlier run.cfg as run.<its start>.cfg."""
+  an earlier run.cfg as run.<its start>.cfg.
+
+  Raises:
+    RunRecordWriteError: naming the file and the reason.
+  """
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  try:
+    _write(config, **run_facts)
+  except (OSError, tf.errors.OpError) as e:
+    raise RunRecordWriteError(
+        f"cannot write the run record in {config.model_dir}: "
+        f"{errors.reason(e)}; the checkpoints are unaffected: free the space "
+        "and rerun the same command to resume") from e
+
+
+def _write(config: config_lib.Config, *, num_replicas: int, num_workers: int,
+           devices: list) -> None:
   import keras  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from dist_train import __version__  # pylint: disable=import-outside-toplevel

@@ -214,15 +214,30 @@ def user_module(tmp_path):
   return user_code.write_package(tmp_path)
 
 
+def test_disk_full_while_writing_the_run_record(tmp_path):
+  # Two free pages: the lock record and the events file take them (both
+  # made before the first step); run.cfg, written then, finds none.
+  with tmpfs(tmp_path / "disk", 2 * MB) as mount:
+    fill(mount, leave_pages=2)
+    model_dir = mount / "run"
+    result = processes.run_cli(f"--model_dir={model_dir}", *SMALL_RUN)
+    line = one_line(result)
+    assert line == (f"cannot write the run record in {model_dir}: No space "
+                    "left on device; the checkpoints are unaffected: free the "
+                    "space and rerun the same command to resume"), line
+    assert result.returncode == 1
+
+
 @pytest.mark.parametrize("mode", ["raises", "drops silently"])
 def test_disk_full_while_writing_summaries(tmp_path, user_module, mode):
-  # Two free pages: the lock record takes one, the events file the other.
+  # Four free pages: the lock record takes one, run.cfg and run.json one
+  # each, the events file the last.
   # TensorFlow raises when flushing its buffer fails, but ignores a failed
   # write of an event larger than the buffer, like the deep model's summary.
   module, _, env = user_module
   model = "mlp" if mode == "raises" else f"{module}:deep"
   with tmpfs(tmp_path / "disk", 2 * MB) as mount:
-    fill(mount, leave_pages=2)
+    fill(mount, leave_pages=4)
     model_dir = mount / "run"
     result = processes.run_cli(f"--model_dir={model_dir}", *SMALL_RUN,
                               f"--model={model}", "--log_every_steps=1",

@@ -215,7 +215,12 @@ def test_garbled_state_file_is_named(trained_copy):
 
 
 def test_changed_model_names_the_variable_and_both_shapes(trained_copy):
+  # Refused first as a change of what the run computes (run.cfg) ...
   result = _resume(trained_copy, "--hidden_units=32")
+  assert result.returncode == 1
+  assert "--hidden_units: 64 -> 32" in processes.error_line(result)
+  # ... and when allowed, the checkpoint does not fit the new model.
+  result = _resume(trained_copy, "--hidden_units=32", "--allow_config_change")
   assert result.returncode == 1
   line = processes.error_line(result)
   assert "does not fit the model: variable " in line

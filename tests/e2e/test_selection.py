@@ -45,7 +45,8 @@ RUN_FLAGS = ["--dataset=synthetic", "--num_train_examples=330",
 # The trainers keep best/; the evaluator does not (one writer of best/).
 TRAIN_FLAGS = [*RUN_FLAGS, "--best_metric=loss"]
 # The continuation: steps of global norm 3 (the gradient clipped to 1).
-WORSE_FLAGS = ["--learning_rate=3", "--clip_norm=1"]
+# A deliberate change of what the run computes: allowed explicitly.
+WORSE_FLAGS = ["--learning_rate=3", "--clip_norm=1", "--allow_config_change"]
 EVAL_TIMEOUT_S = 5
 
 
