@@ -5,6 +5,7 @@ accepted, a run.cfg edited into nonsense named; and --checkpoint_every_secs
 and --max_runtime_s at loop boundaries of a real run."""
 
 import json
+import logging
 import os
 
 import pytest
@@ -58,9 +59,16 @@ def test_run_record_and_resume_with_changed_options(tmp_path, strategy,
   assert "--learning_rate: 0.05 -> 0.1" in str(raised.value)
   assert _steps_saved(model_dir) == [4]
   # A new log cadence is accepted, and logged.
-  caplog.set_level("INFO")
-  result = train.train_and_evaluate(first.replace(epochs=2, log_every_steps=4),
-                                    strategy=strategy)
+  # On absl's logger itself: a run earlier in this process may have
+  # configured it not to propagate (logs.configure_logging).
+  caplog.set_level("INFO", logger="absl")
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addHandler(caplog.handler)
+  try:
+    result = train.train_and_evaluate(
+        first.replace(epochs=2, log_every_steps=4), strategy=strategy)
+  finally:
+    absl_logger.removeHandler(caplog.handler)
   assert result.global_step == 8
   assert "Resuming with a changed option --log_every_steps: 2 -> 4" in (
       caplog.text)
