@@ -291,12 +291,7 @@ def test_two_workers_stop_together_on_sigterm_to_one_and_resume(tmp_path,
   os.kill(launch.worker_pids()[1], signal.SIGTERM)
   assert launch.wait(timeout=120) == preemption.EXIT_PREEMPTED, (
       launch.output[-6000:])
-  steps = set()
-  for worker in (0, 1):
-    [line] = [l for l in launch.worker_lines(worker)
-              if "preempted by SIGTERM" in l]
-    steps.add(int(line.split(" at step ")[1].split(";")[0]))
-  [step] = steps  # Both workers stopped at the same step.
+  step = launch.stop_step("preempted by SIGTERM")
   assert os.path.exists(os.path.join(_checkpoint_dir(model_dir),
                                      f"ckpt-{step}.index"))
 

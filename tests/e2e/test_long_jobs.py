@@ -89,12 +89,7 @@ def test_two_workers_stop_at_one_step_on_the_time_limit(tmp_path):
       f"--model_dir={model_dir}"])
   assert launch.wait(timeout=300) == errors.EXIT_PREEMPTED, (
       launch.output[-6000:])
-  steps = set()
-  for worker in (0, 1):
-    [line] = [l for l in launch.worker_lines(worker)
-              if "after the time limit of 1 s" in l]
-    steps.add(int(line.split(" at step ")[1].split()[0]))
-  [step] = steps  # Both workers stopped at the same step.
+  step = launch.stop_step("after the time limit of 1 s")
   assert _steps_saved(model_dir) == [step]
 
 

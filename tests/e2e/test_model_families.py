@@ -26,7 +26,6 @@ stops the command line with one line naming the step, the share and the op.
 """
 
 import concurrent.futures
-import json
 import os
 
 import keras
@@ -35,6 +34,7 @@ import pytest
 import tensorflow as tf
 
 from dist_train import config as config_lib
+from tests.helpers import parity
 from tests.helpers import processes
 from tests.helpers import family_fixtures as fixtures
 
@@ -62,18 +62,7 @@ def _cases(accum):
 
 def _train(tmp_dir, replicas):
   """{case name: saved result} of one process with `replicas` replicas."""
-  output_dir = os.path.join(tmp_dir, f"replicas_{replicas}")
-  os.makedirs(output_dir)
-  cases = _cases(ACCUMULATION[replicas])
-  processes.run_python(
-      ["tests/helpers/task_parity_run.py", f"--cpu_replicas={replicas}",
-       f"--output_dir={output_dir}", f"--cases={json.dumps(cases)}"],
-      timeout=900, check=True)
-  results = {}
-  for case in cases:
-    with np.load(os.path.join(output_dir, f"{case['name']}.npz")) as f:
-      results[case["name"]] = dict(f)
-  return results
+  return parity.train_tasks(tmp_dir, _cases(ACCUMULATION[replicas]), replicas)
 
 
 PORT_CLASH = "Could not start gRPC server"

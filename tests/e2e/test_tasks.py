@@ -38,6 +38,7 @@ import pytest
 import tensorflow as tf
 
 from dist_train import config as config_lib
+from tests.helpers import parity
 from tests.helpers import processes
 from tests.helpers import task_fixtures
 
@@ -91,18 +92,7 @@ def _cases(replicas):
 
 def _train(tmp_dir, replicas):
   """{case name: saved result} of one process with `replicas` replicas."""
-  output_dir = os.path.join(tmp_dir, f"replicas_{replicas}")
-  os.makedirs(output_dir)
-  cases = _cases(replicas)
-  processes.run_python(
-      ["tests/helpers/task_parity_run.py", f"--cpu_replicas={replicas}",
-       f"--output_dir={output_dir}", f"--cases={json.dumps(cases)}"],
-      timeout=600, check=True)
-  results = {}
-  for case in cases:
-    with np.load(os.path.join(output_dir, f"{case['name']}.npz")) as f:
-      results[case["name"]] = dict(f)
-  return results
+  return parity.train_tasks(tmp_dir, _cases(replicas), replicas, timeout=600)
 
 
 # Each unusable task of task_fixtures.BAD_TASKS raises its error in

@@ -7,6 +7,7 @@ saves each case's initial and final weights and what it ran.
 """
 
 import concurrent.futures
+import json
 import os
 
 import numpy as np
@@ -63,6 +64,26 @@ def train_all(output_dir, cases_by_replicas):
                                replicas)
                    for replicas in sorted(cases_by_replicas, reverse=True)]:
       results.update(future.result())
+  return results
+
+
+def train_tasks(tmp_dir, cases, replicas, *, timeout=900):
+  """Trains task `cases` (dicts of tests/helpers/task_parity_run.py) in one
+  process with `replicas` replicas, under tmp_dir/replicas_<replicas>.
+
+  Returns:
+    {case name: {name: array}} of what task_parity_run.py saved.
+  """
+  output_dir = os.path.join(tmp_dir, f"replicas_{replicas}")
+  os.makedirs(output_dir)
+  processes.run_python(
+      ["tests/helpers/task_parity_run.py", f"--cpu_replicas={replicas}",
+       f"--output_dir={output_dir}", f"--cases={json.dumps(cases)}"],
+      timeout=timeout, check=True)
+  results = {}
+  for case in cases:
+    with np.load(os.path.join(output_dir, f"{case['name']}.npz")) as f:
+      results[case["name"]] = dict(f)
   return results
 
 

@@ -329,6 +329,16 @@ class Launch(Streamed):
     return {int(i): int(pid) for i, pid in re.findall(
         r"\[launcher\] started worker (\d+) \(pid (\d+)\)", self.output)}
 
+  def stop_step(self, marker, num_workers=2):
+    """The one step at which every worker says it stopped: each worker's
+    line containing `marker` names it (`... at step S ...`)."""
+    steps = set()
+    for worker in range(num_workers):
+      [line] = [l for l in self.worker_lines(worker) if marker in l]
+      steps.add(int(re.search(r" at step (\d+)", line).group(1)))
+    assert len(steps) == 1, steps  # Every worker stopped at the same step.
+    return steps.pop()
+
   def worker_lines(self, index):
     prefix = f"[worker {index}] "
     return [line[len(prefix):] for line in self.lines
