@@ -75,6 +75,9 @@ def test_collectives_can_be_aborted():
 def test_keras_file_layout_and_layer_paths(tmp_path):
   with holds("the .keras zip layout (model.weights.h5) and Keras' layer "
              "paths (to_snake_case, numbered in model order)", "keras"):
+    # Layer names count up within a Keras session: start a new one, as a
+    # process that builds one model does.
+    keras.backend.clear_session()
     inputs = keras.Input((4,))
     x = keras.layers.Dense(3, name="hidden")(inputs)
     x = keras.layers.BatchNormalization()(x)
