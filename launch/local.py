@@ -15,6 +15,7 @@ the launcher exits 75, like dist_train.main.
 """
 
 import os
+import shlex
 import sys
 
 from absl import app
@@ -31,6 +32,11 @@ _GPUS_PER_WORKER = flags.DEFINE_integer(
     "all GPUs), counted among this process's CUDA_VISIBLE_DEVICES if set. "
     "Default: every worker sees what this process sees.",
     lower_bound=0)
+_PYTHON = flags.DEFINE_string(
+    "python", sys.executable,
+    "The command that runs each worker's Python, split as a shell would: "
+    "another environment's interpreter, or a wrapper command that ends in "
+    "one. Default: this launcher's interpreter.")
 _STOP_GRACE_S = flags.DEFINE_float(
     "stop_grace_s", 10.0,
     "Seconds a worker has to exit after SIGTERM before it is killed.",
@@ -45,7 +51,10 @@ def main(argv):
         gpus_per_worker=_GPUS_PER_WORKER.value)
   except ValueError as e:
     sys.exit(f"launch.local: error: {e}")
-  commands = [workers.worker_command(worker_flags)] * _NUM_WORKERS.value
+  python = shlex.split(_PYTHON.value)
+  if not python:
+    sys.exit("launch.local: error: --python must name an interpreter, got ''")
+  commands = [workers.worker_command(worker_flags, python)] * _NUM_WORKERS.value
   sys.exit(supervisor.run_workers(commands, envs,
                                 grace_s=_STOP_GRACE_S.value))
 

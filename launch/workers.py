@@ -7,7 +7,7 @@ No TensorFlow here: the launchers start workers without loading it.
 import json
 import socket
 import sys
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 from dist_train.distribute import cluster
 
@@ -109,9 +109,13 @@ def local_worker_envs(num_workers: int, *, base_env: Mapping[str, str],
 
 
 def worker_command(dist_train_flags: Sequence[str],
-                   python: str = sys.executable) -> list:
-  """The command line of one worker: `python -m dist_train.main FLAGS`."""
-  return [python, "-m", "dist_train.main", *dist_train_flags]
+                   python: Union[str, Sequence[str]] = sys.executable) -> list:
+  """The command line of one worker: `python -m dist_train.main FLAGS`.
+
+  `python` is the interpreter, or a command that ends in one (a list).
+  """
+  python = [python] if isinstance(python, str) else list(python)
+  return [*python, "-m", "dist_train.main", *dist_train_flags]
 
 
 def indexed_job_tf_config(*, job_name: str, service: str, num_workers: int,

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import re
-import sys
 
 import pytest
 
@@ -33,7 +32,7 @@ STOP_STEP = 16  # The first loop end at or after STOP_FROM.
 
 def _run_two_workers(output_dir):
   """Both workers run the callback; only worker 1 asks to stop."""
-  command = [sys.executable, "tests/helpers/callback_run.py", output_dir,
+  command = [*processes.python_command(), "tests/helpers/callback_run.py", output_dir,
              f"--stop_at_step={STOP_FROM}", "--stop_on_worker=1", "--",
              *FLAGS, f"--collective_timeout_s="
              f"{processes.COLLECTIVE_TIMEOUT_S}"]

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 
 import pytest
@@ -43,7 +42,7 @@ class _Evaluator:
     self._log_path = log_path
     self._log = open(log_path, "w")
     self.process = subprocess.Popen(
-        [sys.executable, "-m", "dist_train.main", *DATA_FLAGS,
+        [*processes.python_command(), "-m", "dist_train.main", *DATA_FLAGS,
          f"--model_dir={model_dir}", "--mode=continuous_eval",
          f"--eval_timeout_s={EVAL_TIMEOUT_S}", "--cpu_replicas=1"],
         cwd=processes.REPO_ROOT, env=processes.subprocess_env(),

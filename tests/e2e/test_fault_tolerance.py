@@ -9,7 +9,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -67,7 +66,7 @@ def assert_trained_after(model_dir, step, final):
 
 def start(model_dir, *flags):
   return subprocess.Popen(
-      [sys.executable, "-m", "dist_train.main", *RUN_FLAGS,
+      [*processes.python_command(), "-m", "dist_train.main", *RUN_FLAGS,
        f"--model_dir={model_dir}", *flags],
       cwd=processes.REPO_ROOT, env=processes.subprocess_env(),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

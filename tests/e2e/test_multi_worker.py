@@ -18,7 +18,6 @@ import os
 import re
 import shlex
 import signal
-import sys
 import time
 
 import numpy as np
@@ -87,7 +86,9 @@ def _run_two_workers_with_launcher(model_dir, temp_dir):
   launch = processes.Launch(
       2, [*PARITY_FLAGS, f"--model_dir={model_dir}", "--collective=ring",
           "--traceback", f"--collective_timeout_s={COLLECTIVE_TIMEOUT_S}"],
-      env_overrides={"TMPDIR": temp_dir})
+      # The event files are named by the chief's pid, which the launcher
+      # prints: the workers are its own children.
+      env_overrides={"TMPDIR": temp_dir}, prewarmed=False)
   launch.wait(timeout=300)
   return launch
 
@@ -97,7 +98,7 @@ def _run_three_workers_as_a_slurm_step(model_dir):
   def make_workers():
     port_base = processes.consecutive_free_ports(3)
     return [processes.Streamed(
-        [sys.executable, "-m", "dist_train.main", *PARITY_FLAGS,
+        [*processes.python_command(), "-m", "dist_train.main", *PARITY_FLAGS,
          f"--model_dir={model_dir}", f"--slurm_port_base={port_base}",
          f"--collective_timeout_s={COLLECTIVE_TIMEOUT_S}"],
         processes.subprocess_env({
@@ -232,8 +233,10 @@ def _long_run_flags(model_dir, collective_timeout_s):
 def test_a_failed_worker_ends_the_run_within_the_bound(tmp_path, stop_signal,
                                                        collective_timeout_s):
   model_dir = str(tmp_path / "run")
+  # SIGSTOP must stop the worker itself, not a stand-in for it.
   launch = processes.Launch(
-      2, _long_run_flags(model_dir, collective_timeout_s))
+      2, _long_run_flags(model_dir, collective_timeout_s),
+      prewarmed=stop_signal != signal.SIGSTOP)
   try:
     launch.wait_for_line(r"^\[worker 0\] .*step 10 \| epoch 1/1000", 240)
     pids = launch.worker_pids()
@@ -279,7 +282,8 @@ def test_a_dead_worker_is_noticed_by_its_peer_without_a_launcher(tmp_path):
 
   def make_workers():
     envs = workers.local_worker_envs(2, base_env=processes.subprocess_env())
-    return [processes.Streamed(workers.worker_command(flags), env)
+    return [processes.Streamed(
+        workers.worker_command(flags, processes.python_command()), env)
             for env in envs]
 
   def chief_at_step_10(started):

@@ -20,7 +20,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import keras
@@ -76,7 +75,7 @@ def _sigterm_after_epoch_2(model_dir, log_path):
   returns (exit code, the step it saved)."""
   with open(log_path, "w") as log:
     process = subprocess.Popen(
-        [sys.executable, "-m", "dist_train.main", *TRAIN_FLAGS, "--epochs=200",
+        [*processes.python_command(), "-m", "dist_train.main", *TRAIN_FLAGS, "--epochs=200",
          f"--model_dir={model_dir}"],
         cwd=processes.REPO_ROOT, env=processes.subprocess_env(),
         stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -116,7 +115,7 @@ def _evaluate_until_training_done(model_dir, log_path, final_step):
       return f.read()
   with open(log_path, "w") as log:
     process = subprocess.Popen(
-        [sys.executable, "-m", "dist_train.main", *RUN_FLAGS, "--epochs=200",
+        [*processes.python_command(), "-m", "dist_train.main", *RUN_FLAGS, "--epochs=200",
          f"--model_dir={model_dir}", "--mode=continuous_eval",
          "--eval_timeout_s=120"],
         cwd=processes.REPO_ROOT, env=processes.subprocess_env(),

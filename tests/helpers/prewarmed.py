@@ -13,12 +13,20 @@ interpreter does (atexit handlers, non-daemon threads joined). The monitor
 sends the run's pid, then its exit code (negative for a signal, as
 `subprocess` gives it) and the CPU seconds it used.
 
+A request may instead send its own stdin, stdout and stderr (SCM_RIGHTS)
+and name a process to watch: tests/helpers/prewarmed_exec.py, which stands
+in for `python` in commands that other programs start (launch.local's
+workers), does so, and the monitor kills the run when that process dies.
+While a run lives, `<server dir>/live/<pid>` holds its command line, for
+`processes.running_processes_mentioning`.
+
 Nothing of TensorFlow's runtime exists before the fork (no op has run, no
 device was made), so each run configures its own devices and cluster.
 """
 
 import json
 import os
+import select
 import signal
 import socket
 import sys
@@ -29,7 +37,15 @@ IMPORT_TIME_VARIABLES = ("TF_CPP_MIN_LOG_LEVEL", "TF_CPP_MAX_VLOG_LEVEL",
                          "TF_CPP_VMODULE", "TF_ENABLE_ONEDNN_OPTS",
                          "CUDA_VISIBLE_DEVICES", "KERAS_BACKEND",
                          "KERAS_HOME", "PYTHONHASHSEED", "PYTHONNOUSERSITE",
-                         "PYTHONDONTWRITEBYTECODE")
+                         "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED",
+                         "PYTHONWARNINGS", "PYTHONFAULTHANDLER")
+
+
+def starts_fresh(env):
+  """True when a run with environment `env` must not be forked from a server
+  whose own environment is this process's."""
+  return any(env.get(name) != os.environ.get(name)
+             for name in IMPORT_TIME_VARIABLES)
 
 
 def _base_sys_path():
@@ -54,12 +70,19 @@ def _run(request, base_path):
   os.environ.clear()
   os.environ.update(request["env"])
   signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-  null = os.open(os.devnull, os.O_RDONLY)
-  os.dup2(null, 0)
-  for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.dup2(out, fd)
-    os.close(out)
+  fds = request.get("fds")
+  if fds:
+    for fd, own in zip((0, 1, 2), fds):
+      os.dup2(own, fd)
+    for own in set(fds):
+      os.close(own)
+  else:
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+      out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+      os.dup2(out, fd)
+      os.close(out)
   pythonpath = [p for p in request["env"].get("PYTHONPATH", "").split(
       os.pathsep) if p]
   kind, target, args = request["kind"], request["target"], request["args"]
@@ -90,7 +113,23 @@ def _run(request, base_path):
   return 0
 
 
-def _monitor(conn, request, listener, base_path):
+def _wait_watching(pid, watched):
+  """Waits for the run `pid`; kills it first if the process `watched` (the
+  one that stands in for it) dies."""
+  try:
+    run_fd, watched_fd = os.pidfd_open(pid), os.pidfd_open(watched)
+  except ProcessLookupError:  # The stand-in died before the run started.
+    os.kill(pid, signal.SIGKILL)
+    return os.wait4(pid, 0)
+  ready, _, _ = select.select([run_fd, watched_fd], [], [])
+  if run_fd not in ready:
+    os.kill(pid, signal.SIGKILL)
+  os.close(run_fd)
+  os.close(watched_fd)
+  return os.wait4(pid, 0)
+
+
+def _monitor(conn, request, listener, base_path, live_dir):
   """In the forked monitor: forks the run, reports its pid and exit code.
   Returns the exit code when this process is the run itself."""
   signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -99,26 +138,45 @@ def _monitor(conn, request, listener, base_path):
     conn.close()
     listener.close()
     return _run(request, base_path)
+  for fd in set(request.get("fds") or ()):
+    os.close(fd)
+  live = os.path.join(live_dir, str(pid))
+  with open(live, "w", encoding="utf-8") as f:
+    f.write(" ".join([request["target"], *request["args"]]))
   try:
     conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
-    _, status, usage = os.wait4(pid, 0)
+    if request.get("watch_pid"):
+      _, status, usage = _wait_watching(pid, request["watch_pid"])
+    else:
+      _, status, usage = os.wait4(pid, 0)
+    os.remove(live)
     conn.sendall(json.dumps({
         "exit": os.waitstatus_to_exitcode(status),
         "cpu_s": usage.ru_utime + usage.ru_stime}).encode() + b"\n")
     conn.close()
   except OSError:  # The test stopped waiting (its timeout) and killed it.
     pass
+  if os.path.exists(live):
+    os.waitpid(pid, 0)
+    os.remove(live)
   os._exit(0)  # pylint: disable=protected-access
 
 
-def _read_line(conn):
-  data = b""
-  while not data.endswith(b"\n"):
-    chunk = conn.recv(65536)
+def _read_request(conn):
+  """The request, with the file descriptors it sent (if any) as "fds"."""
+  data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+  while data and not data.endswith(b"\n"):
+    chunk = conn.recv(1 << 20)
     if not chunk:
-      return None
+      break
     data += chunk
-  return json.loads(data)
+  if not data.endswith(b"\n"):
+    for fd in fds:
+      os.close(fd)
+    return None
+  request = json.loads(data)
+  request["fds"] = list(fds)
+  return request
 
 
 def serve(socket_path):
@@ -142,6 +200,8 @@ def serve(socket_path):
   tensorflow.config.list_physical_devices()
   del sys.path[0]
   signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # Monitors reap themselves.
+  live_dir = os.path.join(os.path.dirname(socket_path), "live")
+  os.makedirs(live_dir, exist_ok=True)
   listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
   listener.bind(socket_path)
   listener.listen(64)
@@ -153,14 +213,22 @@ def serve(socket_path):
     except socket.timeout:
       continue
     conn.settimeout(None)
-    request = _read_line(conn)
+    request = _read_request(conn)
     if request is None:
+      conn.close()
+      continue
+    if starts_fresh(request["env"]):
+      conn.sendall(json.dumps({"fresh": True}).encode() + b"\n")
+      for fd in request["fds"]:
+        os.close(fd)
       conn.close()
       continue
     sys.stdout.flush()
     sys.stderr.flush()
     if os.fork() == 0:
-      return _monitor(conn, request, listener, base_path)
+      return _monitor(conn, request, listener, base_path, live_dir)
+    for fd in request["fds"]:
+      os.close(fd)
     conn.close()
   return 0
 

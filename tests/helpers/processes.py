@@ -10,6 +10,7 @@ import atexit
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -76,8 +77,7 @@ def _prewarmed_request(args, env, prewarmed):
   """The request for tests/helpers/prewarmed.py, or None to start fresh."""
   if prewarmed is False or FRESH_PROCESSES or not args:
     return None
-  if any(env.get(name) != os.environ.get(name)
-         for name in prewarmed_lib.IMPORT_TIME_VARIABLES):
+  if prewarmed_lib.starts_fresh(env):
     return None
   if args[0] == "-m" and len(args) > 1 and args[1] == "dist_train.main":
     kind, target, rest = "module", args[1], args[2:]
@@ -182,6 +182,19 @@ def _prewarmed_server():
     if not _SERVER or _SERVER[0].process.poll() is not None:
       _SERVER[:] = [_PrewarmedServer()]
     return _SERVER[0]
+
+
+PREWARMED_EXEC = os.path.join(REPO_ROOT, "tests", "helpers",
+                              "prewarmed_exec.py")
+
+
+def python_command(prewarmed=True):
+  """What stands for `python` in a command that another program starts (a
+  launcher's workers): the prewarmed stand-in (tests/helpers/prewarmed_exec.py),
+  or the interpreter itself with `prewarmed=False`."""
+  if not prewarmed or FRESH_PROCESSES:
+    return [sys.executable]
+  return [sys.executable, PREWARMED_EXEC, _prewarmed_server().socket_path]
 
 
 def run_cli(*flags, timeout=300, check=False, env_overrides=None):
@@ -290,10 +303,18 @@ class Launch(Streamed):
   started again (it picks other ports) instead of failing the test.
   """
 
-  def __init__(self, num_workers, args, env_overrides=None):
-    """Runs `launch.local --num_workers=N -- ARGS`, or with ARGS alone."""
+  def __init__(self, num_workers, args, env_overrides=None, prewarmed=True):
+    """Runs `launch.local --num_workers=N -- ARGS`, or with ARGS alone.
+
+    The workers are forked from the prewarmed server (`python_command`)
+    unless `prewarmed=False`: a test that reads a worker's own process (its
+    pid in file names, /proc, SIGSTOP) wants the real interpreter.
+    """
     if num_workers is not None:
       args = [f"--num_workers={num_workers}", "--", *args]
+    python = python_command(prewarmed)
+    if len(python) > 1:
+      args = [f"--python={shlex.join(python)}", *args]
     self._command = [sys.executable, "-m", "launch.local", *args]
     self._env = subprocess_env(env_overrides)
     self._restarts = PORT_CLASH_RESTARTS
@@ -378,8 +399,19 @@ def start_cluster(make_workers, until, timeout):
 
 
 def running_processes_mentioning(text):
-  """Pids of the running processes whose command line contains `text`."""
+  """Pids of the running processes whose command line contains `text`,
+  among them the prewarmed server's live runs (their /proc command line is
+  the server's)."""
   pids = []
+  if _SERVER:
+    live_dir = os.path.join(os.path.dirname(_SERVER[0].socket_path), "live")
+    for entry in os.listdir(live_dir):
+      try:
+        with open(os.path.join(live_dir, entry), encoding="utf-8") as f:
+          if text in f.read():
+            pids.append(int(entry))
+      except OSError:  # The run ended meanwhile.
+        continue
   for entry in os.listdir("/proc"):
     if not entry.isdigit() or int(entry) == os.getpid():
       continue

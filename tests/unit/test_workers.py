@@ -57,6 +57,9 @@ def test_local_worker_envs_share_out_the_launchers_gpus():
 def test_worker_command_runs_the_cli():
   assert workers.worker_command(["--epochs=1"], python="py") == [
       "py", "-m", "dist_train.main", "--epochs=1"]
+  # A wrapper command that ends in the interpreter (launch.local --python).
+  assert workers.worker_command(["--epochs=1"], python=["env", "py"]) == [
+      "env", "py", "-m", "dist_train.main", "--epochs=1"]
 
 
 def test_indexed_job_tf_config_addresses_pods_through_the_service():
