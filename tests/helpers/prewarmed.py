@@ -18,7 +18,8 @@ and name a process to watch: tests/helpers/prewarmed_exec.py, which stands
 in for `python` in commands that other programs start (launch.local's
 workers), does so, and the monitor kills the run when that process dies.
 While a run lives, `<server dir>/live/<pid>` holds its command line, for
-`processes.running_processes_mentioning`.
+`processes.running_processes_mentioning`; the CPU seconds of such runs are
+appended to `<server dir>/exec_cpu_s`.
 
 Nothing of TensorFlow's runtime exists before the fork (no op has run, no
 device was made), so each run configures its own devices and cluster.
@@ -150,9 +151,14 @@ def _monitor(conn, request, listener, base_path, live_dir):
     else:
       _, status, usage = os.wait4(pid, 0)
     os.remove(live)
+    cpu_s = usage.ru_utime + usage.ru_stime
+    if request.get("watch_pid"):  # Its stand-in does not report it.
+      with open(os.path.join(live_dir, os.pardir, "exec_cpu_s"), "a",
+                encoding="utf-8") as f:
+        f.write(f"{cpu_s}\n")
     conn.sendall(json.dumps({
         "exit": os.waitstatus_to_exitcode(status),
-        "cpu_s": usage.ru_utime + usage.ru_stime}).encode() + b"\n")
+        "cpu_s": cpu_s}).encode() + b"\n")
     conn.close()
   except OSError:  # The test stopped waiting (its timeout) and killed it.
     pass

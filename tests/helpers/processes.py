@@ -173,8 +173,17 @@ _SERVER_LOCK = threading.Lock()
 
 
 def prewarmed_cpu_seconds():
-  """CPU seconds used by the forked runs of this process so far."""
-  return _SERVER[0].cpu_seconds if _SERVER else 0.0
+  """CPU seconds used by the forked runs of this process so far (those of
+  prewarmed_exec.py as well, once they ended)."""
+  if not _SERVER:
+    return 0.0
+  path = os.path.join(os.path.dirname(_SERVER[0].socket_path), "exec_cpu_s")
+  try:
+    with open(path, encoding="utf-8") as f:
+      exec_cpu_s = sum(float(line) for line in f)
+  except FileNotFoundError:
+    exec_cpu_s = 0.0
+  return _SERVER[0].cpu_seconds + exec_cpu_s
 
 
 def _prewarmed_server():
