@@ -7,9 +7,9 @@ Each check returns the line it prints when it passes and raises
 
 import os
 import re
-import socket
 from typing import Optional, Sequence
 
+from dist_train.doctor import deadline
 from dist_train.doctor import rendezvous
 from dist_train.outputs import model_dir as model_dir_lib
 
@@ -77,24 +77,11 @@ def failed_peer(message: str, me: rendezvous.Task,
   return None
 
 
-def unreachable_peers(peers: Sequence[rendezvous.Task],
-                      timeout_s: float = 1.0) -> list:
-  """The peers whose address accepts no connection now (a dead process)."""
-  dead = []
-  for peer in peers:
-    try:
-      with socket.create_connection((peer.host, peer.port),
-                                    timeout=timeout_s):
-        pass
-    except OSError:
-      dead.append(peer)
-  return dead
-
-
 def late_all_reduce_message(*, timeout_s: float, num_workers: int,
                             peers: Sequence[rendezvous.Task]) -> str:
   """What to say when the all-reduce did not end in time."""
-  dead = unreachable_peers(peers)
+  dead = [peer for peer in peers if peer.address in
+          deadline.unreachable([p.address for p in peers])]
   if dead:
     return (f"{dead[0]} did not join the all-reduce within {timeout_s:g} s "
             "(nothing listens at its address any more: did its process "

@@ -7,6 +7,7 @@ whose training flags are already defined. See dist_train/doctor/__init__.py
 for how to run it.
 """
 
+import contextlib
 import os
 import sys
 import traceback
@@ -125,14 +126,21 @@ def diagnose() -> int:
       deadline_lib.fail(str(e))
     _passed(f"every peer reached: {', '.join(str(p) for p in peers)}")
 
-  # TensorFlow's join holds Python's lock: the deadline can fire only once
-  # it returns, but every peer answered a moment ago.
-  with watch.guard(lambda: f"joining the cluster took more than "
-                   f"{timeout_s:g} s"):
-    strategy = strategy_lib.create_strategy(
-        resolved, num_gpus=_NUM_GPUS.value, cpu_replicas=_CPU_REPLICAS.value,
-        collective=_COLLECTIVE.value, collective_timeout_s=timeout_s,
-        slurm_port_base=_SLURM_PORT_BASE.value)
+  # TensorFlow's join holds Python's lock: a process of its own watches it.
+  join_watch = deadline_lib.watched_from_outside(
+      timeout_s=timeout_s, peers=[str(peer) for peer in peers],
+      message=f"{{peer}} did not join the all-reduce within {timeout_s:g} s "
+      "(it answered the rendezvous, then TensorFlow's join waited for it: "
+      "did its process die?)") if peers else contextlib.nullcontext()
+  try:
+    with join_watch:
+      strategy = strategy_lib.create_strategy(
+          resolved, num_gpus=_NUM_GPUS.value,
+          cpu_replicas=_CPU_REPLICAS.value, collective=_COLLECTIVE.value,
+          collective_timeout_s=timeout_s,
+          slurm_port_base=_SLURM_PORT_BASE.value)
+  except tf.errors.OpError as e:
+    deadline_lib.fail(_op_error_line(e, "joining the cluster", me, peers))
   num_workers = strategy_lib.num_workers(strategy)
   _section("devices", report.format_devices(
       report.collect_devices(me), list(strategy.extended.worker_devices)))

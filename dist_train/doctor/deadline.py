@@ -9,15 +9,25 @@ prints the error line and ends the process with `os._exit`, whatever its
 other threads are doing. (The main program aborts its collectives instead,
 distribute/watchdog.py, because it has state to report and close.)
 
+TensorFlow's join (the MultiWorkerMirroredStrategy constructor) holds
+Python's lock while it waits for the peers, so no thread can act then:
+`watched_from_outside` starts a small process for it instead (this file as a
+script, standard library only), which prints the line and kills the doctor
+when the join is late.
+
 No TensorFlow here.
 """
 
 import contextlib
 import os
+import select
+import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 PREFIX = "dist_train doctor: error: "
 EXIT_FAILED = 1
@@ -71,3 +81,59 @@ class Deadline:
         message_fn: Optional[Callable[[], str]] = self._message_fn
         break
     fail(message_fn())
+
+
+def unreachable(addresses: Sequence[str], timeout_s: float = 1.0) -> list:
+  """The host:port addresses that accept no connection now (a dead process)."""
+  dead = []
+  for address in addresses:
+    host, port = address.rsplit(":", 1)
+    try:
+      with socket.create_connection((host.strip("[]"), int(port)),
+                                    timeout=timeout_s):
+        pass
+    except (OSError, ValueError):
+      dead.append(address)
+  return dead
+
+
+@contextlib.contextmanager
+def watched_from_outside(*, timeout_s: float, message: str,
+                         peers: Sequence[str] = ()):
+  """Kills this process with `message` on stderr when the block lasts longer
+  than `timeout_s`, even while the block holds Python's lock.
+
+  Args:
+    timeout_s: how long the block may last.
+    message: the error, after the prefix; `{peer}` in it becomes the first
+      of `peers` ("name (host:port)") whose address answers no more, or
+      "a peer" when all answer.
+    peers: the peers as "name (host:port)".
+  """
+  sidecar = subprocess.Popen(
+      # -I: the standard library only, not this script's folder.
+      [sys.executable, "-I", os.path.abspath(__file__), str(os.getpid()),
+       repr(timeout_s), PREFIX + message, *peers],
+      stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+  try:
+    yield
+  finally:
+    sidecar.stdin.close()  # The sidecar exits (or this process has ended).
+    sidecar.wait()
+
+
+def _watch_from_outside(pid: int, timeout_s: float, line: str,
+                        peers: Sequence[str]) -> None:
+  """The sidecar: kills `pid` with `line` unless stdin closes in time."""
+  if select.select([sys.stdin], [], [], timeout_s)[0]:
+    return  # Closed: the block ended in time.
+  addresses = {peer.rsplit(" (", 1)[1].rstrip(")"): peer for peer in peers}
+  dead = unreachable(list(addresses))
+  line = line.replace("{peer}", addresses[dead[0]] if dead else "a peer")
+  os.write(2, (line + "\n").encode())
+  os.kill(pid, signal.SIGKILL)
+
+
+if __name__ == "__main__":
+  _watch_from_outside(int(sys.argv[1]), float(sys.argv[2]), sys.argv[3],
+                      sys.argv[4:])
