@@ -10,11 +10,13 @@ for how to run it.
 import contextlib
 import os
 import sys
+import time
 import traceback
 from typing import Optional
 
 from absl import flags
 
+from dist_train import compat
 from dist_train import config as config_lib
 from dist_train import errors
 from dist_train import logs
@@ -95,6 +97,33 @@ def _op_error_line(error, what, me, peers) -> str:
   return f"{what} failed: {text}"
 
 
+def _leave_together(me, peers, timeout_s):
+  """Returns when this worker may exit without failing a peer.
+
+  A worker that exits as soon as its own all-reduce ended may still be read
+  from by a peer's (TensorFlow's exit does not wait for the peers), so every
+  worker first waits for all at the coordination service's barrier. The
+  task that runs the service (the chief, else worker 0) leaves last: a peer
+  still waiting for the barrier's answer would lose it with the service.
+  """
+  addresses = [str(peer) for peer in peers]
+  with deadline_lib.watched_from_outside(
+      timeout_s=timeout_s, peers=addresses,
+      message=f"{{peer}} did not finish its checks within {timeout_s:g} s "
+      "of this worker"):
+    try:
+      compat.wait_at_barrier("dist_train_doctor_done", timeout_s)
+    except Exception as e:  # pylint: disable=broad-except
+      deadline_lib.fail(_op_error_line(e, "the closing barrier", me, peers))
+  tasks = sorted([me, *peers], key=lambda task: task.name)  # chief first.
+  if tasks[0] == me:
+    end = time.monotonic() + timeout_s
+    while (time.monotonic() < end and
+           len(deadline_lib.unreachable([p.address for p in peers])) <
+           len(peers)):
+      time.sleep(0.05)
+
+
 def diagnose() -> int:
   """Prints the report, runs the smoke test; returns the exit code (or ends
   the process with `deadline.fail` when a step is late)."""
@@ -167,14 +196,7 @@ def diagnose() -> int:
       except checks.CheckFailed as e:
         failed = str(e)
   if num_workers > 1:
-    # Every worker leaves together: one that exits early would look like a
-    # dead peer to those still checking.
-    try:
-      with watch.guard(late):
-        checks.all_reduce(strategy)
-    except tf.errors.OpError as e:
-      deadline_lib.fail(_op_error_line(e, "the closing all-reduce", me,
-                                       peers))
+    _leave_together(me, peers, timeout_s)
   if failed:
     raise checks.CheckFailed(failed)
   print("dist_train doctor: every check passed", flush=True)
@@ -217,8 +239,4 @@ def run_cli(argv: Optional[list] = None) -> None:
   # absl's own flags stay unparsed: say so, or absl logs a notice first.
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-  code = main(argv)
-  # After a multi-worker strategy, TensorFlow's threads may hold the exit.
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os._exit(code)  # pylint: disable=protected-access
+  sys.exit(main(argv))

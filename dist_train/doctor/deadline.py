@@ -30,6 +30,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 PREFIX = "dist_train doctor: error: "
+_EXIT_WATCH = []
 EXIT_FAILED = 1
 
 
@@ -97,6 +98,19 @@ def unreachable(addresses: Sequence[str], timeout_s: float = 1.0) -> list:
   return dead
 
 
+def _start_sidecar(timeout_s, message, peers):
+  """Starts the watching process; returns it and the pipe end whose closing
+  (or this process's end) tells it the watched part is over."""
+  read_end, write_end = os.pipe()  # Not inherited by other children.
+  sidecar = subprocess.Popen(
+      # -I: the standard library only, not this script's folder.
+      [sys.executable, "-I", os.path.abspath(__file__), str(os.getpid()),
+       repr(timeout_s), PREFIX + message, *peers],
+      stdin=read_end, stdout=subprocess.DEVNULL)
+  os.close(read_end)
+  return sidecar, write_end
+
+
 @contextlib.contextmanager
 def watched_from_outside(*, timeout_s: float, message: str,
                          peers: Sequence[str] = ()):
@@ -110,16 +124,20 @@ def watched_from_outside(*, timeout_s: float, message: str,
       "a peer" when all answer.
     peers: the peers as "name (host:port)".
   """
-  sidecar = subprocess.Popen(
-      # -I: the standard library only, not this script's folder.
-      [sys.executable, "-I", os.path.abspath(__file__), str(os.getpid()),
-       repr(timeout_s), PREFIX + message, *peers],
-      stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+  sidecar, write_end = _start_sidecar(timeout_s, message, peers)
   try:
     yield
   finally:
-    sidecar.stdin.close()  # The sidecar exits (or this process has ended).
+    os.close(write_end)  # The sidecar exits (or this process has ended).
     sidecar.wait()
+
+
+def watch_exit(*, timeout_s: float, message: str,
+               peers: Sequence[str] = ()) -> None:
+  """Like `watched_from_outside`, for the rest of this process: its exit
+  included, which TensorFlow may hold (waiting for the peers)."""
+  # Kept open until this process ends, which closes it.
+  _EXIT_WATCH.append(_start_sidecar(timeout_s, message, peers))
 
 
 def _watch_from_outside(pid: int, timeout_s: float, line: str,
