@@ -176,12 +176,20 @@ def test_a_peer_that_dies_after_the_rendezvous_fails_within_the_timeout():
 
 def test_a_late_step_ends_the_process_with_its_line():
   """The deadline thread ends the process although the main thread is
-  still busy in the late step."""
+  still busy in the late step, and leaves a step in time alone."""
   result = processes.run_python(["-c", (
       "import time\n"
       "from dist_train.doctor import deadline\n"
-      "watch = deadline.Deadline(timeout_s=0.5)\n"
-      "with watch.guard(lambda: 'the step did not end within 0.5 s'):\n"
+      "watch = deadline.Deadline(timeout_s=1.0)\n"
+      "with watch.guard(lambda: 'the first step was late'):\n"
+      "  time.sleep(0.3)\n"
+      "print('in time', flush=True)\n"
+      "start = time.monotonic()\n"
+      "with watch.guard(lambda: f'late after {time.monotonic() - start:.2f}"
+      " s'):\n"
       "  time.sleep(30)\n")], timeout=20, prewarmed=False)
   assert result.returncode == 1
-  assert result.stderr == f"{PREFIX}the step did not end within 0.5 s\n"
+  assert result.stdout == "in time\n"
+  late = re.fullmatch(rf"{PREFIX}late after ([\d.]+) s\n", result.stderr)
+  assert late, result.stderr
+  assert 1.0 <= float(late.group(1)) < 5.0
