@@ -122,6 +122,10 @@ def _leave_together(me, peers, timeout_s):
            len(deadline_lib.unreachable([p.address for p in peers])) <
            len(peers)):
       time.sleep(0.05)
+  # Nor may TensorFlow's threads hold the exit for ever.
+  deadline_lib.watch_exit(
+      timeout_s=timeout_s, message=f"this {me} did not exit within "
+      f"{timeout_s:g} s of its checks (TensorFlow held it)")
 
 
 def diagnose() -> int:
@@ -172,7 +176,7 @@ def diagnose() -> int:
     deadline_lib.fail(_op_error_line(e, "joining the cluster", me, peers))
   num_workers = strategy_lib.num_workers(strategy)
   _section("devices", report.format_devices(
-      report.collect_devices(me), list(strategy.extended.worker_devices)))
+      report.collect_devices(me if peers else None), list(strategy.extended.worker_devices)))
   print("checks", flush=True)
 
   late = lambda: checks.late_all_reduce_message(  # pylint: disable=g-long-lambda

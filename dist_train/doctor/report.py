@@ -96,8 +96,8 @@ def format_cluster(kind: Optional[str], me: Optional[rendezvous.Task],
   if kind is None or me is None:
     return [line("cluster", "none: this process trains alone "
                  "(no TF_CONFIG, no SLURM job step of several tasks)")]
-  lines = [line("cluster", f"{_KINDS[kind]}, {len(peers) + 1} workers; "
-                f"this is {me}")]
+  workers = f"{len(peers) + 1} worker{'s' if peers else ''}"
+  lines = [line("cluster", f"{_KINDS[kind]}, {workers}; this is {me}")]
   lines += [line("peer", str(peer)) for peer in peers]
   return lines
 

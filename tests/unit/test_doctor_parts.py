@@ -79,6 +79,8 @@ def test_the_cluster_lines():
       "  cluster      from the SLURM job step, 2 workers; this is worker 1 "
       "(h1:8889)",
       "  peer         worker 0 (h0:8888)"]
+  assert report.format_cluster("tf_config", me, []) == [
+      "  cluster      from TF_CONFIG, 1 worker; this is worker 1 (h1:8889)"]
 
 
 def test_a_task_splits_its_address():
