@@ -61,7 +61,8 @@ def check_all_reduce(results: Sequence[float], *, num_replicas: int,
           f"{expected:g} on every local replica")
 
 
-_TASK_IN_ERROR = re.compile(r"/job:(chief|worker)/replica:\d+/task:(\d+)")
+_TASK_IN_ERROR = re.compile(
+    r"/job:(chief|worker)(?:/replica:\d+)?/task:(\d+)")
 
 
 def failed_peer(message: str, me: rendezvous.Task,

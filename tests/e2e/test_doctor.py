@@ -10,6 +10,7 @@ import platform
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -193,3 +194,31 @@ def test_a_late_step_ends_the_process_with_its_line():
   late = re.fullmatch(rf"{PREFIX}late after ([\d.]+) s\n", result.stderr)
   assert late, result.stderr
   assert 1.0 <= float(late.group(1)) < 5.0
+
+
+def test_a_peer_that_dies_after_joining_fails_the_all_reduce_naming_it():
+  """Whichever notices first: the coordination service (its error names the
+  task) or the deadline (the peer's address no longer answers)."""
+  addresses, env = _two_worker_tf_config(0)
+  peer_env = {"TF_CONFIG": json.dumps(workers.make_tf_config(addresses, 1))}
+  peer = {}
+
+  def run_peer():
+    peer["result"] = processes.run_python(
+        ["tests/helpers/doctor_peer.py", addresses[1], "worker 1",
+         addresses[0], "worker 0", "join"], timeout=120,
+        env_overrides=peer_env)
+
+  thread = threading.Thread(target=run_peer)
+  thread.start()
+  try:
+    result, seconds = _doctor("--timeout_s=10", env_overrides=env)
+  finally:
+    thread.join()
+  assert peer["result"].stdout == "met\njoined\n", peer["result"].stderr
+  assert "  ok  every peer reached: worker 1" in result.stdout
+  assert result.returncode == 1
+  line = _error_line(result)
+  assert line.startswith(f"worker 1 ({addresses[1]}) "), line
+  assert "all-reduce" in line
+  assert seconds < 40

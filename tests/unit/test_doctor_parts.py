@@ -130,6 +130,8 @@ def test_the_peer_an_error_names():
   assert checks.failed_peer(message, me, peers) == peers[0]
   assert checks.failed_peer("/job:chief/replica:0/task:0 left", me,
                             peers) == peers[1]
+  assert checks.failed_peer("Error reported from /job:worker/task:1", me,
+                            peers) == peers[0]
   assert checks.failed_peer("/job:worker/replica:0/task:0 only", me,
                             peers) is None
   assert checks.failed_peer("no task", me, peers) is None
