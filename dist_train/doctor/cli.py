@@ -128,6 +128,37 @@ def _leave_together(me, peers, timeout_s):
       f"{timeout_s:g} s of its checks (TensorFlow held it)")
 
 
+def _join(resolved, strategy_lib, me, peers, timeout_s):
+  """The strategy, once every peer answered (the rendezvous) and TensorFlow
+  joined them; ends the process with the line naming a peer that did not."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  if peers:
+    try:
+      rendezvous.meet(me=me, peers=peers, timeout_s=timeout_s)
+    except OSError as e:
+      deadline_lib.fail(f"this {me} cannot listen on port {me.port} of its "
+                        f"address {me.address}: {e.strerror or e}")
+    except rendezvous.RendezvousError as e:
+      deadline_lib.fail(str(e))
+    _passed(f"every peer reached: {', '.join(str(p) for p in peers)}")
+  # TensorFlow's join holds Python's lock: a process of its own watches it.
+  join_watch = deadline_lib.watched_from_outside(
+      timeout_s=timeout_s, peers=[str(peer) for peer in peers],
+      message=f"{{peer}} did not join the all-reduce within {timeout_s:g} s "
+      "(it answered the rendezvous, then TensorFlow's join waited for it: "
+      "did its process die?)") if peers else contextlib.nullcontext()
+  try:
+    with join_watch:
+      return strategy_lib.create_strategy(
+          resolved, num_gpus=_NUM_GPUS.value,
+          cpu_replicas=_CPU_REPLICAS.value, collective=_COLLECTIVE.value,
+          collective_timeout_s=timeout_s,
+          slurm_port_base=_SLURM_PORT_BASE.value)
+  except tf.errors.OpError as e:
+    deadline_lib.fail(_op_error_line(e, "joining the cluster", me, peers))
+    raise  # Not reached: fail ends the process.
+
+
 def diagnose() -> int:
   """Prints the report, runs the smoke test; returns the exit code (or ends
   the process with `deadline.fail` when a step is late)."""
@@ -149,38 +180,17 @@ def diagnose() -> int:
   _section("cluster", report.format_cluster(resolved.cluster, me, peers))
 
   watch = deadline_lib.Deadline(timeout_s=timeout_s)
-  if peers:
-    try:
-      rendezvous.meet(me=me, peers=peers, timeout_s=timeout_s)
-    except OSError as e:
-      deadline_lib.fail(f"this {me} cannot listen on port {me.port} of its "
-                        f"address {me.address}: {e.strerror or e}")
-    except rendezvous.RendezvousError as e:
-      deadline_lib.fail(str(e))
-    _passed(f"every peer reached: {', '.join(str(p) for p in peers)}")
-
-  # TensorFlow's join holds Python's lock: a process of its own watches it.
-  join_watch = deadline_lib.watched_from_outside(
-      timeout_s=timeout_s, peers=[str(peer) for peer in peers],
-      message=f"{{peer}} did not join the all-reduce within {timeout_s:g} s "
-      "(it answered the rendezvous, then TensorFlow's join waited for it: "
-      "did its process die?)") if peers else contextlib.nullcontext()
-  try:
-    with join_watch:
-      strategy = strategy_lib.create_strategy(
-          resolved, num_gpus=_NUM_GPUS.value,
-          cpu_replicas=_CPU_REPLICAS.value, collective=_COLLECTIVE.value,
-          collective_timeout_s=timeout_s,
-          slurm_port_base=_SLURM_PORT_BASE.value)
-  except tf.errors.OpError as e:
-    deadline_lib.fail(_op_error_line(e, "joining the cluster", me, peers))
+  strategy = _join(resolved, strategy_lib, me, peers, timeout_s)
   num_workers = strategy_lib.num_workers(strategy)
   _section("devices", report.format_devices(
-      report.collect_devices(me if peers else None), list(strategy.extended.worker_devices)))
+      report.collect_devices(me if peers else None),
+      list(strategy.extended.worker_devices)))
   print("checks", flush=True)
 
-  late = lambda: checks.late_all_reduce_message(  # pylint: disable=g-long-lambda
-      timeout_s=timeout_s, num_workers=num_workers, peers=peers)
+  def late():
+    return checks.late_all_reduce_message(
+        timeout_s=timeout_s, num_workers=num_workers, peers=peers)
+
   try:
     with watch.guard(late):
       results = checks.all_reduce(strategy)

@@ -2,7 +2,8 @@
 the doctor's rendezvous, then exits before TensorFlow's join, or (with
 `join`) joins the cluster and exits before the all-reduce.
 
-    python tests/helpers/doctor_peer.py MY_ADDRESS MY_NAME PEER_ADDRESS PEER_NAME [join]
+    python tests/helpers/doctor_peer.py MY_ADDRESS MY_NAME \
+        PEER_ADDRESS PEER_NAME [join]
 
 With `join`, TF_CONFIG must describe the cluster, as for the doctor.
 """
