@@ -229,3 +229,17 @@ def node_replica(node) -> int:
   the first replica's ops carry no replica scope)."""
   match = _NODE_REPLICA.search(node or "")
   return int(match.group(1)) if match else 0
+
+
+# The coordination service's barrier. Checked on TensorFlow 2.21.0:
+# tensorflow/python/eager/context.py, Context.wait_at_barrier (no public
+# API waits for every worker without a collective between the peers).
+
+
+def wait_at_barrier(barrier_id: str, timeout_s: float) -> None:
+  """Returns once every task of the cluster has called this with
+  `barrier_id`; raises a tf.errors.OpError after `timeout_s` or when a task
+  fails."""
+  # pylint: disable-next=g-direct-tensorflow-import,import-outside-toplevel
+  from tensorflow.python.eager import context
+  context.context().wait_at_barrier(barrier_id, int(timeout_s * 1000))

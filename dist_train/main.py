@@ -132,6 +132,13 @@ def main(argv):
 
 def run_cli():
   """The `dist-train` console script (and `python -m dist_train.main`)."""
+  if sys.argv[1:2] == ["doctor"]:
+    # `dist-train doctor [flags]`: the environment check, with flags of its
+    # own (dist_train/doctor); launch.local runs it on every worker too.
+    # pylint: disable-next=import-outside-toplevel
+    from dist_train.doctor import cli as doctor_cli
+    doctor_cli.run_cli(sys.argv[:1] + sys.argv[2:])
+    return
   # First, before TensorFlow loads: Ctrl-C or SIGTERM while TensorFlow starts,
   # waits for the cluster or builds the input exits at once (loop/stop.py).
   # Here rather than in `main`, which tests call in their own process: the

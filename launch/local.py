@@ -6,7 +6,8 @@
         --flagfile=launch/flags/mnist.cfg --model_dir=/tmp/dist_train/mnist
 
 Flags after `--` go to every worker (`python -m dist_train.main`), whose
---strategy=auto becomes multi_worker. Workers listen on free loopback ports;
+--strategy=auto becomes multi_worker. `-- doctor [flags]` runs `dist-train
+doctor` on every worker instead, to check the cluster (dist_train/doctor). Workers listen on free loopback ports;
 worker 0 is the chief. Output is streamed with a `[worker i]` prefix. When a
 worker fails, the others are stopped and the launcher exits with that
 worker's code (1 if a signal killed it); Ctrl-C and SIGTERM are forwarded to

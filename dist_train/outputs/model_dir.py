@@ -13,6 +13,8 @@
       run.<start>.cfg        those of each earlier start (run_record.py)
       run.json               versions, git commit, devices of the latest start
       training_done.json     written last, when training has ended
+      .doctor-<task>-<pid>/  `dist-train doctor`'s test checkpoint, removed
+                             after its check (doctor/checks.py)
 
 Everything is read and written through one filesystem API, `tf.io.gfile`, so
 a model_dir may be on any TensorFlow filesystem (gs://, hdfs://, ram://).
@@ -58,6 +60,7 @@ RUN_INFO = "run.json"
 # TensorBoard runs, one directory each: the chief's training and validation
 # scalars, and a continuous evaluator's.
 SUMMARY_SPLITS = ("train", "validation", "eval")
+DOCTOR_SCRATCH = ".doctor"
 PARTIAL = ".partial"
 OLD = ".old"
 
@@ -315,3 +318,10 @@ def writing_dir(path: str) -> Iterator[str]:
     _move_dir(path, old)
   _move_dir(partial, path)
   _remove(old)
+
+
+def doctor_scratch_dir(model_dir: str, task: str, pid: int) -> str:
+  """Where `dist-train doctor` writes and reads its test checkpoint: a folder
+  of its own per task and process, so workers sharing a model_dir (and a run
+  training there) do not meet."""
+  return os.path.join(model_dir, f"{DOCTOR_SCRATCH}-{task}-{pid}")

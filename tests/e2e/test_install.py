@@ -85,3 +85,9 @@ def test_installed_command_trains_from_outside_the_checkout(tmp_path):
        "--epochs=1"], cwd=tmp_path, env=env)
   assert "Training 600 examples, validating 200" in result.stderr
   assert glob.glob(str(model_dir / "checkpoints" / "ckpt-*.index"))
+  # `dist-train doctor` is the installed doctor (its help needs no
+  # TensorFlow, so this costs no second TensorFlow start).
+  doctor = _run([os.path.join(tmp_path, "venv", "bin", "dist-train"),
+                 "doctor", "--helpfull"], cwd=tmp_path, env=env)
+  assert doctor.stdout.startswith("usage: dist-train doctor ")
+  assert "--timeout_s: Each step of the smoke test" in doctor.stdout

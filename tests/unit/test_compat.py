@@ -72,6 +72,17 @@ def test_collectives_can_be_aborted():
     assert list(parameters) == ["code", "message"]
 
 
+def test_the_coordination_barrier_can_be_waited_at():
+  # Used by `dist-train doctor` on a cluster (tests/e2e/test_doctor.py).
+  with holds("Context.wait_at_barrier(barrier_id, timeout_in_ms)",
+             "tensorflow"):
+    # pylint: disable-next=g-direct-tensorflow-import
+    from tensorflow.python.eager import context
+    parameters = inspect.signature(
+        context.context().wait_at_barrier).parameters
+    assert list(parameters) == ["barrier_id", "timeout_in_ms"]
+
+
 def test_keras_file_layout_and_layer_paths(tmp_path):
   with holds("the .keras zip layout (model.weights.h5) and Keras' layer "
              "paths (to_snake_case, numbered in model order)", "keras"):

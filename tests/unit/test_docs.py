@@ -19,10 +19,12 @@ FOREIGN_FLAGS = {
     "nodes": "sbatch",
     "dependency": "sbatch",
     "signal": "sbatch",
+    "ntasks": "srun",
 }
 # This repository's absl programs: their flags are read from their own
 # --helpfull, so a renamed or removed flag fails here.
-ABSL_PROGRAMS = ("dist_train.main", "launch.local", "launch.k8s.worker")
+ABSL_PROGRAMS = ("dist_train.main", "launch.local", "launch.k8s.worker",
+                 "dist_train.doctor")
 # Its scripts (argparse): their flags are read from the source.
 SCRIPTS = ("scripts/benchmark.py", "scripts/make_mnist_sample.py",
            "scripts/plot_run.py", "scripts/soak.py")
@@ -114,6 +116,8 @@ def test_the_programs_flags_are_found(program_flags):
       "launch.k8s.worker"]
   assert {"output", "tables", "quick"} <= program_flags["scripts/benchmark.py"]
   assert "lr_schedule" not in program_flags["launch.local"]
+  assert {"timeout_s", "model_dir", "cpu_replicas", "slurm_port_base"} <= (
+      program_flags["dist_train.doctor"])
 
 
 @pytest.mark.parametrize("path", _pages(), ids=_page_ids(_pages()))
