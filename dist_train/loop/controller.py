@@ -168,11 +168,7 @@ class Controller:
         losses = self._trainer.train(num_steps)
       seconds = time.perf_counter() - start
       step_in_epoch += num_steps
-      if self._spikes.recovers:
-        if self._recovered_from_spike(epoch, step_in_epoch, losses,
-                                      first_step=first_step):
-          continue  # The data position stays past the skipped batches.
-      else:
+      if not self._spikes.recovers:
         # Checked every loop, and loops end at log steps: a NaN stops the run
         # within one logging interval, before any checkpoint holds it.
         guards.check_losses(losses, first_step=first_step,
@@ -187,6 +183,9 @@ class Controller:
                        steps=num_steps, seconds=seconds)
       progress.update(step_in_epoch, None if compiling or seconds <= 0 else
                       (examples_seen - first_examples) / seconds)
+      if self._spikes.recovers and self._recovered_from_spike(
+          epoch, step_in_epoch, losses, first_step=first_step):
+        continue  # The data position stays past the skipped batches.
       if schedule.is_log_step(self.global_step):
         self._log_interval(epoch, losses, examples_seen, *throughput.take(),
                            to_console=not progress.enabled)
@@ -212,8 +211,10 @@ class Controller:
     spike in the loop that just ran; if so, the run is rolled back here.
 
     Asked right after the loop, before anything reads the new weights (the
-    log, callbacks, validation, saves), in an agreement of its own: the
-    usual one follows validation, whose early stopping it must see. The
+    log line, callbacks, validation, saves), in an agreement of its own:
+    the usual one follows validation, whose early stopping it must see, and
+    decides on the stop requests (a SIGTERM during the spike's loop is
+    acted on at the next boundary, after the rollback was saved). The
     rollback restores the latest checkpoint (weights, optimizer and its
     step, the early-stopping state) and resets the epoch's training
     metrics, but leaves the data position where the loop ended: the
@@ -232,7 +233,7 @@ class Controller:
       agreed = self._preemption.agreed(spike=reason is not None)
     if not agreed.spike:
       return False
-    # Every worker reads the same all-reduced loss; the words are a peer's.
+    # A worker whose own bound was not crossed rolls back on a peer's word.
     reason = reason or "seen by another worker"
     action = self._spikes.decide(
         has_checkpoint=self._checkpoint.has_checkpoint())
@@ -256,8 +257,6 @@ class Controller:
                                       max_trials=self._spikes.max_trials))
     self._recovery_fn(recovery)
     self._save(epoch=epoch, step_in_epoch=step_in_epoch)
-    if agreed.preempted or agreed.out_of_time:
-      self._agreed_stop(epoch, step_in_epoch, saved=True)
     return True
 
   def _agreed_stop(self, epoch, step_in_epoch, *, saved=False) -> bool:

@@ -40,22 +40,22 @@ from tests.helpers import processes
 TASK = "--task=tests.helpers.spike_fixtures:"
 FLAGS = ["--global_batch_size=8", "--shuffle_buffer=1", "--steps_per_loop=2",
          "--log_every_steps=2", "--checkpoint_every_steps=4",
-         "--optimizer=adam", "--learning_rate=0.01", "--mode=train",
-         "--seed=3"]
+         "--optimizer=adam", "--learning_rate=0.01", "--seed=3"]
+TRAIN = "--mode=train"
 BOUND = "--loss_upper_bound=10"
 TOLERANCE = 1e-6
 WORKERS_TOLERANCE = 1e-5  # The exactness contract: N workers vs one device.
 
 
-def _run(model_dir, task, *flags):
-  return processes.run_cli(f"{TASK}{task}", *FLAGS,
+def _run(model_dir, task, *flags, mode=TRAIN):
+  return processes.run_cli(f"{TASK}{task}", *FLAGS, mode,
                            f"--model_dir={model_dir}", *flags)
 
 
 def _run_two_workers(model_dir):
   """Worker 1 bounds the loss at 10, worker 0 at 1e6 (which the spike does
   not cross): the spike is worker 1's alone until they agree on it."""
-  flags = [f"{TASK}spiking", *FLAGS, f"--model_dir={model_dir}",
+  flags = [f"{TASK}spiking", *FLAGS, TRAIN, f"--model_dir={model_dir}",
            "--epochs=1", "--recovery_max_trials=1",
            f"--collective_timeout_s={processes.COLLECTIVE_TIMEOUT_S}"]
   bounds = ["--loss_upper_bound=100000", BOUND]
@@ -78,9 +78,12 @@ def runs(tmp_path_factory):
       "recovered", "gave_up", "refused", "nan", "early", "reference",
       "two_workers")}
   results = {
-      # Two epochs, two spikes (step 7 of each epoch's data).
+      # Two epochs, two spikes (step 7 of each epoch's data). Validation
+      # every 100 steps: only at the end, which the global step never
+      # reaches.
       "recovered": _run(dirs["recovered"], "spiking", "--epochs=2", BOUND,
-                        "--recovery_max_trials=2"),
+                        "--recovery_max_trials=2", "--eval_every_steps=100",
+                        mode="--mode=train_and_evaluate"),
       "gave_up": _run(dirs["gave_up"], "spiking", "--epochs=2", BOUND,
                       "--recovery_max_trials=1"),
       "refused": _run(dirs["refused"], "spiking", "--epochs=1", BOUND),
@@ -170,8 +173,11 @@ def test_spikes_are_rolled_back_and_their_batches_skipped(runs):
       "Loss spike at step 16 (loss {:.6g} above --loss_upper_bound=10): "
       "rolled back to step 12 and skipped 4 global batches (epoch 2 step 5 "
       "to epoch 2 step 8); recovery 2 of 2".format(recoveries[1]["loss"])]
-  # The run ends after the last batch, 8 global steps short of 2 epochs.
+  # The run ends after the last batch, 8 global steps short of 2 epochs,
+  # and validates there.
   assert "epoch 2/2 done at step 16 " in result.stderr
+  assert len(re.findall(r" validation at step \d+ ", result.stderr)) == 1
+  assert " validation at step 16 | " in result.stderr
   assert _checkpoint_steps(dirs["recovered"])[-1] == 16
 
 
