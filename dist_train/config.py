@@ -32,7 +32,8 @@ INPUT_PLACEMENTS = ("auto", "device", "prefetch", "host")
 # (which examples, in which order, through which model, loss and update):
 # resuming with another value is refused unless --allow_config_change
 # (outputs/run_record.py). Any other option (cadences, placement, replicas
-# and workers, where the data lives, --epochs to extend a run) may change.
+# and workers, where the data lives, --epochs to extend a run, the
+# loss-spike recovery, which changes nothing until a spike) may change.
 RUN_DEFINING_OPTIONS = (
     "task", "dataset", "num_validation_examples", "num_train_examples",
     "shuffle_buffer", "seed", "global_batch_size", "learning_rate",

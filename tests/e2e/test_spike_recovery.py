@@ -9,7 +9,10 @@ marked: its loss is 1000 times larger (or NaN). Loops run 2 steps and a
 checkpoint is written every 4 steps, so the spike is seen at the boundary
 after step 8 (the mean loss of steps 7-8 is far above the bound of 10) and
 the run rolls back to step 4, skipping the batches of steps 5-8. Adam keeps
-per-weight state, so a rollback that missed the optimizer would show.
+per-weight state, so a rollback that missed the optimizer would show. The
+run that recovers twice holds its data in memory (random access: the batch
+of a step is gathered by the indices of its data position, on the device);
+the others read a stream.
 
 The reference is the same task on the data without the batches of steps
 5-8 of each epoch, trained by dist_train on the same topology without any
@@ -80,8 +83,11 @@ def runs(tmp_path_factory):
       # Two epochs, two spikes (step 7 of each epoch's data). Validation
       # every 100 steps: only at the end, which the global step never
       # reaches.
-      "recovered": _run(dirs["recovered"], "spiking", "--epochs=2", BOUND,
-                        "--recovery_max_trials=2", "--eval_every_steps=100",
+      # The data in memory, gathered on the device by the indices of each
+      # data position.
+      "recovered": _run(dirs["recovered"], "spiking_in_memory", "--epochs=2",
+                        BOUND, "--recovery_max_trials=2",
+                        "--input_placement=device", "--eval_every_steps=100",
                         mode="--mode=train_and_evaluate"),
       "refused": _run(dirs["refused"], "spiking", "--epochs=1", BOUND),
       # No bound: a NaN loss is a spike by itself. Two epochs, two spikes,

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from dist_train import tasks
+from dist_train.data import datasets
 
 NUM_TRAIN = 96
 GLOBAL_BATCH_SIZE = 8
@@ -24,11 +25,15 @@ EARLY_SPIKE_STEP = 2  # Of `spiking_early`, before the first checkpoint.
 
 class SpikingRegression(tasks.Task):
   """y = tanh(x0 + x1) from 4 features; the rows of `marked_step`'s batch
-  carry `marker`, and the batches of `dropped_steps` are left out."""
+  carry `marker`, and the batches of `dropped_steps` are left out. With
+  `in_memory`, the split is random access (datasets.InMemory): each step's
+  batch is gathered by indices that the data position (epoch, step in the
+  epoch) determines, not read from a stream."""
 
   def __init__(self, config, *, marked_step=SPIKE_STEP, marker=1,
-               dropped_steps=()):
+               dropped_steps=(), in_memory=False):
     self._config = config
+    self._in_memory = in_memory
     self._marked_step = marked_step
     self._marker = marker
     self._dropped_steps = tuple(dropped_steps)
@@ -50,6 +55,8 @@ class SpikingRegression(tasks.Task):
       for step in self._dropped_steps:
         keep[_rows(step)] = False
       features, labels = features[keep], labels[keep]
+    if self._in_memory:
+      return datasets.InMemory((features, labels), name=f"spiking {split}")
     return tf.data.Dataset.from_tensor_slices((features, labels))
 
   def loss(self, labels, outputs):
@@ -66,6 +73,10 @@ def _rows(step):
 
 def spiking(config):
   return SpikingRegression(config)
+
+
+def spiking_in_memory(config):
+  return SpikingRegression(config, in_memory=True)
 
 
 def spiking_nan(config):
