@@ -244,7 +244,7 @@ class Controller:
                       f"{spike_step}"):
       position = self._checkpoint.restore_latest()
     self._trainer.reset_train_metrics()
-    self._spikes.trials += 1
+    trial = self._spikes.recovered()
     skipped, first, last = spikes.skipped_window(
         steps_per_epoch=self._schedule.steps_per_epoch,
         checkpoint_position=(position.epoch, position.step_in_epoch),
@@ -253,7 +253,7 @@ class Controller:
         spike_step=spike_step, rolled_back_to_step=self.global_step,
         batches_skipped=skipped, first_skipped=first, last_skipped=last,
         loss=losses.get("loss", float("nan")), reason=reason)
-    self._log("%s", recovery.log_line(trial=self._spikes.trials,
+    self._log("%s", recovery.log_line(trial=trial,
                                       max_trials=self._spikes.max_trials))
     self._recovery_fn(recovery)
     self._save(epoch=epoch, step_in_epoch=step_in_epoch)

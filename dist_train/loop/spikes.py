@@ -136,7 +136,8 @@ class SpikePolicy:
     loss = losses.get("loss")
     if (self.loss_upper_bound is not None and loss is not None and
         loss > self.loss_upper_bound):
-      return f"loss {loss:.6g} above --loss_upper_bound={self.loss_upper_bound:g}"
+      return (f"loss {loss:.6g} above "
+              f"--loss_upper_bound={self.loss_upper_bound:g}")
     return None
 
   def check(self, losses: dict, *, first_step: int, last_step: int) -> None:
@@ -158,6 +159,11 @@ class SpikePolicy:
     if not has_checkpoint:
       return Action.NO_CHECKPOINT
     return Action.RECOVER
+
+  def recovered(self) -> int:
+    """Counts a recovery made; returns its number, from 1."""
+    self.trials += 1
+    return self.trials
 
   def error(self, action: Action, *, first_step: int, last_step: int,
             reason: str) -> LossSpikeError:

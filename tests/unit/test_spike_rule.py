@@ -52,9 +52,9 @@ def test_recoveries_stop_after_max_trials():
   policy = spikes.SpikePolicy(loss_upper_bound=10.0, max_trials=2)
   assert policy.recovers
   assert policy.decide(has_checkpoint=True) is spikes.Action.RECOVER
-  policy.trials = 1
+  assert policy.recovered() == 1
   assert policy.decide(has_checkpoint=True) is spikes.Action.RECOVER
-  policy.trials = 2
+  assert policy.recovered() == 2
   assert policy.decide(has_checkpoint=True) is spikes.Action.GIVE_UP
   error = policy.error(spikes.Action.GIVE_UP, first_step=7, last_step=8,
                        reason="loss=nan")
