@@ -3,6 +3,7 @@
 Controller with its hooks, the preemption agreement and the profiler."""
 
 import dataclasses
+import functools
 import os
 from typing import Callable, Optional, Sequence
 
@@ -25,11 +26,13 @@ from dist_train.loop import optimizers
 from dist_train.loop import precision
 from dist_train.loop import preemption
 from dist_train.loop import schedule as schedule_lib
+from dist_train.loop import spikes
 from dist_train.loop import steps
 from dist_train.loop import time_limits
 from dist_train.outputs import best as best_lib
 from dist_train.outputs import checkpoints
 from dist_train.outputs import profiler as profiler_lib
+from dist_train.outputs import run_record
 from dist_train.outputs import summaries
 from dist_train.tasks import base as tasks_base
 from dist_train.tasks import checks as task_checks
@@ -312,7 +315,12 @@ def build_training(config: config_lib.Config, task,
           # chief's; the agreement tells the other workers.
           checkpoint_every_secs=(config.checkpoint_every_secs if is_chief
                                  else None),
-          start_time=time_limits.run_start()))
+          start_time=time_limits.run_start()),
+      spike_policy=spikes.SpikePolicy(
+          loss_upper_bound=config.loss_upper_bound,
+          max_trials=config.recovery_max_trials),
+      recovery_fn=(functools.partial(run_record.add_recovery,
+                                     config.model_dir) if is_chief else None))
   return TrainingRun(strategy=parts.strategy, controller=controller,
                      summary_writers=parts.summary_writers,
                      checkpoint=checkpoint, is_chief=is_chief,

@@ -7,6 +7,7 @@ reported in well under a second, before TensorFlow starts.
 """
 
 import dataclasses
+import math
 import os
 from typing import Optional
 
@@ -31,7 +32,8 @@ INPUT_PLACEMENTS = ("auto", "device", "prefetch", "host")
 # (which examples, in which order, through which model, loss and update):
 # resuming with another value is refused unless --allow_config_change
 # (outputs/run_record.py). Any other option (cadences, placement, replicas
-# and workers, where the data lives, --epochs to extend a run) may change.
+# and workers, where the data lives, --epochs to extend a run, the
+# loss-spike recovery, which changes nothing until a spike) may change.
 RUN_DEFINING_OPTIONS = (
     "task", "dataset", "num_validation_examples", "num_train_examples",
     "shuffle_buffer", "seed", "global_batch_size", "learning_rate",
@@ -187,6 +189,14 @@ class Config:
       "the start of this process (less the longest loop and checkpoint "
       "save seen so far), agreed by every worker; exits 75 like SIGTERM, "
       "and the same command resumes.", check="positive", shown="off")
+  loss_upper_bound: Optional[float] = option(
+      None, "A training loss above this (as a NaN or Inf loss) is a loss "
+      "spike: the run exits 3, or recovers with --recovery_max_trials.",
+      shown="off")
+  recovery_max_trials: int = option(
+      0, "On a loss spike, roll back to the latest checkpoint, skip the "
+      "global batches from it to the spike and go on, at most N times; 0: "
+      "a spike exits 3.", check="non_negative")
   allow_config_change: bool = option(
       False, "Resume even when an option that changes the mathematics of "
       "the run (config.RUN_DEFINING_OPTIONS) differs from "
@@ -362,6 +372,10 @@ def validate(config: Config) -> None:
       raise ConfigError(
           "--cpu_replicas hides all GPUs and cannot be combined with "
           f"--num_gpus={config.num_gpus}")
+  if config.loss_upper_bound is not None and not (
+      math.isfinite(config.loss_upper_bound) and config.loss_upper_bound > 0):
+    raise ConfigError("--loss_upper_bound must be a finite number above 0, "
+                      f"got {config.loss_upper_bound}")
   _validate_multi_worker(config)
 
 

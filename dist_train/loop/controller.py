@@ -12,6 +12,7 @@ from dist_train.distribute import watchdog as watchdog_lib
 from dist_train.loop import guards
 from dist_train.loop import preemption
 from dist_train.loop import schedule as schedule_lib
+from dist_train.loop import spikes
 from dist_train.loop import steps
 from dist_train.loop import stop
 from dist_train.loop import throughput as throughput_lib
@@ -61,7 +62,9 @@ class Controller:
                callbacks: Sequence[keras.callbacks.Callback] = (),
                progress_fn: Optional[Callable[[int, int, int], Any]] = None,
                watchdog: Optional[watchdog_lib.CollectiveWatchdog] = None,
-               wall_clock: Optional[time_limits.WallClock] = None):
+               wall_clock: Optional[time_limits.WallClock] = None,
+               spike_policy: Optional[spikes.SpikePolicy] = None,
+               recovery_fn: Optional[Callable[[spikes.Recovery], Any]] = None):
     """Creates the controller.
 
     Args:
@@ -82,6 +85,10 @@ class Controller:
         compiled loops after their first, the agreement at each boundary).
       wall_clock: --max_runtime_s and --checkpoint_every_secs, asked at each
         boundary and agreed with the stop requests.
+      spike_policy: --loss_upper_bound and --recovery_max_trials: what a
+        loss spike is and whether the run rolls back from it.
+      recovery_fn: called with each `spikes.Recovery` made (the chief
+        records it in run.json).
     """
     self._trainer = trainer
     self._schedule = schedule
@@ -95,6 +102,8 @@ class Controller:
     self._watchdog = watchdog or watchdog_lib.CollectiveWatchdog(
         timeout_s=None, num_workers=1)
     self._wall_clock = wall_clock or time_limits.WallClock()
+    self._spikes = spike_policy or spikes.SpikePolicy()
+    self._recovery_fn = recovery_fn or (lambda recovery: None)
     self._checkpoint_due = False  # Agreed at the last boundary.
     self._first_loop_end_time = None
     self._stop_reason = None  # Set when training should end early.
@@ -131,7 +140,7 @@ class Controller:
     progress = self._progress_fn(epoch + 1, schedule.num_epochs,
                                  schedule.steps_per_epoch)
     try:
-      self._train_loops(epoch, step_in_epoch, throughput, progress)
+      return self._train_loops(epoch, step_in_epoch, throughput, progress)
     finally:
       progress.close()
 
@@ -159,10 +168,13 @@ class Controller:
         losses = self._trainer.train(num_steps)
       seconds = time.perf_counter() - start
       step_in_epoch += num_steps
-      # Checked every loop, and loops end at log steps: a NaN stops the run
-      # within one logging interval, before any checkpoint holds it.
-      guards.check_losses(losses, first_step=first_step,
-                          last_step=self.global_step)
+      if not self._spikes.recovers:
+        # Checked every loop, and loops end at log steps: a NaN stops the run
+        # within one logging interval, before any checkpoint holds it.
+        guards.check_losses(losses, first_step=first_step,
+                            last_step=self.global_step)
+        self._spikes.check(losses, first_step=first_step,
+                           last_step=self.global_step)
       examples_seen = schedule.examples_seen(epoch, step_in_epoch)
       if compiling:
         self._first_loop_end_time = time.time()
@@ -171,18 +183,81 @@ class Controller:
                        steps=num_steps, seconds=seconds)
       progress.update(step_in_epoch, None if compiling or seconds <= 0 else
                       (examples_seen - first_examples) / seconds)
+      if self._spikes.recovers and self._recovered_from_spike(
+          epoch, step_in_epoch, losses, first_step=first_step):
+        continue  # The data position stays past the skipped batches.
       if schedule.is_log_step(self.global_step):
         self._log_interval(epoch, losses, examples_seen, *throughput.take(),
                            to_console=not progress.enabled)
       self._callbacks.on_train_batch_end(self.global_step, logs=dict(losses))
-      if self._validate and schedule.is_eval_step(self.global_step):
+      # After a recovery the global step trails the data position by the
+      # batches skipped: the run ends at the last batch, not at total_steps.
+      at_run_end = (epoch + 1 == schedule.num_epochs and
+                    step_in_epoch == schedule.steps_per_epoch)
+      if self._validate and (schedule.is_eval_step(self.global_step) or (
+          at_run_end and schedule.eval_every_steps)):
         self._evaluate(epoch, step_in_epoch)
       if step_in_epoch == schedule.steps_per_epoch:
-        return  # The epoch end saves.
+        return step_in_epoch  # The epoch end saves.
       if self._agreed_stop(epoch, step_in_epoch):
-        return
+        return step_in_epoch
       if schedule.is_checkpoint_step(self.global_step) or self._checkpoint_due:
         self._save(epoch=epoch, step_in_epoch=step_in_epoch)
+    return step_in_epoch
+
+  def _recovered_from_spike(self, epoch, step_in_epoch, losses, *,
+                            first_step) -> bool:
+    """With --recovery_max_trials: whether the workers agreed on a loss
+    spike in the loop that just ran; if so, the run is rolled back here.
+
+    Asked right after the loop, before anything reads the new weights (the
+    log line, callbacks, validation, saves), in an agreement of its own:
+    the usual one follows validation, whose early stopping it must see, and
+    decides on the stop requests (a SIGTERM during the spike's loop is
+    acted on at the next boundary, after the rollback was saved). The
+    rollback restores the latest checkpoint (weights, optimizer and its
+    step, the early-stopping state) and resets the epoch's training
+    metrics, but leaves the data position where the loop ended: the
+    iterator goes on with the batch after the spike's, so the batches from
+    the checkpoint's position to the spike's are skipped, not replayed.
+    The rolled-back state is saved at once with that position (over the
+    checkpoint it came from, same step), so a resume skips them too.
+
+    Raises:
+      spikes.LossSpikeError: the recoveries are used up, or there is no
+        checkpoint to roll back to.
+    """
+    spike_step = self.global_step
+    reason = self._spikes.reason(losses)
+    with self._watchdog.guard(f"the agreement at step {spike_step}"):
+      agreed = self._preemption.agreed(spike=reason is not None)
+    if not agreed.spike:
+      return False
+    # A worker whose own bound was not crossed rolls back on a peer's word.
+    reason = reason or "seen by another worker"
+    action = self._spikes.decide(
+        has_checkpoint=self._checkpoint.has_checkpoint())
+    if action is not spikes.Action.RECOVER:
+      raise self._spikes.error(action, first_step=first_step,
+                               last_step=spike_step, reason=reason)
+    with errors.phase(f"rolling back from the loss spike at step "
+                      f"{spike_step}"):
+      position = self._checkpoint.restore_latest()
+    self._trainer.reset_train_metrics()
+    trial = self._spikes.recovered()
+    skipped, first, last = spikes.skipped_window(
+        steps_per_epoch=self._schedule.steps_per_epoch,
+        checkpoint_position=(position.epoch, position.step_in_epoch),
+        spike_position=(epoch, step_in_epoch))
+    recovery = spikes.Recovery(
+        spike_step=spike_step, rolled_back_to_step=self.global_step,
+        batches_skipped=skipped, first_skipped=first, last_skipped=last,
+        loss=losses.get("loss", float("nan")), reason=reason)
+    self._log("%s", recovery.log_line(trial=trial,
+                                      max_trials=self._spikes.max_trials))
+    self._recovery_fn(recovery)
+    self._save(epoch=epoch, step_in_epoch=step_in_epoch)
+    return True
 
   def _agreed_stop(self, epoch, step_in_epoch, *, saved=False) -> bool:
     """Whether every worker agreed to stop here: on SIGTERM or at the time
@@ -338,11 +413,11 @@ class Controller:
     while epoch < num_epochs and self._stop_reason is None:
       self._callbacks.on_epoch_begin(epoch)
       start = time.perf_counter()
-      self._train_epoch(epoch, step_in_epoch, throughput)
+      trained_to = self._train_epoch(epoch, step_in_epoch, throughput)
       train_seconds = time.perf_counter() - start
       train_metrics = self._trainer.train_metric_results()
       if self._stop_reason is not None and (
-          self._schedule.steps_per_epoch != self._position(epoch)):
+          self._schedule.steps_per_epoch != trained_to):
         break  # Stopped inside the epoch, where it was saved.
       validation_metrics = {}
       if self._validate and not self._schedule.eval_every_steps:
@@ -379,10 +454,6 @@ class Controller:
                      num_workers=strategy_lib.num_workers(
                          self._trainer.strategy),
                      loop_calls=self._trainer.train_loop_calls)
-
-  def _position(self, epoch) -> int:
-    """Steps of `epoch` done, from the global step."""
-    return self.global_step - epoch * self._schedule.steps_per_epoch
 
 
 class _NoProgress:

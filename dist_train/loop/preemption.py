@@ -75,6 +75,7 @@ class Agreed(NamedTuple):
   stop: bool  # Some worker asked to end training early: save, exit 0.
   out_of_time: bool = False  # Some worker is at its --max_runtime_s.
   checkpoint_due: bool = False  # The chief's --checkpoint_every_secs.
+  spike: bool = False  # Some worker saw a loss spike (loop/spikes.py).
 
 
 class PreemptionAgreement:
@@ -83,10 +84,11 @@ class PreemptionAgreement:
   Every worker must stop at the same step boundary (the checkpoint save runs
   collectives), so with several workers the local requests are summed across
   workers with one small all-reduce; one process decides alone. Call
-  `agreed()` at the same loop boundaries on every worker. Four requests are
+  `agreed()` at the same loop boundaries on every worker. Five requests are
   agreed at once: SIGTERM (save and exit 75), a request to end training
   early (a callback's `model.stop_training`; save, export and exit 0), the
-  time limit (save and exit 75) and a time-based checkpoint (save, go on).
+  time limit (save and exit 75) and a time-based checkpoint (save, go on);
+  and, with --recovery_max_trials, a loss spike (roll back, go on).
   """
 
   def __init__(self, *, strategy: tf.distribute.Strategy, num_workers: int,
@@ -105,7 +107,7 @@ class PreemptionAgreement:
 
   def agreed(self, stop_requested: bool = False, *,
              out_of_time: bool = False,
-             checkpoint_due: bool = False) -> Agreed:
+             checkpoint_due: bool = False, spike: bool = False) -> Agreed:
     """What any worker asked for, agreed by all of them.
 
     Args:
@@ -113,9 +115,10 @@ class PreemptionAgreement:
       out_of_time: this worker must stop to save before its time limit.
       checkpoint_due: a time-based checkpoint is due; pass it from the chief
         only (the others pass False), so that one clock decides.
+      spike: this worker saw a loss spike; every worker then rolls back.
     """
     requests = [self.watcher.requested, bool(stop_requested),
-                bool(out_of_time), bool(checkpoint_due)]
+                bool(out_of_time), bool(checkpoint_due), bool(spike)]
     if self._num_workers > 1:
       summed = self._sum_over_workers(
           tf.constant(requests, tf.float32)).numpy()

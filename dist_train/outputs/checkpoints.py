@@ -196,6 +196,11 @@ class RunCheckpoint:
         p) else os.path.join(self.directory, p)
     return [resolve(p) for p in reversed(paths)]
 
+  def has_checkpoint(self) -> bool:
+    """Whether `directory` names a checkpoint now (read from its state file:
+    on a worker other than the chief, the chief's saves count)."""
+    return bool(self._candidates())
+
   def restore_model(self, path: str) -> Position:
     """Restores only the model's weights from the checkpoint `path` (an
     evaluator beside a training run evaluates each one it sees).

@@ -5,8 +5,9 @@ At every start of training the chief writes into model_dir
     `python -m dist_train.main --flagfile=<model_dir>/run.cfg` replays the
     run (an earlier run.cfg is kept as run.<its start>.cfg);
   - run.json: what ran it: the versions of Python, TensorFlow, Keras and
-    dist_train, the git commit of a checkout, replicas, workers, devices and
-    the start time.
+    dist_train, the git commit of a checkout, replicas, workers, devices,
+    the start time, and the loss-spike recoveries of this start
+    (`recoveries`, appended as they happen).
 A resumed run is compared with the run.cfg it finds: a change of an option
 in `config.RUN_DEFINING_OPTIONS` would silently make a different run out of
 the checkpoint, so it is refused (unless --allow_config_change); any other
@@ -261,4 +262,24 @@ def _write(config: config_lib.Config, *, num_replicas: int, num_workers: int,
       "num_workers": num_workers,
       "devices": list(devices),
       "host": platform.node(),
+      "recoveries": [],  # add_recovery appends one per loss spike.
   })
+
+
+def add_recovery(model_dir: str, recovery) -> None:
+  """Appends a loss-spike recovery (`loop.spikes.Recovery`) to run.json's
+  `recoveries` (the chief, after run.json was written at this start).
+
+  Raises:
+    RunRecordWriteError: naming the file and the reason.
+  """
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  path = model_dir_lib.run_info_file(model_dir)
+  try:
+    record = model_dir_lib.read_json(path) or {}
+    record.setdefault("recoveries", []).append(recovery.as_record())
+    model_dir_lib.write_json(path, record)
+  except (OSError, ValueError, tf.errors.OpError) as e:
+    raise RunRecordWriteError(
+        f"cannot record the loss-spike recovery in {path}: "
+        f"{errors.reason(e)}") from e

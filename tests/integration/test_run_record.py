@@ -49,6 +49,7 @@ def test_run_record_and_resume_with_changed_options(tmp_path, strategy,
   assert info["num_workers"] == 1 and info["devices"]
   assert info["start_time"].endswith("+00:00")
   assert {"python", "keras", "dist_train", "git_commit"} <= info.keys()
+  assert info["recoveries"] == []  # No loss spike was recovered from.
 
   # A new learning rate would make another run of the checkpoint: refused
   # in one line naming the option and both values, before any training.
