@@ -20,6 +20,7 @@ from dist_train.distribute import strategy as strategy_lib
 from dist_train.distribute import watchdog as watchdog_lib
 from dist_train.loop import controller as controller_lib
 from dist_train.loop import early_stopping as early_stopping_lib
+from dist_train.loop import ema as ema_lib
 from dist_train.loop import hooks
 from dist_train.loop import optimizers
 from dist_train.loop import precision
@@ -192,13 +193,17 @@ def _hooks(config, *, trainer, summary_writers, is_chief, worker_index,
     own.append(hooks.KeepBest(
         best=best_lib.BestModel(config.model_dir, metric=config.best_metric,
                                 mode=config.best_mode, is_chief=is_chief),
-        global_step_fn=global_step))
+        global_step_fn=global_step, average=trainer.eval_average))
   stopping = (early_stopping_lib.EarlyStopping(
       metric=config.best_metric, mode=config.best_mode,
       patience=config.early_stopping_patience,
       min_delta=config.early_stopping_min_delta)
               if config.early_stopping_patience else None)
   last = [hooks.StopWhenNotImproving(stopping)] if stopping else []
+  if trainer.ema is not None:
+    # After the checkpoint (and any warm start) restored.
+    own.insert(0, hooks.AtTrainBegin(
+        lambda: trainer.ema.start(global_step())))
   return own + list(callbacks) + last, stopping
 
 
@@ -231,13 +236,18 @@ def _build_parts(config, task, description, strategy) -> Parts:
       optimizer = _create_optimizer(config, schedule.total_steps)
       # Built now, so that a checkpoint restores into existing slot variables.
       optimizer.build(model.trainable_variables)
+  ema = (ema_lib.WeightAverage(
+      strategy=strategy, variables=model.trainable_variables,
+      decay=config.ema_decay, warmup_steps=config.ema_warmup_steps)
+         if config.ema_decay else None)
   trainer = steps.Trainer(
       strategy=strategy, task=task, model=model, optimizer=optimizer,
       add_loss_reduction=config.add_loss_reduction,
       clip_norm=config.clip_norm, jit_compile=config.jit_compile,
       grad_accum_steps=config.grad_accum_steps, train_input=train_input,
       eval_input=validation_input, shuffle_buffer=config.shuffle_buffer,
-      seed=config.seed, description=description)
+      seed=config.seed, description=description, ema=ema,
+      eval_with_ema=config.eval_with_ema)
   if len(splits.train):  # A worker's shard of a stream may be empty.
     with errors.phase("checking the task's loss on one batch"):
       task_checks.check_loss_shapes(description, model, splits.train)
@@ -260,13 +270,15 @@ def _build_parts(config, task, description, strategy) -> Parts:
 
 
 def _checkpoint(config, parts: Parts, *, writes: bool, extra=None):
+  ema = parts.trainer.ema
   with errors.phase("opening the checkpoints"):
     return checkpoints.RunCheckpoint(
         checkpoints.checkpoint_dir(config.model_dir),
         model=parts.trainer.model, optimizer=parts.trainer.optimizer,
         max_to_keep=config.keep_checkpoints,
         is_chief=parts.is_chief and writes,
-        on_corrupt=config.on_corrupt_checkpoint, extra=extra)
+        on_corrupt=config.on_corrupt_checkpoint, extra=extra,
+        model_extra=ema.variables if ema is not None else None)
 
 
 def build_training(config: config_lib.Config, task,

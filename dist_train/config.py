@@ -38,7 +38,7 @@ RUN_DEFINING_OPTIONS = (
     "optimizer", "momentum", "weight_decay", "lr_schedule", "warmup_steps",
     "lr_boundaries", "lr_decay_factor", "grad_accum_steps", "clip_norm",
     "model", "hidden_units", "activity_regularization", "add_loss_reduction",
-    "kernel_l2", "mixed_precision")
+    "kernel_l2", "mixed_precision", "ema_decay", "ema_warmup_steps")
 
 
 class ConfigError(errors.DistTrainError, ValueError):
@@ -141,6 +141,17 @@ class Config:
   lr_decay_factor: float = option(
       0.1, "Factor of --lr_schedule=step at each boundary.",
       check="non_negative")
+  ema_decay: Optional[float] = option(
+      None, "Keep an exponential moving average of the trainable weights "
+      "with this decay d in (0, 1), updated after each optimizer step "
+      "(loop/ema.py); saved in the checkpoints.", shown="off")
+  ema_warmup_steps: int = option(
+      0, "With --ema_decay: the decay after n averaging steps is d * min(1, "
+      "n / N) (0: d from the first step).", check="non_negative")
+  eval_with_ema: bool = option(
+      True, "With --ema_decay: validation, best/, the export and "
+      "--mode=evaluate use the averaged weights (training always continues "
+      "on the model's own).")
   grad_accum_steps: int = option(
       1, "Split each replica's share of the global batch into K "
       "micro-batches, accumulate their gradients and apply them once: the "
@@ -348,6 +359,9 @@ def validate(config: Config) -> None:
       config.lr_boundaries) != sorted(set(config.lr_boundaries)):
     raise ConfigError("--lr_boundaries must be increasing positive steps, got "
                       f"{','.join(map(str, config.lr_boundaries))}")
+  if config.ema_decay is not None and not 0.0 < config.ema_decay < 1.0:
+    raise ConfigError(
+        f"--ema_decay must be in (0, 1), got {config.ema_decay}")
   steps = config.profile_steps
   if steps and (len(steps) != 2 or not 0 < steps[0] <= steps[1]):
     raise ConfigError("--profile_steps must be START,END with 0 < START <= "

@@ -27,6 +27,7 @@ from dist_train import evaluation
 from dist_train.distribute import cluster
 from dist_train.distribute import strategy as strategy_lib
 from dist_train.loop import controller as controller_lib
+from dist_train.loop import ema as ema_lib
 from dist_train.loop import hooks
 from dist_train.loop import stop
 from dist_train.outputs import export
@@ -190,7 +191,8 @@ def _train_and_evaluate(config, *, task, model_fn, strategy, validate,
       # rerun exports again.
       stop.set_phase("while exporting the model")
       stop.check_now()
-      with errors.phase("exporting the model"):
+      with errors.phase("exporting the model"), ema_lib.evaluation_weights(
+          run.controller.eval_average):
         export.export_model(result.model, config.model_dir,
                             saved_model=config.export_saved_model)
         model_dir_lib.write_json(

@@ -106,6 +106,11 @@ class Controller:
     return self._trainer.model
 
   @property
+  def eval_average(self):
+    """The weight average evaluation and the export use, or None."""
+    return self._trainer.eval_average
+
+  @property
   def total_steps(self) -> int:
     return self._schedule.total_steps
 

@@ -84,7 +84,8 @@ class RunCheckpoint:
   def __init__(self, directory: str, *, model: keras.Model,
                optimizer: keras.optimizers.Optimizer, max_to_keep: int,
                is_chief: bool = True, on_corrupt: str = "fail",
-               extra: Optional[dict] = None):
+               extra: Optional[dict] = None,
+               model_extra: Optional[dict] = None):
     """Creates the checkpoint of a run.
 
     Args:
@@ -96,6 +97,9 @@ class RunCheckpoint:
       on_corrupt: "fail" or "previous", see `restore_latest`.
       extra: more trackables to save with the run, by name (the early
         stopping state).
+      model_extra: trackables saved with the run that restores of the
+        model alone also restore (the weight average, which evaluation
+        uses).
     """
     # Plain (non-distributed) variables: they are read and assigned only by
     # the eager outer loop.
@@ -106,10 +110,12 @@ class RunCheckpoint:
     self._is_chief = is_chief
     self._on_corrupt = on_corrupt
     self._model = model
+    self._model_extra = dict(model_extra or {})
     self._step_counter = optimizer.iterations
     self._checkpoint = tf.train.Checkpoint(
         model=model, optimizer=optimizer, epoch=self._epoch,
-        step_in_epoch=self._step_in_epoch, **(extra or {}))
+        step_in_epoch=self._step_in_epoch, **(extra or {}),
+        **self._model_extra)
     try:
       self._manager = tf.train.CheckpointManager(
           self._checkpoint, directory, max_to_keep=max_to_keep,
@@ -177,9 +183,12 @@ class RunCheckpoint:
         checkpoint is unreadable.
       CheckpointMismatchError: a checkpoint was written by another model.
     """
-    checkpoint = (tf.train.Checkpoint(model=self._model) if model_only
+    checkpoint = (self._model_checkpoint() if model_only
                   else self._checkpoint)
     return self._restore(checkpoint, partial=model_only)
+
+  def _model_checkpoint(self):
+    return tf.train.Checkpoint(model=self._model, **self._model_extra)
 
   def _candidates(self):
     """Checkpoint prefixes to try, newest first."""
@@ -203,8 +212,7 @@ class RunCheckpoint:
     Raises:
       CorruptCheckpointError, CheckpointMismatchError: as `restore_latest`.
     """
-    self._restore_one(tf.train.Checkpoint(model=self._model), path,
-                      partial=True)
+    self._restore_one(self._model_checkpoint(), path, partial=True)
     return Position(path=path, global_step=step_of(path), epoch=-1,
                     step_in_epoch=-1)
 
