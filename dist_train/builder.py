@@ -131,16 +131,20 @@ class EvaluationRun:
               what, armed=trainer.eval_traces > 0))
 
 
-def _create_optimizer(config, total_steps):
+def _create_optimizer(config, total_steps, task, description):
+  """The flags' optimizer, or the task's own (`Task.build_optimizer`), at
+  the flags' learning-rate schedule, wrapped for loss scaling."""
   learning_rate = optimizers.create_learning_rate(
       kind=config.lr_schedule, base_learning_rate=config.learning_rate,
       total_steps=total_steps, warmup_steps=config.warmup_steps,
       boundaries=config.lr_boundaries, decay_factor=config.lr_decay_factor)
-  return precision.wrap_optimizer(
-      optimizers.create_optimizer(config.optimizer, learning_rate,
-                                  momentum=config.momentum,
-                                  weight_decay=config.weight_decay),
-      config.mixed_precision)
+  if "build_optimizer" in description.hooks:
+    optimizer = task_loading.build_optimizer(task, description, learning_rate)
+  else:
+    optimizer = optimizers.create_optimizer(
+        config.optimizer, learning_rate, momentum=config.momentum,
+        weight_decay=config.weight_decay)
+  return precision.wrap_optimizer(optimizer, config.mixed_precision)
 
 
 def _inputs(splits, config, strategy):
@@ -233,7 +237,8 @@ def _build_parts(config, task, description, strategy) -> Parts:
     with errors.phase("building the model"):
       with precision.policy_scope(config.mixed_precision):
         model = task_loading.build_model(task, description)
-      optimizer = _create_optimizer(config, schedule.total_steps)
+      optimizer = _create_optimizer(config, schedule.total_steps, task,
+                                    description)
       # Built now, so that a checkpoint restores into existing slot variables.
       optimizer.build(model.trainable_variables)
   ema = (ema_lib.WeightAverage(
