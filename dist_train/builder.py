@@ -23,6 +23,7 @@ from dist_train.loop import early_stopping as early_stopping_lib
 from dist_train.loop import ema as ema_lib
 from dist_train.loop import hooks
 from dist_train.loop import optimizers
+from dist_train.loop import plateau as plateau_lib
 from dist_train.loop import precision
 from dist_train.loop import preemption
 from dist_train.loop import schedule as schedule_lib
@@ -76,6 +77,7 @@ class Parts:
   is_chief: bool
   layout: object  # pipelines.ReplicaLayout of this worker.
   watchdog: watchdog_lib.CollectiveWatchdog
+  plateau: Optional[plateau_lib.PlateauRule] = None  # --lr_schedule=plateau
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,13 +133,27 @@ class EvaluationRun:
               what, armed=trainer.eval_traces > 0))
 
 
-def _create_optimizer(config, total_steps, task, description):
+def _plateau_rule(config, strategy):
+  """The rule of --lr_schedule=plateau (None for another schedule)."""
+  if config.lr_schedule != "plateau":
+    return None
+  metric = config.lr_plateau_metric or config.best_metric or "loss"
+  return plateau_lib.PlateauRule(
+      strategy=strategy, metric=metric,
+      mode=config.best_mode if metric == config.best_metric else "auto",
+      patience=config.lr_plateau_patience, factor=config.lr_plateau_factor,
+      base_learning_rate=config.learning_rate,
+      min_learning_rate=config.lr_min)
+
+
+def _create_optimizer(config, total_steps, task, description, plateau):
   """The flags' optimizer, or the task's own (`Task.build_optimizer`), at
   the flags' learning-rate schedule, wrapped for loss scaling."""
   learning_rate = optimizers.create_learning_rate(
       kind=config.lr_schedule, base_learning_rate=config.learning_rate,
       total_steps=total_steps, warmup_steps=config.warmup_steps,
-      boundaries=config.lr_boundaries, decay_factor=config.lr_decay_factor)
+      boundaries=config.lr_boundaries, decay_factor=config.lr_decay_factor,
+      scale=plateau.scale if plateau is not None else None)
   if "build_optimizer" in description.hooks:
     optimizer = task_loading.build_optimizer(task, description, learning_rate)
   else:
@@ -179,7 +195,7 @@ def _profiler(config, layout, is_chief):
 
 
 def _hooks(config, *, trainer, summary_writers, is_chief, worker_index,
-           profiler, boundary_checks, callbacks):
+           profiler, boundary_checks, callbacks, plateau=None):
   """The run's one list of hooks, in the order they are called: ownership
   checks, the profiler and the read report; validation summaries and the
   best model; the user's callbacks; early stopping last, after every
@@ -198,6 +214,8 @@ def _hooks(config, *, trainer, summary_writers, is_chief, worker_index,
         best=best_lib.BestModel(config.model_dir, metric=config.best_metric,
                                 mode=config.best_mode, is_chief=is_chief),
         global_step_fn=global_step, average=trainer.eval_average))
+  if plateau is not None:
+    own.append(plateau_lib.CutOnPlateau(plateau, global_step_fn=global_step))
   stopping = (early_stopping_lib.EarlyStopping(
       metric=config.best_metric, mode=config.best_mode,
       patience=config.early_stopping_patience,
@@ -237,8 +255,9 @@ def _build_parts(config, task, description, strategy) -> Parts:
     with errors.phase("building the model"):
       with precision.policy_scope(config.mixed_precision):
         model = task_loading.build_model(task, description)
+      plateau = _plateau_rule(config, strategy)
       optimizer = _create_optimizer(config, schedule.total_steps, task,
-                                    description)
+                                    description, plateau)
       # Built now, so that a checkpoint restores into existing slot variables.
       optimizer.build(model.trainable_variables)
   ema = (ema_lib.WeightAverage(
@@ -271,10 +290,11 @@ def _build_parts(config, task, description, strategy) -> Parts:
       is_chief=is_chief, layout=layout,
       watchdog=watchdog_lib.CollectiveWatchdog(
           timeout_s=config.collective_timeout_s,
-          num_workers=layout.num_workers))
+          num_workers=layout.num_workers), plateau=plateau)
 
 
-def _checkpoint(config, parts: Parts, *, writes: bool, extra=None):
+def _checkpoint(config, parts: Parts, *, writes: bool, extra=None,
+                optional=None):
   ema = parts.trainer.ema
   with errors.phase("opening the checkpoints"):
     return checkpoints.RunCheckpoint(
@@ -283,7 +303,7 @@ def _checkpoint(config, parts: Parts, *, writes: bool, extra=None):
         max_to_keep=config.keep_checkpoints,
         is_chief=parts.is_chief and writes,
         on_corrupt=config.on_corrupt_checkpoint, extra=extra,
-        model_extra=ema.variables if ema is not None else None)
+        optional=optional, model_extra=ema.variables if ema is not None else None)
 
 
 def build_training(config: config_lib.Config, task,
@@ -309,9 +329,12 @@ def build_training(config: config_lib.Config, task,
   run_hooks, stopping = _hooks(
       config, trainer=trainer, summary_writers=parts.summary_writers,
       is_chief=is_chief, worker_index=parts.layout.worker_index,
-      profiler=profiler, boundary_checks=boundary_checks, callbacks=callbacks)
-  checkpoint = _checkpoint(config, parts, writes=True,
-                           extra=stopping.variables if stopping else None)
+      profiler=profiler, boundary_checks=boundary_checks, callbacks=callbacks,
+      plateau=parts.plateau)
+  checkpoint = _checkpoint(
+      config, parts, writes=True,
+      extra=stopping.variables if stopping else None,
+      optional=parts.plateau.variables if parts.plateau else None)
   agreement = preemption.PreemptionAgreement(
       strategy=parts.strategy,
       num_workers=strategy_lib.num_workers(parts.strategy),

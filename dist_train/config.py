@@ -15,7 +15,7 @@ from dist_train import errors
 DATASETS = ("mnist", "mnist_sample", "synthetic")
 MODELS = ("mlp", "cnn")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
-LR_SCHEDULES = ("constant", "cosine", "step")
+LR_SCHEDULES = ("constant", "cosine", "step", "plateau")
 MODES = ("train", "evaluate", "train_and_evaluate", "continuous_eval")
 BEST_MODES = ("auto", "max", "min")
 STRATEGIES = ("auto", "mirrored", "one_device", "multi_worker")
@@ -38,7 +38,8 @@ RUN_DEFINING_OPTIONS = (
     "optimizer", "momentum", "weight_decay", "lr_schedule", "warmup_steps",
     "lr_boundaries", "lr_decay_factor", "grad_accum_steps", "clip_norm",
     "model", "hidden_units", "activity_regularization", "add_loss_reduction",
-    "kernel_l2", "mixed_precision", "ema_decay", "ema_warmup_steps")
+    "kernel_l2", "mixed_precision", "ema_decay", "ema_warmup_steps",
+    "lr_plateau_metric", "lr_plateau_patience", "lr_plateau_factor", "lr_min")
 
 
 class ConfigError(errors.DistTrainError, ValueError):
@@ -152,6 +153,18 @@ class Config:
       True, "With --ema_decay: validation, best/, the export and "
       "--mode=evaluate use the averaged weights (training always continues "
       "on the model's own).")
+  lr_plateau_metric: Optional[str] = option(
+      None, "The validation metric --lr_schedule=plateau watches.",
+      shown="--best_metric, else loss")
+  lr_plateau_patience: int = option(
+      2, "--lr_schedule=plateau cuts the rate after this many evaluations "
+      "in a row without an improvement.", check="positive")
+  lr_plateau_factor: float = option(
+      0.5, "--lr_schedule=plateau multiplies the rate by this, in (0, 1), "
+      "at each cut.", check="positive")
+  lr_min: float = option(
+      0.0, "--lr_schedule=plateau never cuts the rate below this.",
+      check="non_negative")
   grad_accum_steps: int = option(
       1, "Split each replica's share of the global batch into K "
       "micro-batches, accumulate their gradients and apply them once: the "
@@ -362,6 +375,13 @@ def validate(config: Config) -> None:
   if config.ema_decay is not None and not 0.0 < config.ema_decay < 1.0:
     raise ConfigError(
         f"--ema_decay must be in (0, 1), got {config.ema_decay}")
+  if not config.lr_plateau_factor < 1.0:
+    raise ConfigError("--lr_plateau_factor must be in (0, 1), got "
+                      f"{config.lr_plateau_factor}")
+  if config.lr_schedule == "plateau" and config.mode == "train":
+    raise ConfigError(
+        "--lr_schedule=plateau cuts the rate after validation passes, but "
+        "--mode=train runs none: use --mode=train_and_evaluate")
   steps = config.profile_steps
   if steps and (len(steps) != 2 or not 0 < steps[0] <= steps[1]):
     raise ConfigError("--profile_steps must be START,END with 0 < START <= "

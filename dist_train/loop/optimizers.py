@@ -21,11 +21,13 @@ class LearningRateSchedule(keras.optimizers.schedules.LearningRateSchedule):
   * constant: base;
   * cosine: base * (1 + cos(pi * p)) / 2, with p the fraction of the
     post-warmup steps done, reaching 0 at total_steps;
-  * step: base * decay_factor ** (number of boundaries <= s).
+  * step: base * decay_factor ** (number of boundaries <= s);
+  * plateau: base * scale, with `scale` a variable that plateau.py cuts
+    after evaluations (1 when none is given, e.g. a reloaded schedule).
   """
 
   def __init__(self, kind, base_learning_rate, *, total_steps, warmup_steps=0,
-               boundaries=(), decay_factor=0.1):
+               boundaries=(), decay_factor=0.1, scale=None):
     if kind not in config_lib.LR_SCHEDULES:
       raise ValueError(f"unknown learning-rate schedule {kind!r}")
     self.kind = kind
@@ -34,6 +36,7 @@ class LearningRateSchedule(keras.optimizers.schedules.LearningRateSchedule):
     self.warmup_steps = int(warmup_steps)
     self.boundaries = tuple(int(b) for b in boundaries)
     self.decay_factor = float(decay_factor)
+    self.scale = scale  # Not in get_config: state, saved by the checkpoint.
 
   def __call__(self, step):
     step = ops.cast(step, "float32")
@@ -45,6 +48,8 @@ class LearningRateSchedule(keras.optimizers.schedules.LearningRateSchedule):
     elif self.kind == "step":
       passed = sum(ops.cast(step >= b, "float32") for b in self.boundaries)
       rate = base * ops.power(self.decay_factor, passed)
+    elif self.kind == "plateau" and self.scale is not None:
+      rate = base * ops.cast(self.scale, "float32") * ops.ones_like(step)
     else:
       rate = base * ops.ones_like(step)
     if self.warmup_steps > 0:
@@ -62,8 +67,10 @@ class LearningRateSchedule(keras.optimizers.schedules.LearningRateSchedule):
 def create_learning_rate(*, kind: str, base_learning_rate: float,
                          total_steps: int, warmup_steps: int = 0,
                          boundaries: Sequence[int] = (),
-                         decay_factor: float = 0.1) -> LearningRateSchedule:
-  """The schedule of the run; `boundaries` default to 50% and 75% of it.
+                         decay_factor: float = 0.1,
+                         scale=None) -> LearningRateSchedule:
+  """The schedule of the run; `boundaries` default to 50% and 75% of it;
+  `scale` is the plateau rule's variable (kind "plateau").
 
   A schedule even for a constant rate: the optimizer then saves the same
   objects whatever the schedule, so checkpoints match across schedules.
@@ -72,7 +79,7 @@ def create_learning_rate(*, kind: str, base_learning_rate: float,
   return LearningRateSchedule(
       kind, base_learning_rate, total_steps=total_steps,
       warmup_steps=warmup_steps, boundaries=boundaries,
-      decay_factor=decay_factor)
+      decay_factor=decay_factor, scale=scale)
 
 
 def create_optimizer(name: str, learning_rate, *, momentum: float = 0.9,
