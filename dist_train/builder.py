@@ -22,6 +22,7 @@ from dist_train.loop import controller as controller_lib
 from dist_train.loop import early_stopping as early_stopping_lib
 from dist_train.loop import ema as ema_lib
 from dist_train.loop import hooks
+from dist_train.loop import keras_optimizer
 from dist_train.loop import optimizers
 from dist_train.loop import plateau as plateau_lib
 from dist_train.loop import precision
@@ -78,6 +79,10 @@ class Parts:
   layout: object  # pipelines.ReplicaLayout of this worker.
   watchdog: watchdog_lib.CollectiveWatchdog
   plateau: Optional[plateau_lib.PlateauRule] = None  # --lr_schedule=plateau
+  # The factor of the learning rate (optimizers.create_rate_scale), and
+  # () -> the schedule's rate of the next step before it.
+  rate_scale: Optional[tf.Variable] = None
+  unscaled_rate_fn: Optional[Callable[[], float]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,34 +138,36 @@ class EvaluationRun:
               what, armed=trainer.eval_traces > 0))
 
 
-def _plateau_rule(config, strategy):
+def _plateau_rule(config, scale):
   """The rule of --lr_schedule=plateau (None for another schedule)."""
   if config.lr_schedule != "plateau":
     return None
   metric = config.lr_plateau_metric or config.best_metric or "loss"
   return plateau_lib.PlateauRule(
-      strategy=strategy, metric=metric,
+      scale=scale, metric=metric,
       mode=config.best_mode if metric == config.best_metric else "auto",
       patience=config.lr_plateau_patience, factor=config.lr_plateau_factor,
       base_learning_rate=config.learning_rate,
       min_learning_rate=config.lr_min)
 
 
-def _create_optimizer(config, total_steps, task, description, plateau):
-  """The flags' optimizer, or the task's own (`Task.build_optimizer`), at
-  the flags' learning-rate schedule, wrapped for loss scaling."""
+def _create_optimizer(config, total_steps, task, description, scale):
+  """(optimizer, schedule): the flags' optimizer, or the task's own
+  (`Task.build_optimizer`), at the flags' learning-rate schedule times
+  `scale`, wrapped for loss scaling."""
   learning_rate = optimizers.create_learning_rate(
       kind=config.lr_schedule, base_learning_rate=config.learning_rate,
       total_steps=total_steps, warmup_steps=config.warmup_steps,
       boundaries=config.lr_boundaries, decay_factor=config.lr_decay_factor,
-      scale=plateau.scale if plateau is not None else None)
+      scale=scale)
   if "build_optimizer" in description.hooks:
     optimizer = task_loading.build_optimizer(task, description, learning_rate)
   else:
     optimizer = optimizers.create_optimizer(
         config.optimizer, learning_rate, momentum=config.momentum,
         weight_decay=config.weight_decay)
-  return precision.wrap_optimizer(optimizer, config.mixed_precision)
+  return (precision.wrap_optimizer(optimizer, config.mixed_precision),
+          learning_rate)
 
 
 def _inputs(splits, config, strategy):
@@ -255,9 +262,10 @@ def _build_parts(config, task, description, strategy) -> Parts:
     with errors.phase("building the model"):
       with precision.policy_scope(config.mixed_precision):
         model = task_loading.build_model(task, description)
-      plateau = _plateau_rule(config, strategy)
-      optimizer = _create_optimizer(config, schedule.total_steps, task,
-                                    description, plateau)
+      rate_scale = optimizers.create_rate_scale(strategy)
+      plateau = _plateau_rule(config, rate_scale)
+      optimizer, learning_rate = _create_optimizer(
+          config, schedule.total_steps, task, description, rate_scale)
       # Built now, so that a checkpoint restores into existing slot variables.
       optimizer.build(model.trainable_variables)
   ema = (ema_lib.WeightAverage(
@@ -290,7 +298,9 @@ def _build_parts(config, task, description, strategy) -> Parts:
       is_chief=is_chief, layout=layout,
       watchdog=watchdog_lib.CollectiveWatchdog(
           timeout_s=config.collective_timeout_s,
-          num_workers=layout.num_workers), plateau=plateau)
+          num_workers=layout.num_workers), plateau=plateau,
+      rate_scale=rate_scale,
+      unscaled_rate_fn=lambda: learning_rate.unscaled(optimizer.iterations))
 
 
 def _checkpoint(config, parts: Parts, *, writes: bool, extra=None,
@@ -334,7 +344,13 @@ def build_training(config: config_lib.Config, task,
   checkpoint = _checkpoint(
       config, parts, writes=True,
       extra=stopping.variables if stopping else None,
-      optional=parts.plateau.variables if parts.plateau else None)
+      optional={"lr_scale": parts.rate_scale,
+                **(parts.plateau.variables if parts.plateau else {})})
+  # What Keras callbacks find as model.optimizer (see keras_optimizer.py).
+  trainer.model.optimizer = keras_optimizer.KerasOptimizerView(
+      optimizer=trainer.optimizer, scale=parts.rate_scale,
+      unscaled_rate_fn=parts.unscaled_rate_fn,
+      average=trainer.ema, variables=trainer.model.trainable_variables)
   agreement = preemption.PreemptionAgreement(
       strategy=parts.strategy,
       num_workers=strategy_lib.num_workers(parts.strategy),

@@ -22,8 +22,12 @@ class LearningRateSchedule(keras.optimizers.schedules.LearningRateSchedule):
   * cosine: base * (1 + cos(pi * p)) / 2, with p the fraction of the
     post-warmup steps done, reaching 0 at total_steps;
   * step: base * decay_factor ** (number of boundaries <= s);
-  * plateau: base * scale, with `scale` a variable that plateau.py cuts
-    after evaluations (1 when none is given, e.g. a reloaded schedule).
+  * plateau: base (cut by plateau.py through `scale`).
+
+  Every kind is then multiplied by `scale`, a variable the run changes
+  between compiled loops: plateau.py cuts it, and a Keras callback that sets
+  `model.optimizer.learning_rate` sets it (keras_optimizer.py). It is 1
+  until then, or when none is given (a reloaded schedule).
   """
 
   def __init__(self, kind, base_learning_rate, *, total_steps, warmup_steps=0,
@@ -39,6 +43,13 @@ class LearningRateSchedule(keras.optimizers.schedules.LearningRateSchedule):
     self.scale = scale  # Not in get_config: state, saved by the checkpoint.
 
   def __call__(self, step):
+    rate = self.unscaled(step)
+    if self.scale is not None:
+      rate = rate * ops.cast(self.scale, "float32")
+    return rate
+
+  def unscaled(self, step):
+    """The rate of update step + 1 before `scale`."""
     step = ops.cast(step, "float32")
     base = self.base_learning_rate
     if self.kind == "cosine":
@@ -48,8 +59,6 @@ class LearningRateSchedule(keras.optimizers.schedules.LearningRateSchedule):
     elif self.kind == "step":
       passed = sum(ops.cast(step >= b, "float32") for b in self.boundaries)
       rate = base * ops.power(self.decay_factor, passed)
-    elif self.kind == "plateau" and self.scale is not None:
-      rate = base * ops.cast(self.scale, "float32") * ops.ones_like(step)
     else:
       rate = base * ops.ones_like(step)
     if self.warmup_steps > 0:
@@ -70,7 +79,7 @@ def create_learning_rate(*, kind: str, base_learning_rate: float,
                          decay_factor: float = 0.1,
                          scale=None) -> LearningRateSchedule:
   """The schedule of the run; `boundaries` default to 50% and 75% of it;
-  `scale` is the plateau rule's variable (kind "plateau").
+  `scale` is the variable the rate is multiplied by (`create_rate_scale`).
 
   A schedule even for a constant rate: the optimizer then saves the same
   objects whatever the schedule, so checkpoints match across schedules.
@@ -80,6 +89,16 @@ def create_learning_rate(*, kind: str, base_learning_rate: float,
       kind, base_learning_rate, total_steps=total_steps,
       warmup_steps=warmup_steps, boundaries=boundaries,
       decay_factor=decay_factor, scale=scale)
+
+
+def create_rate_scale(strategy):
+  """The factor of the learning rate that the run changes between loops
+  (the plateau rule, Keras callbacks): 1 at first, saved in the checkpoint;
+  created under the strategy's scope, a copy on every replica."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  with strategy.scope():
+    return tf.Variable(1.0, dtype=tf.float32, trainable=False,
+                       name="lr_scale")
 
 
 def create_optimizer(name: str, learning_rate, *, momentum: float = 0.9,

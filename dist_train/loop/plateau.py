@@ -6,9 +6,9 @@ is `--best_metric`, else by its name): once it has not improved for
 `--lr_plateau_patience` evaluations in a row, the rate is multiplied by
 `--lr_plateau_factor`, never below `--lr_min`, and the count restarts.
 
-The rate is `--learning_rate * scale` (after any `--warmup_steps`), with
-`scale` a variable the schedule reads inside the compiled loop, so a cut
-takes effect from the next step without retracing. Every worker computes the
+The rate is `--learning_rate * scale` (`scale` also multiplies any
+`--warmup_steps`), with `scale` a variable the schedule reads inside the
+compiled loop, so a cut takes effect from the next step without retracing. Every worker computes the
 same validation metrics (aggregated over all replicas), so every worker cuts
 at the same step: the decision needs no message of its own, like early
 stopping's. `scale`, the best value and the count are saved with the run's
@@ -28,14 +28,14 @@ from dist_train.outputs import best as best_lib
 class PlateauRule:
   """The rule's state and its update after each evaluation."""
 
-  def __init__(self, *, strategy: tf.distribute.Strategy, metric: str,
+  def __init__(self, *, scale: tf.Variable, metric: str,
                mode: str, patience: int, factor: float,
                base_learning_rate: float, min_learning_rate: float = 0.0):
     """Creates the rule.
 
     Args:
-      strategy: the run's strategy; `scale` is created under its scope (a
-        copy on every replica, read by the optimizer there).
+      scale: the factor of the learning rate the rule cuts
+        (optimizers.create_rate_scale), saved with the run by its owner.
       metric: the validation metric watched.
       mode: "min", "max" or "auto" (see best.resolve_mode).
       patience: evaluations without an improvement before a cut.
@@ -53,9 +53,7 @@ class PlateauRule:
     self.factor = factor
     self.base_learning_rate = base_learning_rate
     self.min_learning_rate = min_learning_rate
-    with strategy.scope():
-      self.scale = tf.Variable(1.0, dtype=tf.float32, trainable=False,
-                               name="lr_plateau_scale")
+    self.scale = scale
     # Plain variables: read and assigned only by the eager outer loop.
     self.best = tf.Variable(float("nan"), dtype=tf.float64, trainable=False,
                             name="lr_plateau_best")
@@ -65,8 +63,7 @@ class PlateauRule:
   @property
   def variables(self) -> dict:
     """What the run's checkpoint saves of the rule."""
-    return {"lr_plateau_scale": self.scale, "lr_plateau_best": self.best,
-            "lr_plateau_wait": self.wait}
+    return {"lr_plateau_best": self.best, "lr_plateau_wait": self.wait}
 
   @property
   def learning_rate(self) -> float:

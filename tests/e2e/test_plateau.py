@@ -98,7 +98,7 @@ def test_checkpoint_holds_the_rule_state(runs):
   reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(
       os.path.join(runs[2], "checkpoints")))
   scale = float(reader.get_tensor(
-      "lr_plateau_scale/.ATTRIBUTES/VARIABLE_VALUE"))
+      "lr_scale/.ATTRIBUTES/VARIABLE_VALUE"))
   losses = _scalars(runs[1], "validation")["loss"]
   assert scale * RATE == pytest.approx(
       expected_rates(losses)[TOTAL_STEPS], rel=1e-6)
