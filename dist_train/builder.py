@@ -203,9 +203,10 @@ def _profiler(config, layout, is_chief):
 
 def _hooks(config, *, trainer, summary_writers, is_chief, worker_index,
            profiler, boundary_checks, callbacks, plateau=None):
-  """The run's one list of hooks, in the order they are called: ownership
-  checks, the profiler and the read report; validation summaries and the
-  best model; the user's callbacks; early stopping last, after every
+  """The run's one list of hooks, in the order they are called: the start
+  of the weight average (with --ema_decay); ownership checks, the profiler
+  and the read report; validation summaries, the best model and the plateau
+  rule; the user's callbacks; early stopping last, after every
   callback saw the evaluation. Also returns early stopping's state, which
   the run's checkpoint keeps (None without a patience)."""
   def global_step():

@@ -5,6 +5,7 @@ from typing import Sequence
 
 import keras
 from keras import ops
+import tensorflow as tf
 
 from dist_train import config as config_lib
 
@@ -95,7 +96,6 @@ def create_rate_scale(strategy):
   """The factor of the learning rate that the run changes between loops
   (the plateau rule, Keras callbacks): 1 at first, saved in the checkpoint;
   created under the strategy's scope, a copy on every replica."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
   with strategy.scope():
     return tf.Variable(1.0, dtype=tf.float32, trainable=False,
                        name="lr_scale")
