@@ -12,7 +12,9 @@ before the update, for a run that averaged from its start). A starts as a
 copy of the weights when averaging starts: the initial (or warm-started)
 weights, or, when a resumed run turns averaging on, the restored weights.
 With a warmup, the first update (n = 0) replaces that copy by the weights
-after the first step, and the decay grows linearly to d.
+after the first step, and the decay grows linearly to d. A step that loss
+scaling skips (an overflow under mixed_float16) leaves the weights as they
+were and still counts as an averaging step.
 
 Why not Keras' own `use_ema`: its momentum is fixed (the first step copies
 the weights, there is no warmup rule), it lives in the optimizer, so a task's
