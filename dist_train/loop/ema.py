@@ -17,9 +17,10 @@ scaling skips (an overflow under mixed_float16) leaves the weights as they
 were and still counts as an averaging step.
 
 Why not Keras' own `use_ema`: its momentum is fixed (the first step copies
-the weights, there is no warmup rule), it lives in the optimizer, so a task's
-own optimizer (`Task.build_optimizer`) would have to be changed in place,
-and it is kept in the weights' dtype. Here the average is float32
+the weights, there is no warmup rule); it lives in the optimizer, so a task's
+own optimizer (`Task.build_optimizer`) would have to be changed in place;
+and its averages join the optimizer's numbered variables, so turning it on
+at a resume changes the layout of the optimizer's checkpoint. Here the average is float32
 `tf.Variable`s created under the strategy's scope (mirrored: one copy per
 replica), updated in the compiled loop right after `strategy.run` with
 `strategy.extended.update`, which runs the same arithmetic on each replica's
