@@ -21,8 +21,11 @@ from dist_train.distribute import strategy as strategy_lib
 from dist_train.distribute import watchdog as watchdog_lib
 from dist_train.loop import controller as controller_lib
 from dist_train.loop import early_stopping as early_stopping_lib
+from dist_train.loop import ema as ema_lib
 from dist_train.loop import hooks
+from dist_train.loop import keras_optimizer
 from dist_train.loop import optimizers
+from dist_train.loop import plateau as plateau_lib
 from dist_train.loop import precision
 from dist_train.loop import preemption
 from dist_train.loop import schedule as schedule_lib
@@ -78,6 +81,11 @@ class Parts:
   is_chief: bool
   layout: object  # pipelines.ReplicaLayout of this worker.
   watchdog: watchdog_lib.CollectiveWatchdog
+  plateau: Optional[plateau_lib.PlateauRule] = None  # --lr_schedule=plateau
+  # The factor of the learning rate (optimizers.create_rate_scale), and
+  # () -> the schedule's rate of the next step before it.
+  rate_scale: Optional[tf.Variable] = None
+  unscaled_rate_fn: Optional[Callable[[], float]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,16 +141,36 @@ class EvaluationRun:
               what, armed=trainer.eval_traces > 0))
 
 
-def _create_optimizer(config, total_steps):
+def _plateau_rule(config, scale):
+  """The rule of --lr_schedule=plateau (None for another schedule)."""
+  if config.lr_schedule != "plateau":
+    return None
+  metric = config.lr_plateau_metric or config.best_metric or "loss"
+  return plateau_lib.PlateauRule(
+      scale=scale, metric=metric,
+      mode=config.best_mode if metric == config.best_metric else "auto",
+      patience=config.lr_plateau_patience, factor=config.lr_plateau_factor,
+      base_learning_rate=config.learning_rate,
+      min_learning_rate=config.lr_min)
+
+
+def _create_optimizer(config, total_steps, task, description, scale):
+  """(optimizer, schedule): the flags' optimizer, or the task's own
+  (`Task.build_optimizer`), at the flags' learning-rate schedule times
+  `scale`, wrapped for loss scaling."""
   learning_rate = optimizers.create_learning_rate(
       kind=config.lr_schedule, base_learning_rate=config.learning_rate,
       total_steps=total_steps, warmup_steps=config.warmup_steps,
-      boundaries=config.lr_boundaries, decay_factor=config.lr_decay_factor)
-  return precision.wrap_optimizer(
-      optimizers.create_optimizer(config.optimizer, learning_rate,
-                                  momentum=config.momentum,
-                                  weight_decay=config.weight_decay),
-      config.mixed_precision)
+      boundaries=config.lr_boundaries, decay_factor=config.lr_decay_factor,
+      scale=scale)
+  if "build_optimizer" in description.hooks:
+    optimizer = task_loading.build_optimizer(task, description, learning_rate)
+  else:
+    optimizer = optimizers.create_optimizer(
+        config.optimizer, learning_rate, momentum=config.momentum,
+        weight_decay=config.weight_decay)
+  return (precision.wrap_optimizer(optimizer, config.mixed_precision),
+          learning_rate)
 
 
 def _inputs(splits, config, strategy):
@@ -177,10 +205,11 @@ def _profiler(config, layout, is_chief):
 
 
 def _hooks(config, *, trainer, summary_writers, is_chief, worker_index,
-           profiler, boundary_checks, callbacks):
-  """The run's one list of hooks, in the order they are called: ownership
-  checks, the profiler and the read report; validation summaries and the
-  best model; the user's callbacks; early stopping last, after every
+           profiler, boundary_checks, callbacks, plateau=None):
+  """The run's one list of hooks, in the order they are called: the start
+  of the weight average (with --ema_decay); ownership checks, the profiler
+  and the read report; validation summaries, the best model and the plateau
+  rule; the user's callbacks; early stopping last, after every
   callback saw the evaluation. Also returns early stopping's state, which
   the run's checkpoint keeps (None without a patience)."""
   def global_step():
@@ -195,13 +224,19 @@ def _hooks(config, *, trainer, summary_writers, is_chief, worker_index,
     own.append(hooks.KeepBest(
         best=best_lib.BestModel(config.model_dir, metric=config.best_metric,
                                 mode=config.best_mode, is_chief=is_chief),
-        global_step_fn=global_step))
+        global_step_fn=global_step, average=trainer.eval_average))
+  if plateau is not None:
+    own.append(plateau_lib.CutOnPlateau(plateau, global_step_fn=global_step))
   stopping = (early_stopping_lib.EarlyStopping(
       metric=config.best_metric, mode=config.best_mode,
       patience=config.early_stopping_patience,
       min_delta=config.early_stopping_min_delta)
               if config.early_stopping_patience else None)
   last = [hooks.StopWhenNotImproving(stopping)] if stopping else []
+  if trainer.ema is not None:
+    # After the checkpoint (and any warm start) restored.
+    own.insert(0, hooks.AtTrainBegin(
+        lambda: trainer.ema.start(global_step())))
   return own + list(callbacks) + last, stopping
 
 
@@ -231,16 +266,24 @@ def _build_parts(config, task, description, strategy) -> Parts:
     with errors.phase("building the model"):
       with precision.policy_scope(config.mixed_precision):
         model = task_loading.build_model(task, description)
-      optimizer = _create_optimizer(config, schedule.total_steps)
+      rate_scale = optimizers.create_rate_scale(strategy)
+      plateau = _plateau_rule(config, rate_scale)
+      optimizer, learning_rate = _create_optimizer(
+          config, schedule.total_steps, task, description, rate_scale)
       # Built now, so that a checkpoint restores into existing slot variables.
       optimizer.build(model.trainable_variables)
+  ema = (ema_lib.WeightAverage(
+      strategy=strategy, variables=model.trainable_variables,
+      decay=config.ema_decay, warmup_steps=config.ema_warmup_steps)
+         if config.ema_decay else None)
   trainer = steps.Trainer(
       strategy=strategy, task=task, model=model, optimizer=optimizer,
       add_loss_reduction=config.add_loss_reduction,
       clip_norm=config.clip_norm, jit_compile=config.jit_compile,
       grad_accum_steps=config.grad_accum_steps, train_input=train_input,
       eval_input=validation_input, shuffle_buffer=config.shuffle_buffer,
-      seed=config.seed, description=description)
+      seed=config.seed, description=description, ema=ema,
+      eval_with_ema=config.eval_with_ema)
   if len(splits.train):  # A worker's shard of a stream may be empty.
     with errors.phase("checking the task's loss on one batch"):
       task_checks.check_loss_shapes(description, model, splits.train)
@@ -259,17 +302,22 @@ def _build_parts(config, task, description, strategy) -> Parts:
       is_chief=is_chief, layout=layout,
       watchdog=watchdog_lib.CollectiveWatchdog(
           timeout_s=config.collective_timeout_s,
-          num_workers=layout.num_workers))
+          num_workers=layout.num_workers), plateau=plateau,
+      rate_scale=rate_scale,
+      unscaled_rate_fn=lambda: learning_rate.unscaled(optimizer.iterations))
 
 
-def _checkpoint(config, parts: Parts, *, writes: bool, extra=None):
+def _checkpoint(config, parts: Parts, *, writes: bool, extra=None,
+                optional=None):
+  ema = parts.trainer.ema
   with errors.phase("opening the checkpoints"):
     return checkpoints.RunCheckpoint(
         checkpoints.checkpoint_dir(config.model_dir),
         model=parts.trainer.model, optimizer=parts.trainer.optimizer,
         max_to_keep=config.keep_checkpoints,
         is_chief=parts.is_chief and writes,
-        on_corrupt=config.on_corrupt_checkpoint, extra=extra)
+        on_corrupt=config.on_corrupt_checkpoint, extra=extra,
+        optional=optional, model_extra=ema.variables if ema is not None else None)
 
 
 def build_training(config: config_lib.Config, task,
@@ -295,9 +343,18 @@ def build_training(config: config_lib.Config, task,
   run_hooks, stopping = _hooks(
       config, trainer=trainer, summary_writers=parts.summary_writers,
       is_chief=is_chief, worker_index=parts.layout.worker_index,
-      profiler=profiler, boundary_checks=boundary_checks, callbacks=callbacks)
-  checkpoint = _checkpoint(config, parts, writes=True,
-                           extra=stopping.variables if stopping else None)
+      profiler=profiler, boundary_checks=boundary_checks, callbacks=callbacks,
+      plateau=parts.plateau)
+  checkpoint = _checkpoint(
+      config, parts, writes=True,
+      extra=stopping.variables if stopping else None,
+      optional={"lr_scale": parts.rate_scale,
+                **(parts.plateau.variables if parts.plateau else {})})
+  # What Keras callbacks find as model.optimizer (see keras_optimizer.py).
+  trainer.model.optimizer = keras_optimizer.KerasOptimizerView(
+      optimizer=trainer.optimizer, scale=parts.rate_scale,
+      unscaled_rate_fn=parts.unscaled_rate_fn,
+      average=trainer.ema, variables=trainer.model.trainable_variables)
   agreement = preemption.PreemptionAgreement(
       strategy=parts.strategy,
       num_workers=strategy_lib.num_workers(parts.strategy),

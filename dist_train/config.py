@@ -16,7 +16,7 @@ from dist_train import errors
 DATASETS = ("mnist", "mnist_sample", "synthetic")
 MODELS = ("mlp", "cnn")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
-LR_SCHEDULES = ("constant", "cosine", "step")
+LR_SCHEDULES = ("constant", "cosine", "step", "plateau")
 MODES = ("train", "evaluate", "train_and_evaluate", "continuous_eval")
 BEST_MODES = ("auto", "max", "min")
 STRATEGIES = ("auto", "mirrored", "one_device", "multi_worker")
@@ -40,7 +40,8 @@ RUN_DEFINING_OPTIONS = (
     "optimizer", "momentum", "weight_decay", "lr_schedule", "warmup_steps",
     "lr_boundaries", "lr_decay_factor", "grad_accum_steps", "clip_norm",
     "model", "hidden_units", "activity_regularization", "add_loss_reduction",
-    "kernel_l2", "mixed_precision")
+    "kernel_l2", "mixed_precision", "ema_decay", "ema_warmup_steps",
+    "lr_plateau_metric", "lr_plateau_patience", "lr_plateau_factor", "lr_min")
 
 
 class ConfigError(errors.DistTrainError, ValueError):
@@ -142,6 +143,29 @@ class Config:
       shown="50%, 75% of the run")
   lr_decay_factor: float = option(
       0.1, "Factor of --lr_schedule=step at each boundary.",
+      check="non_negative")
+  ema_decay: Optional[float] = option(
+      None, "Keep an exponential moving average of the trainable weights "
+      "with this decay d in (0, 1), updated after each optimizer step "
+      "(loop/ema.py); saved in the checkpoints.", shown="off")
+  ema_warmup_steps: int = option(
+      0, "With --ema_decay: the decay after n averaging steps is d * min(1, "
+      "n / N) (0: d from the first step).", check="non_negative")
+  eval_with_ema: bool = option(
+      True, "With --ema_decay: validation, best/, the export and "
+      "--mode=evaluate use the averaged weights (training always continues "
+      "on the model's own).")
+  lr_plateau_metric: Optional[str] = option(
+      None, "The validation metric --lr_schedule=plateau watches.",
+      shown="--best_metric, else loss")
+  lr_plateau_patience: int = option(
+      2, "--lr_schedule=plateau cuts the rate after this many evaluations "
+      "in a row without an improvement.", check="positive")
+  lr_plateau_factor: float = option(
+      0.5, "--lr_schedule=plateau multiplies the rate by this, in (0, 1), "
+      "at each cut.", check="positive")
+  lr_min: float = option(
+      0.0, "--lr_schedule=plateau never cuts the rate below this.",
       check="non_negative")
   grad_accum_steps: int = option(
       1, "Split each replica's share of the global batch into K "
@@ -358,6 +382,16 @@ def validate(config: Config) -> None:
       config.lr_boundaries) != sorted(set(config.lr_boundaries)):
     raise ConfigError("--lr_boundaries must be increasing positive steps, got "
                       f"{','.join(map(str, config.lr_boundaries))}")
+  if config.ema_decay is not None and not 0.0 < config.ema_decay < 1.0:
+    raise ConfigError(
+        f"--ema_decay must be in (0, 1), got {config.ema_decay}")
+  if not config.lr_plateau_factor < 1.0:
+    raise ConfigError("--lr_plateau_factor must be in (0, 1), got "
+                      f"{config.lr_plateau_factor}")
+  if config.lr_schedule == "plateau" and config.mode == "train":
+    raise ConfigError(
+        "--lr_schedule=plateau cuts the rate after validation passes, but "
+        "--mode=train runs none: use --mode=train_and_evaluate")
   steps = config.profile_steps
   if steps and (len(steps) != 2 or not 0 < steps[0] <= steps[1]):
     raise ConfigError("--profile_steps must be START,END with 0 < START <= "

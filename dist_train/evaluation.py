@@ -13,6 +13,7 @@ import tensorflow as tf
 from dist_train import builder
 from dist_train import config as config_lib
 from dist_train import errors
+from dist_train.loop import ema as ema_lib
 from dist_train.loop import stop
 from dist_train.outputs import best as best_lib
 from dist_train.outputs import checkpoints
@@ -134,8 +135,9 @@ def _evaluate_checkpoint(run: builder.EvaluationRun, path: str, best,
              **metrics}
   run.summary_writers.write_scalars("eval", metrics, position.global_step)
   if best is not None:
-    best.update(global_step=position.global_step, metrics=metrics,
-                model=run.model)
+    with ema_lib.evaluation_weights(run.parts.trainer.eval_average):
+      best.update(global_step=position.global_step, metrics=metrics,
+                  model=run.model)
   if run.is_chief:
     _write_eval_results(config.model_dir, results)
   logging.info("Evaluated %s | %s", path, " ".join(

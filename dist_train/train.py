@@ -24,9 +24,11 @@ from dist_train import builder
 from dist_train import config as config_lib
 from dist_train import errors
 from dist_train import evaluation
+from dist_train.data import datasets
 from dist_train.distribute import cluster
 from dist_train.distribute import strategy as strategy_lib
 from dist_train.loop import controller as controller_lib
+from dist_train.loop import ema as ema_lib
 from dist_train.loop import hooks
 from dist_train.loop import stop
 from dist_train.outputs import export
@@ -173,6 +175,13 @@ def _train_and_evaluate(config, *, task, model_fn, strategy, validate,
       # waits for the new final checkpoint.
       tf.io.gfile.remove(os.path.join(config.model_dir,
                                       evaluation.TRAINING_DONE))
+    if config.lr_schedule == "plateau" and not (
+        validate and run.controller.has_validation):
+      raise datasets.DataError(
+          "--lr_schedule=plateau cuts the rate after validation passes, but "
+          f"this run has none (the validation split of --dataset="
+          f"{config.dataset} is empty, or validation is off): give "
+          "validation data, or another --lr_schedule")
     if validate:
       builder.require_validation(
           run.controller.has_validation, config,
@@ -190,7 +199,8 @@ def _train_and_evaluate(config, *, task, model_fn, strategy, validate,
       # rerun exports again.
       stop.set_phase("while exporting the model")
       stop.check_now()
-      with errors.phase("exporting the model"):
+      with errors.phase("exporting the model"), ema_lib.evaluation_weights(
+          run.controller.eval_average):
         export.export_model(result.model, config.model_dir,
                             saved_model=config.export_saved_model)
         model_dir_lib.write_json(

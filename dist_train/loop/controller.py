@@ -97,8 +97,10 @@ class Controller:
     self._preemption = preemption_agreement
     self._log = log
     self._progress_fn = progress_fn or _NoProgress
-    self._callbacks = keras.callbacks.CallbackList(list(callbacks),
-                                                   model=trainer.model)
+    # The params Keras' fit gives its callbacks.
+    self._callbacks = keras.callbacks.CallbackList(
+        list(callbacks), model=trainer.model, epochs=schedule.num_epochs,
+        steps=schedule.steps_per_epoch, verbose=0)
     self._watchdog = watchdog or watchdog_lib.CollectiveWatchdog(
         timeout_s=None, num_workers=1)
     self._wall_clock = wall_clock or time_limits.WallClock()
@@ -113,6 +115,11 @@ class Controller:
   @property
   def model(self) -> keras.Model:
     return self._trainer.model
+
+  @property
+  def eval_average(self):
+    """The weight average evaluation and the export use, or None."""
+    return self._trainer.eval_average
 
   @property
   def total_steps(self) -> int:

@@ -17,6 +17,7 @@ from absl import logging
 import keras
 
 from dist_train.loop import early_stopping as early_stopping_lib
+from dist_train.loop import ema as ema_lib
 from dist_train.outputs import best as best_lib
 from dist_train.outputs import profiler as profiler_lib
 from dist_train.outputs import summaries as summaries_lib
@@ -105,17 +106,20 @@ class ValidationSummaries(keras.callbacks.Callback):
 
 
 class KeepBest(keras.callbacks.Callback):
-  """Keeps <model_dir>/best/: the model of the best evaluation so far."""
+  """Keeps <model_dir>/best/: the model of the best evaluation so far (with
+  `average`, a loop.ema.WeightAverage, the averaged weights it evaluated)."""
 
   def __init__(self, *, best: best_lib.BestModel,
-               global_step_fn: GlobalStepFn):
+               global_step_fn: GlobalStepFn, average=None):
     super().__init__()
     self._best = best
     self._global_step_fn = global_step_fn
+    self._average = average
 
   def on_test_end(self, logs=None):
-    self._best.update(global_step=self._global_step_fn(), metrics=logs,
-                      model=self.model)
+    with ema_lib.evaluation_weights(self._average):
+      self._best.update(global_step=self._global_step_fn(), metrics=logs,
+                        model=self.model)
 
 
 class StopWhenNotImproving(keras.callbacks.Callback):

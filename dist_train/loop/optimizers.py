@@ -5,6 +5,7 @@ from typing import Sequence
 
 import keras
 from keras import ops
+import tensorflow as tf
 
 from dist_train import config as config_lib
 
@@ -21,11 +22,17 @@ class LearningRateSchedule(keras.optimizers.schedules.LearningRateSchedule):
   * constant: base;
   * cosine: base * (1 + cos(pi * p)) / 2, with p the fraction of the
     post-warmup steps done, reaching 0 at total_steps;
-  * step: base * decay_factor ** (number of boundaries <= s).
+  * step: base * decay_factor ** (number of boundaries <= s);
+  * plateau: base (cut by plateau.py through `scale`).
+
+  Every kind is then multiplied by `scale`, a variable the run changes
+  between compiled loops: plateau.py cuts it, and a Keras callback that sets
+  `model.optimizer.learning_rate` sets it (keras_optimizer.py). It is 1
+  until then, or when none is given (a reloaded schedule).
   """
 
   def __init__(self, kind, base_learning_rate, *, total_steps, warmup_steps=0,
-               boundaries=(), decay_factor=0.1):
+               boundaries=(), decay_factor=0.1, scale=None):
     if kind not in config_lib.LR_SCHEDULES:
       raise ValueError(f"unknown learning-rate schedule {kind!r}")
     self.kind = kind
@@ -34,8 +41,16 @@ class LearningRateSchedule(keras.optimizers.schedules.LearningRateSchedule):
     self.warmup_steps = int(warmup_steps)
     self.boundaries = tuple(int(b) for b in boundaries)
     self.decay_factor = float(decay_factor)
+    self.scale = scale  # Not in get_config: state, saved by the checkpoint.
 
   def __call__(self, step):
+    rate = self.unscaled(step)
+    if self.scale is not None:
+      rate = rate * ops.cast(self.scale, "float32")
+    return rate
+
+  def unscaled(self, step):
+    """The rate of update step + 1 before `scale`."""
     step = ops.cast(step, "float32")
     base = self.base_learning_rate
     if self.kind == "cosine":
@@ -62,8 +77,10 @@ class LearningRateSchedule(keras.optimizers.schedules.LearningRateSchedule):
 def create_learning_rate(*, kind: str, base_learning_rate: float,
                          total_steps: int, warmup_steps: int = 0,
                          boundaries: Sequence[int] = (),
-                         decay_factor: float = 0.1) -> LearningRateSchedule:
-  """The schedule of the run; `boundaries` default to 50% and 75% of it.
+                         decay_factor: float = 0.1,
+                         scale=None) -> LearningRateSchedule:
+  """The schedule of the run; `boundaries` default to 50% and 75% of it;
+  `scale` is the variable the rate is multiplied by (`create_rate_scale`).
 
   A schedule even for a constant rate: the optimizer then saves the same
   objects whatever the schedule, so checkpoints match across schedules.
@@ -72,7 +89,16 @@ def create_learning_rate(*, kind: str, base_learning_rate: float,
   return LearningRateSchedule(
       kind, base_learning_rate, total_steps=total_steps,
       warmup_steps=warmup_steps, boundaries=boundaries,
-      decay_factor=decay_factor)
+      decay_factor=decay_factor, scale=scale)
+
+
+def create_rate_scale(strategy):
+  """The factor of the learning rate that the run changes between loops
+  (the plateau rule, Keras callbacks): 1 at first, saved in the checkpoint;
+  created under the strategy's scope, a copy on every replica."""
+  with strategy.scope():
+    return tf.Variable(1.0, dtype=tf.float32, trainable=False,
+                       name="lr_scale")
 
 
 def create_optimizer(name: str, learning_rate, *, momentum: float = 0.9,

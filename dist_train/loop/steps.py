@@ -28,6 +28,7 @@ import keras
 import tensorflow as tf
 
 from dist_train.distribute import inputs
+from dist_train.loop import ema as ema_lib
 from dist_train.loop import gradients as gradients_lib
 from dist_train.loop import losses
 from dist_train.loop import metrics as metrics_lib
@@ -53,7 +54,9 @@ class Trainer:
                jit_compile: bool = False, grad_accum_steps: int = 1,
                train_input, eval_input=None, shuffle_buffer: int = 0,
                seed: int = 0,
-               description: Optional[base.TaskDescription] = None):
+               description: Optional[base.TaskDescription] = None,
+               ema: Optional[ema_lib.WeightAverage] = None,
+               eval_with_ema: bool = True):
     """Creates the trainer.
 
     `add_loss_reduction`, `clip_norm`, `jit_compile`, `grad_accum_steps`,
@@ -63,7 +66,8 @@ class Trainer:
     its `next_shares(iterator)` and `divisors_in_batch` for callers that run
     `train_steps` on iterators of their own. `description` is the task's,
     from `tasks.base.check_task`; by default the task is checked and
-    described here.
+    described here. `ema`, the average of the weights (`--ema_decay`), is
+    updated after each step; with `eval_with_ema`, `evaluate` sees it.
     """
     if grad_accum_steps < 1:
       raise ValueError(
@@ -78,6 +82,9 @@ class Trainer:
     self.task = task
     self.model = model
     self.optimizer = optimizer
+    self.ema = ema
+    # The average that evaluation (and best/, the export) sees, if any.
+    self.eval_average = ema if eval_with_ema else None
     description = description or base.check_task(
         task, getattr(task, "name", None) or type(task).__name__)
     self._custom_step = description.own_step
@@ -123,6 +130,8 @@ class Trainer:
       per_replica = self.strategy.run(
           self._replica_step.train,
           args=self._train_input.next_shares(iterator))
+      if self.ema is not None:
+        self.ema.update()
       step_terms = self.strategy.reduce(tf.distribute.ReduceOp.SUM,
                                         per_replica, axis=None)
       if self._custom_step:
@@ -175,10 +184,11 @@ class Trainer:
     None when `stop_fn` stopped it (see `eval_steps`)."""
     if self._eval_dataset is None:  # Built once: it captures the data.
       self._eval_dataset = self._eval_input.eval_dataset()
-    return self.eval_steps(self._eval_dataset,
-                           self._eval_input.steps_per_epoch,
-                           chunk_steps=chunk_steps, stop_fn=stop_fn,
-                           guard=guard)
+    with ema_lib.evaluation_weights(self.eval_average):
+      return self.eval_steps(self._eval_dataset,
+                             self._eval_input.steps_per_epoch,
+                             chunk_steps=chunk_steps, stop_fn=stop_fn,
+                             guard=guard)
 
   def take_read_count(self) -> int:
     """Training examples this worker's pipeline read since the last call."""

@@ -84,7 +84,9 @@ class RunCheckpoint:
   def __init__(self, directory: str, *, model: keras.Model,
                optimizer: keras.optimizers.Optimizer, max_to_keep: int,
                is_chief: bool = True, on_corrupt: str = "fail",
-               extra: Optional[dict] = None):
+               extra: Optional[dict] = None,
+               optional: Optional[dict] = None,
+               model_extra: Optional[dict] = None):
     """Creates the checkpoint of a run.
 
     Args:
@@ -96,6 +98,11 @@ class RunCheckpoint:
       on_corrupt: "fail" or "previous", see `restore_latest`.
       extra: more trackables to save with the run, by name (the early
         stopping state).
+      optional: trackables saved with the run that an older checkpoint
+        may lack: a state a resume turned on (the plateau rule); restored
+        when there, left as they are when not.
+      model_extra: like `optional`, and also restored by restores of the
+        model alone (the weight average, which evaluation uses).
     """
     # Plain (non-distributed) variables: they are read and assigned only by
     # the eager outer loop.
@@ -106,13 +113,20 @@ class RunCheckpoint:
     self._is_chief = is_chief
     self._on_corrupt = on_corrupt
     self._model = model
+    self._model_extra = dict(model_extra or {})
+    self._optional = {**(optional or {}), **self._model_extra}
     self._step_counter = optimizer.iterations
     self._checkpoint = tf.train.Checkpoint(
         model=model, optimizer=optimizer, epoch=self._epoch,
         step_in_epoch=self._step_in_epoch, **(extra or {}))
+    # What a save writes; restores read the optional part on its own (see
+    # _restore_one), so that its absence is no mismatch.
+    self._saved = tf.train.Checkpoint(
+        model=model, optimizer=optimizer, epoch=self._epoch,
+        step_in_epoch=self._step_in_epoch, **(extra or {}), **self._optional)
     try:
       self._manager = tf.train.CheckpointManager(
-          self._checkpoint, directory, max_to_keep=max_to_keep,
+          self._saved, directory, max_to_keep=max_to_keep,
           step_counter=optimizer.iterations)
     except Exception as e:  # A garbled state file raises a parse error.
       raise CorruptCheckpointError(
@@ -179,7 +193,9 @@ class RunCheckpoint:
     """
     checkpoint = (tf.train.Checkpoint(model=self._model) if model_only
                   else self._checkpoint)
-    return self._restore(checkpoint, partial=model_only)
+    return self._restore(checkpoint, partial=model_only,
+                         optional=(self._model_extra if model_only
+                                   else self._optional))
 
   def _candidates(self):
     """Checkpoint prefixes to try, newest first."""
@@ -209,11 +225,11 @@ class RunCheckpoint:
       CorruptCheckpointError, CheckpointMismatchError: as `restore_latest`.
     """
     self._restore_one(tf.train.Checkpoint(model=self._model), path,
-                      partial=True)
+                      partial=True, optional=self._model_extra)
     return Position(path=path, global_step=step_of(path), epoch=-1,
                     step_in_epoch=-1)
 
-  def _restore_one(self, checkpoint, path, *, partial):
+  def _restore_one(self, checkpoint, path, *, partial, optional=None):
     missing = _missing_files(path)
     if missing:
       raise CorruptCheckpointError(
@@ -226,6 +242,9 @@ class RunCheckpoint:
       # Every variable of this run that the checkpoint names must be
       # restored, so a changed model fails loudly.
       status.assert_existing_objects_matched()
+      if optional:
+        status.expect_partial()  # The optional part is read next.
+        tf.train.Checkpoint(**optional).restore(path).expect_partial()
     except Exception as e:  # Readers raise many types for bad files.
       if isinstance(e, AssertionError) or SHAPE_MISMATCH.search(str(e)):
         raise mismatch_error(path, e) from e
@@ -234,11 +253,13 @@ class RunCheckpoint:
           f"checkpoint {', '.join(files)} is unreadable: "
           f"{errors.first_line(e)}") from e
 
-  def _restore(self, checkpoint, *, partial: bool) -> Optional[Position]:
+  def _restore(self, checkpoint, *, partial: bool,
+               optional=None) -> Optional[Position]:
     candidates = self._candidates()
     for i, path in enumerate(candidates):
       try:
-        self._restore_one(checkpoint, path, partial=partial)
+        self._restore_one(checkpoint, path, partial=partial,
+                          optional=optional)
       except CorruptCheckpointError as e:
         older = candidates[i + 1:]
         if self._on_corrupt != "previous":
@@ -275,7 +296,7 @@ class RunCheckpoint:
     if not self._is_chief:
       temp_dir = tempfile.mkdtemp(prefix="dist_train_worker_checkpoint_")
       try:
-        tf.train.CheckpointManager(self._checkpoint, temp_dir,
+        tf.train.CheckpointManager(self._saved, temp_dir,
                                    max_to_keep=1).save(checkpoint_number=step)
       finally:
         shutil.rmtree(temp_dir, ignore_errors=True)

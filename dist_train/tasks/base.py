@@ -107,6 +107,18 @@ class Task:
     context, outside XLA. The default checks nothing."""
     return batch
 
+  def build_optimizer(self, learning_rate):
+    """Optional: this task's own keras.optimizers.Optimizer (e.g. AdamW with
+    `exclude_from_weight_decay`, Lion, rates per group of variables), at
+    `learning_rate`, the schedule the flags built (`--learning_rate`,
+    `--lr_schedule`, `--warmup_steps`, ...). Called under the strategy's
+    scope. dist_train still scales the loss (mixed_float16), clips the
+    summed gradient, accumulates micro-batches, averages the weights and
+    checkpoints the optimizer; the optimizer's own `clipnorm`,
+    `gradient_accumulation_steps` and `use_ema` would act on one replica's
+    share, so leave them unset. Without it, `--optimizer` is used."""
+    raise NotImplementedError
+
   def train_step(self, batch, ctx):
     """Optional: this task's own step on a replica's share of the global
     batch, for what a declarative `loss` cannot say; the model being trained
@@ -117,7 +129,8 @@ class Task:
 
 
 REQUIRED_METHODS = ("build_model", "build_dataset")
-OPTIONAL_HOOKS = ("metrics", "validate_batch", "train_step")
+OPTIONAL_HOOKS = ("metrics", "validate_batch", "train_step",
+                  "build_optimizer")
 
 
 def defines(task: Any, name: str) -> bool:

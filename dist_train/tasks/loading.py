@@ -100,6 +100,50 @@ def build_model(task, description: base.TaskDescription) -> keras.Model:
                                  "a keras.Model from build_model()")
 
 
+def build_optimizer(task, description: base.TaskDescription,
+                    learning_rate) -> keras.optimizers.Optimizer:
+  """The task's own optimizer at `learning_rate`, checked.
+
+  Raises:
+    base.TaskError: it returned something else than a
+      keras.optimizers.Optimizer, or an optimizer that would clip,
+      accumulate or average one replica's share (dist_train does these for
+      the global batch); naming where build_optimizer is defined.
+  """
+  optimizer = call_task(task, description, task.build_optimizer,
+                        learning_rate)
+  defined = _defined_at(task.build_optimizer)
+  where = f"{description.name}: build_optimizer(){defined}"
+  if not isinstance(optimizer, keras.optimizers.Optimizer) or isinstance(
+      optimizer, keras.optimizers.LossScaleOptimizer):
+    raise base.TaskError(
+        f"{where} must return a keras.optimizers.Optimizer (not a "
+        f"LossScaleOptimizer: --mixed_precision adds it), got "
+        f"{type(optimizer).__name__}")
+  per_share = [name for name, value in (
+      ("clipnorm", optimizer.clipnorm),
+      ("global_clipnorm", optimizer.global_clipnorm),
+      ("clipvalue", optimizer.clipvalue), ("use_ema", optimizer.use_ema),
+      ("gradient_accumulation_steps",
+       optimizer.gradient_accumulation_steps)) if value]
+  if per_share:
+    raise base.TaskError(
+        f"{where} returned an optimizer with {', '.join(per_share)}, which "
+        "would act on one replica's share of the batch: use --clip_norm, "
+        "--grad_accum_steps and --ema_decay instead")
+  return optimizer
+
+
+def _defined_at(function) -> str:
+  """` (at file:line)` where `function` is defined, else ''."""
+  try:
+    path = inspect.getsourcefile(function)
+    _, line = inspect.getsourcelines(function)
+  except (OSError, TypeError):  # A builtin, a C extension, no source.
+    return ""
+  return f" (at {path}:{line})"
+
+
 def call_task(task, description: base.TaskDescription, method, *args,
               **kwargs):
   """Calls a task's method: a user's through user_code.call (one line naming

@@ -32,8 +32,9 @@ STOP_STEP = 16  # The first loop end at or after STOP_FROM.
 
 def _run_two_workers(output_dir):
   """Both workers run the callback; only worker 1 asks to stop."""
-  command = [*processes.python_command(), "tests/helpers/callback_run.py", output_dir,
-             f"--stop_at_step={STOP_FROM}", "--stop_on_worker=1", "--",
+  command = [*processes.python_command(), "tests/helpers/callback_run.py",
+             output_dir, f"--stop_at_step={STOP_FROM}", "--stop_on_worker=1",
+             "--reduce_lr", "--",
              *FLAGS, f"--collective_timeout_s="
              f"{processes.COLLECTIVE_TIMEOUT_S}"]
   out, err = io.StringIO(), io.StringIO()
@@ -52,7 +53,8 @@ def runs(tmp_path_factory):
     two_workers = pool.submit(_run_two_workers, workers_dir)
     api = processes.run_python([
         "tests/helpers/callback_run.py", replicas_dir, "--csv",
-        f"--stop_at_step={STOP_FROM}", "--", *FLAGS, "--cpu_replicas=2"])
+        f"--stop_at_step={STOP_FROM}", "--reduce_lr", "--", *FLAGS,
+        "--cpu_replicas=2"])
     two_workers = two_workers.result()
   assert api.returncode == 0, api.stderr[-6000:]
   return (replicas_dir, json.loads(api.stdout.strip().splitlines()[-1]),
@@ -121,3 +123,27 @@ def test_a_stop_asked_on_worker_1_stops_both_workers_at_one_step(runs):
       out), out[-6000:]
   assert re.search(r"\[worker 1\] .*Saved this worker's copy of the "
                    rf"checkpoint of step {STOP_STEP} ", out), out[-6000:]
+
+
+def test_reduce_lr_on_plateau_cuts_at_one_step_on_every_worker(runs):
+  """keras.callbacks.ReduceLROnPlateau sets `model.optimizer.learning_rate`
+  on each worker from the same validation loss: both workers and the
+  2-replica run see the same rate after every loop, with cuts in it, and
+  end with the same weights."""
+  _, results, _, _, (returncode, out, err) = runs
+  assert returncode == 0, (out + err)[-6000:]
+  workers_results = {}
+  for line in out.splitlines():
+    match = re.match(r"\[worker (\d)\] (\{.*\})$", line)
+    if match:
+      workers_results[int(match.group(1))] = json.loads(
+          match.group(2))["reduce_lr"]
+  replicas = results["reduce_lr"]
+  print(f"rates after each loop: {replicas['rates']}")
+  assert len(set(replicas["rates"])) >= 2  # It cut.
+  assert replicas["rates"][0] == pytest.approx(0.05)
+  for result in workers_results.values():
+    assert result["batch_ends"] == replicas["batch_ends"]
+    assert result["rates"] == pytest.approx(replicas["rates"], rel=1e-6)
+    assert result["weight_sum"] == pytest.approx(replicas["weight_sum"],
+                                                 abs=1e-4)

@@ -63,6 +63,11 @@ CLIP_NORM = 0.3
 LR_BOUNDARIES, LR_DECAY = (5, 9), 0.2
 LR_STEP = {"lr_schedule": "step", "lr_boundaries": list(LR_BOUNDARIES),
            "lr_decay_factor": LR_DECAY}
+# The task's own optimizer (AdamW without weight decay on the biases), on
+# every replica count, at a rate Adam's normalised steps tolerate, with the
+# step schedule (the schedule the flags built reaches the task's optimizer).
+OWN_OPTIMIZER_RATE = 0.01
+OWN_OPTIMIZER = {"learning_rate": OWN_OPTIMIZER_RATE, **LR_STEP}
 
 
 def _case(name, task, accum, settings, **flags):
@@ -74,6 +79,8 @@ def _cases(replicas):
   """What one process with `replicas` replicas trains, in order."""
   cases = [_case(f"{task}_{accum}", task, accum, settings)
            for task, settings in TASKS.items() for accum in ACCUMULATION]
+  cases += [_case(f"own_optimizer_{accum}", "own_optimizer", accum, TWO_HEADS,
+                  **OWN_OPTIMIZER) for accum in (1, 2)]
   if replicas == 1:
     cases.append(_case("float16_1", "two_heads", 1, TWO_HEADS,
                        mixed_precision="mixed_float16"))
@@ -186,13 +193,43 @@ def _zero_weights_objective(model, batch):
 OBJECTIVES = {"masked_sequences": _token_cross_entropy,
               "own_step": _own_step_objective,
               "two_heads": _two_heads_objective,
+              "own_optimizer": _two_heads_objective,
               "zero_weight_batch": _zero_weights_objective}
+
+
+class _AdamW:
+  """AdamW as its paper and Keras define it, by hand: decoupled weight
+  decay w -= rate * wd * w first (not on `skip`ped variables), then Adam
+  with bias correction (beta_1 0.9, beta_2 0.999, epsilon 1e-7)."""
+
+  def __init__(self, weight_decay, skip):
+    self._weight_decay = weight_decay
+    self._skip = skip
+    self._moments = {}
+
+  def __call__(self, variable, gradient, rate, step):
+    m, v = self._moments.get(id(variable), (0.0, 0.0))
+    if not self._skip(variable):
+      variable.assign_sub(rate * self._weight_decay * variable)
+    m = m + (gradient - m) * (1 - 0.9)
+    v = v + (gradient ** 2 - v) * (1 - 0.999)
+    self._moments[id(variable)] = (m, v)
+    t = float(step + 1)
+    alpha = rate * np.sqrt(1 - 0.999 ** t) / (1 - 0.9 ** t)
+    variable.assign_sub(m * alpha / (tf.sqrt(v) + 1e-7))
+
+
+def _sgd(variable, gradient, rate, step):
+  del step
+  variable.assign_sub(rate * gradient)
 
 
 def _reference(task_name, initial, *, global_batch_size, epochs,
                shuffle_buffer=SHUFFLE_BUFFER, clip_norm=None,
-               boundaries=(), decay=1.0):
-  """(final weights, steps) of plain SGD on one device.
+               boundaries=(), decay=1.0, learning_rate=LEARNING_RATE,
+               adamw=False, decay_biases=False):
+  """(final weights, steps) of plain SGD (or, with `adamw`, the AdamW of
+  task_fixtures.OwnOptimizer, biases not decayed) on one device.
 
   The data order is dist_train's, rebuilt with tf.data as documented: epoch
   e shuffles with seed `seed * 1_000_003 + e` (pipelines.shuffle_seed), then
@@ -207,6 +244,9 @@ def _reference(task_name, initial, *, global_batch_size, epochs,
   model.set_weights(initial)
   variables = model.trainable_variables
   dataset = task.build_dataset("train")
+  update = (_AdamW(task_fixtures.OwnOptimizer.WEIGHT_DECAY,
+                   skip=lambda v: "bias" in v.name and not decay_biases)
+            if adamw else _sgd)
   step = 0
   for epoch in range(epochs):
     batches = dataset.shuffle(
@@ -219,9 +259,9 @@ def _reference(task_name, initial, *, global_batch_size, epochs,
                    for g in tape.gradient(objective, variables)]
       if clip_norm is not None:
         gradients, _ = tf.clip_by_global_norm(gradients, clip_norm)
-      rate = LEARNING_RATE * decay ** sum(step >= b for b in boundaries)
+      rate = learning_rate * decay ** sum(step >= b for b in boundaries)
       for variable, gradient in zip(variables, gradients):
-        variable.assign_sub(rate * gradient)
+        update(variable, gradient, rate, step)
       step += 1
   return [w.numpy() for w in model.weights], step
 
@@ -341,6 +381,25 @@ def test_learning_rate_schedule_counts_optimizer_steps(jobs):
   assert _difference(_weights(runs["lr_step_1"]),
                      _weights(runs["lr_step_4"])) < TOLERANCE
   assert int(runs["lr_step_4"]["global_step"]) == 12  # 3 epochs of 4 batches.
+
+
+@pytest.mark.parametrize("replicas", REPLICAS)
+def test_task_optimizer_matches_one_device_reference(jobs, replicas):
+  """The task's own AdamW, biases excluded from weight decay, on 1, 2 and 3
+  replicas with 1 and 2 micro-batches, against AdamW by hand on one device;
+  the exclusion and the decay each matter far beyond the tolerance."""
+  runs = _runs(jobs, replicas)
+  names = ["own_optimizer_1", "own_optimizer_2"]
+  initial = _weights(runs[names[0]], "initial")
+  settings = dict(_settings(TWO_HEADS), learning_rate=OWN_OPTIMIZER_RATE,
+                  boundaries=LR_BOUNDARIES, decay=LR_DECAY)
+  reference = _reference_of("own_optimizer", initial, adamw=True, **settings)
+  differences = _check_against(reference, runs, names)
+  assert max(differences.values()) < TOLERANCE, differences
+  # Decaying the biases too is another update.
+  decayed_biases = _reference_of(
+      "own_optimizer", initial, adamw=True, decay_biases=True, **settings)
+  assert _difference(decayed_biases[0], reference[0]) > 10 * TOLERANCE
 
 
 def test_zero_weight_batch_contributes_nothing(jobs):

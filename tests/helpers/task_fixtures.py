@@ -129,8 +129,32 @@ class OwnStep(MaskedSequences):
     return {"loss": loss, "penalty": penalty}
 
 
+class OwnOptimizer(TwoHeads):
+  """The two-output task with its own optimizer: AdamW whose weight decay
+  leaves the biases alone."""
+
+  WEIGHT_DECAY = 0.2
+
+  def build_optimizer(self, learning_rate):
+    optimizer = keras.optimizers.AdamW(learning_rate=learning_rate,
+                                       weight_decay=self.WEIGHT_DECAY)
+    optimizer.exclude_from_weight_decay(var_names=["bias"])
+    return optimizer
+
+
+class NotAnOptimizer(TwoHeads):
+  """build_optimizer returns the name of an optimizer."""
+
+  def build_optimizer(self, learning_rate):
+    return "adamw"
+
+
 def masked_sequences(config):
   return MaskedSequences(config)
+
+
+def own_optimizer(config):
+  return OwnOptimizer(config)
 
 
 def two_heads(config):
@@ -330,6 +354,8 @@ BAD_TASKS = {
                        "shape (2, "),
     "reduced_loss": ("tests.helpers.task_fixtures:ReducedLoss",
                      "loss must return the loss of each element, unreduced"),
+    "not_an_optimizer": ("tests.helpers.task_fixtures:NotAnOptimizer",
+                         "build_optimizer() (at "),
     "not_importable": ("tests.no_such_module:task",
                        "cannot import module 'tests.no_such_module'"),
 }
