@@ -38,7 +38,7 @@ RUN_DEFINING_OPTIONS = (
     "optimizer", "momentum", "weight_decay", "lr_schedule", "warmup_steps",
     "lr_boundaries", "lr_decay_factor", "grad_accum_steps", "clip_norm",
     "model", "hidden_units", "activity_regularization", "add_loss_reduction",
-    "kernel_l2", "mixed_precision")
+    "kernel_l2", "mixed_precision", "train_steps")
 
 
 class ConfigError(errors.DistTrainError, ValueError):
@@ -119,7 +119,19 @@ class Config:
   global_batch_size: int = option(
       64, "Examples per optimizer step, summed over all replicas.",
       check="positive")
-  epochs: int = option(3, "Passes over the training data.", check="positive")
+  epochs: int = option(
+      3, "Passes over the training data; with --train_steps, the run's "
+      "length is that instead, and a training set of known size is "
+      "reshuffled at each pass.", check="positive")
+  train_steps: Optional[int] = option(
+      None, "End the run at this global step (optimizer steps), whatever "
+      "--epochs says; the training set may then be endless (repeat(), a "
+      "generator, files of unknown length), read as one stream. Schedules "
+      "count to it.", check="positive", shown="off (--epochs)")
+  validation_steps: Optional[int] = option(
+      None, "Cap each validation pass at this many global batches (from the "
+      "start of the validation set); the validation set may then be "
+      "endless.", check="positive", shown="one full pass")
   learning_rate: float = option(1e-3, "Base learning rate.", check="positive")
   optimizer: str = option(
       "sgd", "sgd, momentum (SGD with --momentum), adam, or adamw (Adam with "
