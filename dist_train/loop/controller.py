@@ -316,6 +316,10 @@ class Controller:
     if position:
       epoch, step_in_epoch = position.epoch, position.step_in_epoch
       if self._schedule.epoch_less:
+        if epoch > 0 and self.global_step < self._schedule.total_steps:
+          # Ended at an earlier --train_steps: an epoch-less run's place in
+          # its stream is its global step.
+          epoch, step_in_epoch = 0, self.global_step
         self._log("Resuming at step %d of %d", self.global_step,
                   self._schedule.total_steps)
       else:
