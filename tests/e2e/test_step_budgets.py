@@ -381,3 +381,15 @@ def test_sharded_stream_stopped_and_resumed_on_two_workers(two_workers):
   print(f"2 workers, stopped at step {step} and resumed: max difference "
         f"from the uninterrupted run {difference:.2e}")
   assert difference <= RESUME_TOLERANCE
+
+
+def test_resume_cost_script_resumes_where_a_saved_iterator_does(tmp_path):
+  """scripts/resume_cost.py, small: skipping 30 global batches of a TFRecord
+  stream gives the batch a restored tf.data iterator state gives."""
+  output = tmp_path / "resume_cost.md"
+  processes.run_python(
+      ["scripts/resume_cost.py", "--resume_step=30", "--repetitions=1",
+       "--examples=400", f"--output={output}"], check=True)
+  report = output.read_text()
+  assert "| resume at step 30 by skipping (dist_train) |" in report
+  assert "Both resume with the same batch: True." in report

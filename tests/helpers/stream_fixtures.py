@@ -45,6 +45,31 @@ class ShardedSequences(RepeatedSequences):
     return _slowed(dataset.repeat(), split)
 
 
+class InMemoryBlobs(tasks.Task):
+  """Three classes of 6 features, NUM_TRAIN examples in memory (random
+  access)."""
+
+  def __init__(self, config):
+    self._config = config
+
+  def build_model(self):
+    inputs = keras.Input(shape=(6,))
+    hidden = keras.layers.Dense(8, activation="tanh")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(3)(hidden))
+
+  def build_dataset(self, split):
+    rng = np.random.default_rng(self._config.seed + (split == "validation"))
+    size = NUM_TRAIN if split == "train" else NUM_VALIDATION
+    labels = rng.integers(0, 3, size).astype(np.int32)
+    features = (rng.normal(size=(size, 6)) + labels[:, None]).astype(
+        np.float32)
+    return datasets.InMemory((features, labels), f"blobs ({split})")
+
+  def loss(self, labels, outputs):
+    return keras.losses.sparse_categorical_crossentropy(labels, outputs,
+                                                        from_logits=True)
+
+
 def _slowed(dataset, split):
   """`dataset`, each training example after the first SLOW_AFTER (which
   fill the shuffle buffer and a few steps) STREAM_FIXTURE_SLEEP_S seconds
