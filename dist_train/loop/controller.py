@@ -314,12 +314,8 @@ class Controller:
     with errors.phase("restoring the latest checkpoint"):
       position = self._checkpoint.restore_latest()
     if position:
-      epoch, step_in_epoch = position.epoch, position.step_in_epoch
+      epoch, step_in_epoch = self._resumed_position(position)
       if self._schedule.epoch_less:
-        if epoch > 0 and self.global_step < self._schedule.total_steps:
-          # Ended at an earlier --train_steps: an epoch-less run's place in
-          # its stream is its global step.
-          epoch, step_in_epoch = 0, self.global_step
         self._log("Resuming at step %d of %d", self.global_step,
                   self._schedule.total_steps)
       else:
@@ -339,6 +335,16 @@ class Controller:
     self._callbacks.on_train_end(
         logs={**result.train_metrics, **_val_logs(result.validation_metrics)})
     return result
+
+  def _resumed_position(self, position):
+    """(epoch, step in epoch) to resume at. A run that ended at a smaller
+    --train_steps saved the start of the next epoch; raised, it continues
+    inside the epoch it ended in, from its global step."""
+    steps_per_epoch = self._schedule.steps_per_epoch
+    if (self._schedule.train_steps is not None and
+        position.epoch * steps_per_epoch > self.global_step):
+      return divmod(self.global_step, steps_per_epoch)
+    return position.epoch, position.step_in_epoch
 
   def _run_epochs(self, epoch, step_in_epoch):
     num_epochs = self._schedule.num_epochs
