@@ -181,17 +181,20 @@ def _inputs(splits, config, strategy):
       config.input_placement, splits, strategy,
       config.device_data_max_mb * 2**20)
 
-  def make(split, where):
+  def make(split, where, **steps):
     return inputs.ReplicaInput(
         split, strategy=strategy, layout=layout,
         global_batch_size=config.global_batch_size, placement=placement,
-        where=where)
-  train_input = make(splits.train, "the training data")
-  if not train_input.num_examples:
+        where=where, **steps)
+  train_input = make(splits.train, "the training data",
+                     endless_steps=config.train_steps)
+  if train_input.num_examples == 0:
     raise datasets.DataError("the training split is empty on every worker")
-  validation_input = (make(splits.validation, "the validation data")
+  validation_input = (make(splits.validation, "the validation data",
+                           endless_steps=config.validation_steps,
+                           max_steps=config.validation_steps)
                       if splits.validation is not None else None)
-  if validation_input is not None and not validation_input.num_examples:
+  if validation_input is not None and validation_input.num_examples == 0:
     validation_input = None
   return layout, train_input, validation_input
 
@@ -240,6 +243,14 @@ def _hooks(config, *, trainer, summary_writers, is_chief, worker_index,
   return own + list(callbacks) + last, stopping
 
 
+def _num_epochs(config, steps_per_epoch) -> int:
+  """--epochs, or with --train_steps the passes its steps start (the last
+  one may end early)."""
+  if config.train_steps is None:
+    return config.epochs
+  return -(-config.train_steps // steps_per_epoch)
+
+
 def _build_parts(config, task, description, strategy) -> Parts:
   """Builds the strategy (first: before any other TensorFlow op, which a
   task's data may run), then data, model, optimizer and trainer."""
@@ -252,7 +263,9 @@ def _build_parts(config, task, description, strategy) -> Parts:
   layout, train_input, validation_input = _inputs(splits, config, strategy)
   schedule = schedule_lib.LoopSchedule(
       num_examples=train_input.num_examples,
-      global_batch_size=config.global_batch_size, num_epochs=config.epochs,
+      global_batch_size=config.global_batch_size,
+      num_epochs=_num_epochs(config, train_input.steps_per_epoch),
+      train_steps=config.train_steps,
       steps_per_loop=config.steps_per_loop,
       log_every_steps=config.log_every_steps,
       checkpoint_every_steps=config.checkpoint_every_steps,
@@ -284,16 +297,18 @@ def _build_parts(config, task, description, strategy) -> Parts:
       eval_input=validation_input, shuffle_buffer=config.shuffle_buffer,
       seed=config.seed, description=description, ema=ema,
       eval_with_ema=config.eval_with_ema)
-  if len(splits.train):  # A worker's shard of a stream may be empty.
+  # A worker's shard of a stream may be empty.
+  if getattr(splits.train, "endless", False) or len(splits.train):
     with errors.phase("checking the task's loss on one batch"):
       task_checks.check_loss_shapes(description, model, splits.train)
   if is_chief:
     logging.info(
-        "Training %d examples, validating %d, in global batches of %d (%d "
-        "steps per epoch) on %d replica(s); input placement: %s",
-        train_input.num_examples,
-        validation_input.num_examples if validation_input else 0,
-        config.global_batch_size, schedule.steps_per_epoch,
+        "Training %s, validating %s, in global batches of %d (%s) on %d "
+        "replica(s); input placement: %s",
+        _examples(train_input), _examples(validation_input),
+        config.global_batch_size,
+        f"{schedule.total_steps} steps, no epochs" if schedule.epoch_less
+        else f"{schedule.steps_per_epoch} steps per epoch",
         strategy.num_replicas_in_sync, train_input.placement)
   return Parts(
       strategy=strategy, trainer=trainer, schedule=schedule,
@@ -305,6 +320,16 @@ def _build_parts(config, task, description, strategy) -> Parts:
           num_workers=layout.num_workers), plateau=plateau,
       rate_scale=rate_scale,
       unscaled_rate_fn=lambda: learning_rate.unscaled(optimizer.iterations))
+
+
+def _examples(replica_input) -> str:
+  """"N examples" of a split, or how a stream of unknown length is read."""
+  if replica_input is None:
+    return "0 examples"
+  if replica_input.endless:
+    return (f"a stream of unknown length ({replica_input.steps_per_epoch} "
+            "global batches a pass)")
+  return f"{replica_input.num_examples} examples"
 
 
 def _checkpoint(config, parts: Parts, *, writes: bool, extra=None,

@@ -41,7 +41,8 @@ RUN_DEFINING_OPTIONS = (
     "lr_boundaries", "lr_decay_factor", "grad_accum_steps", "clip_norm",
     "model", "hidden_units", "activity_regularization", "add_loss_reduction",
     "kernel_l2", "mixed_precision", "ema_decay", "ema_warmup_steps",
-    "lr_plateau_metric", "lr_plateau_patience", "lr_plateau_factor", "lr_min")
+    "lr_plateau_metric", "lr_plateau_patience", "lr_plateau_factor", "lr_min",
+    "train_steps")
 
 
 class ConfigError(errors.DistTrainError, ValueError):
@@ -122,7 +123,19 @@ class Config:
   global_batch_size: int = option(
       64, "Examples per optimizer step, summed over all replicas.",
       check="positive")
-  epochs: int = option(3, "Passes over the training data.", check="positive")
+  epochs: int = option(
+      3, "Passes over the training data; with --train_steps, the run's "
+      "length is that instead, and a training set of known size is "
+      "reshuffled at each pass.", check="positive")
+  train_steps: Optional[int] = option(
+      None, "End the run at this global step (optimizer steps), whatever "
+      "--epochs says; the training set may then be endless (repeat(), a "
+      "generator, files of unknown length), read as one stream. Schedules "
+      "count to it.", check="positive", shown="off (--epochs)")
+  validation_steps: Optional[int] = option(
+      None, "Cap each validation pass at this many global batches (from the "
+      "start of the validation set); the validation set may then be "
+      "endless.", check="positive", shown="one full pass")
   learning_rate: float = option(1e-3, "Base learning rate.", check="positive")
   optimizer: str = option(
       "sgd", "sgd, momentum (SGD with --momentum), adam, or adamw (Adam with "

@@ -9,6 +9,7 @@ turns a split into global batches.
 
 import dataclasses
 import functools
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
@@ -71,15 +72,23 @@ class StreamSplit:
 
   `sharded`: the dataset is this worker's shard only (a task's build_dataset
   given a tf.distribute.InputContext), and `num_examples` counts the shard.
+  `num_examples` is None for a stream of unknown length (endless, or not
+  counted under a step budget): it has no epochs, see `pipelines.endless`.
   """
 
   dataset: tf.data.Dataset
-  num_examples: int
+  num_examples: Optional[int]
   name: str = "the user dataset"
   sharded: bool = False
 
   def __len__(self):
+    if self.num_examples is None:
+      raise TypeError(f"{self.name} is a stream of unknown length")
     return self.num_examples
+
+  @property
+  def endless(self) -> bool:
+    return self.num_examples is None
 
   @property
   def feature_shape(self):
@@ -102,19 +111,27 @@ class Splits:
   validation: InMemory | StreamSplit
 
 
-def _count(dataset, where):
-  """The number of examples: known to tf.data, else counted in one pass."""
+def _count(dataset, where, steps, steps_flag):
+  """The number of examples: known to tf.data, else counted in one pass; None
+  (a stream of unknown length, never counted) for an endless or uncounted
+  data set when `steps` (of `steps_flag`) were given."""
   cardinality = int(dataset.cardinality())
-  if cardinality == tf.data.INFINITE_CARDINALITY:
-    raise user_code.UserCodeError(
-        f"{where} is infinite: return one pass over the data, dist_train "
-        "repeats it per epoch")
   if cardinality >= 0:
     return cardinality
+  if steps is not None:
+    # A counting pass over files of unknown length can take as long as the
+    # run: a step budget reads them as a stream instead.
+    return None
+  if cardinality == tf.data.INFINITE_CARDINALITY:
+    raise user_code.UserCodeError(
+        f"{where} is infinite: give {steps_flag} to read that many global "
+        "batches of it, or return one pass over the data")
   return int(dataset.reduce(np.int64(0), lambda count, _: count + 1))
 
 
-def task_split(value, *, where: str, required: bool, sharded: bool = False):
+def task_split(value, *, where: str, required: bool, sharded: bool = False,
+               steps: Optional[int] = None,
+               steps_flag: str = "--train_steps"):
   """What user code returned for a split, as an InMemory or StreamSplit: the
   one rule every user data set is checked by (a task's `build_dataset(split)`
   and a `--dataset` function alike).
@@ -127,6 +144,10 @@ def task_split(value, *, where: str, required: bool, sharded: bool = False):
     sharded: a dataset is this worker's shard (an InMemory is always the
       whole split: dist_train reads only this worker's rows of it); an empty
       shard is allowed, the caller checks the total.
+    steps: the value of `steps_flag` (--train_steps or --validation_steps),
+      which lets the split be endless: a dataset of infinite or unknown
+      cardinality is then a stream of unknown length
+      (`StreamSplit.num_examples` None), read for that many steps.
 
   Raises:
     DataError: the split is missing or empty but required.
@@ -149,11 +170,14 @@ def task_split(value, *, where: str, required: bool, sharded: bool = False):
       raise user_code.UserCodeError(
           f"{where} is batched: return unbatched examples, dist_train "
           "batches them by the global batch size")
-    split = StreamSplit(value, _count(value, where), where, sharded=sharded)
+    split = StreamSplit(value, _count(value, where, steps, steps_flag), where,
+                        sharded=sharded)
   else:
     raise user_code.UserCodeError(
         f"{where}: build_dataset must return a tf.data.Dataset, got "
         f"{type(value).__name__}")
-  if required and not len(split) and not getattr(split, "sharded", False):
+  empty = (split.num_examples == 0 if isinstance(split, StreamSplit)
+           else not len(split))
+  if required and empty and not getattr(split, "sharded", False):
     raise DataError(f"{where} is empty")
   return split

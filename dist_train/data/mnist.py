@@ -178,8 +178,10 @@ def _user_splits(path, num_train_examples, user_config) -> datasets.Splits:
     _check_class_labels(dataset.element_spec, where)
     if name == "train" and num_train_examples is not None:
       dataset = dataset.take(num_train_examples)
-    splits[name] = datasets.task_split(dataset, where=where,
-                                       required=name == "train")
+    splits[name] = datasets.task_split(
+        dataset, where=where, required=name == "train",
+        steps=getattr(user_config, f"{name}_steps", None),
+        steps_flag=f"--{name}_steps")
   return datasets.Splits(**splits)
 
 

@@ -156,6 +156,15 @@ def index_batches(split, *, batch_size, shuffle_buffer, seed, epoch,
       epoch, num_epochs)
 
 
+def endless(ds: tf.data.Dataset, shuffle_buffer: int, seed: int):
+  """The examples of a stream of unknown length (`StreamSplit.endless`), as
+  a run with --train_steps reads them: `ds.repeat()` (an endless `ds` is
+  unchanged; a finite one is read again and again) shuffled once, with
+  epoch 0's seed. There are no epochs: the run's step k reads the k-th
+  global batch of this stream."""
+  return shuffled(ds.repeat(), shuffle_buffer, seed, 0)
+
+
 def make_train_dataset(split, *, global_batch_size: int,
                        shuffle_buffer: int, seed: int, epoch: int,
                        num_epochs: int = 1,
@@ -165,13 +174,18 @@ def make_train_dataset(split, *, global_batch_size: int,
   Each epoch's last batch may be partial; each epoch is shuffled with its own
   seed, `shuffle_seed(seed, epoch)`, so an epoch's order does not depend on
   where the pipeline started. The first `skip_batches` batches (of the first
-  epoch) are skipped: a resumed run continues with the next batch.
+  epoch) are skipped: a resumed run continues with the next batch. A stream
+  of unknown length has no epochs (`endless`): its batches go on forever.
   """
   if isinstance(split, datasets.InMemory):
     indices = index_batches(
         split, batch_size=global_batch_size, shuffle_buffer=shuffle_buffer,
         seed=seed, epoch=epoch, num_epochs=num_epochs)
     return _gather_batches(split, indices.skip(skip_batches))
+  if getattr(split, "endless", False):
+    return _checked(split, batch_examples(
+        endless(split.dataset, shuffle_buffer, seed),
+        global_batch_size).skip(skip_batches))
   batches = over_epochs(
       lambda e: batch_examples(shuffled(split.dataset, shuffle_buffer, seed, e),
                                global_batch_size),

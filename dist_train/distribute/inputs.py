@@ -20,6 +20,7 @@ Placements of the shares (`--input_placement`):
 """
 
 import functools
+from typing import Optional
 
 from absl import logging
 import numpy as np
@@ -103,9 +104,13 @@ class ReplicaInput:
   """One split as this worker's replicas read it (see the module docstring).
 
   Attributes:
-    num_examples: examples of one pass, over all workers.
+    num_examples: examples of one pass, over all workers; None for a stream
+      of unknown length (`endless`).
     steps_per_epoch: global steps of one pass (with a sharded stream, the
-      most any worker needs: the workers agreed on it).
+      most any worker needs: the workers agreed on it), at most `max_steps`;
+      `endless_steps` for a stream of unknown length.
+    endless: whether the split is a stream of unknown length on some worker
+      (then on every worker: they agreed).
     placement: device, prefetch or host (device applies to in-memory splits
       only; a stream is prefetched instead).
     divisors_in_batch: whether `info` holds the global batch's divisors.
@@ -114,7 +119,13 @@ class ReplicaInput:
 
   def __init__(self, split, *, strategy: tf.distribute.Strategy,
                layout: step_elements.ReplicaLayout, global_batch_size: int,
-               placement: str, where: str = "the data"):
+               placement: str, where: str = "the data",
+               endless_steps: Optional[int] = None,
+               max_steps: Optional[int] = None):
+    """Args beside the attributes' (see the class docstring): `where` names
+    the split in messages; `endless_steps` are the steps of a pass over a
+    stream of unknown length (--train_steps, --validation_steps), and
+    `max_steps` caps a pass (--validation_steps)."""
     if placement not in PLACEMENTS:
       raise ValueError(f"placement must be one of {PLACEMENTS}, got "
                        f"{placement!r}")
@@ -126,16 +137,28 @@ class ReplicaInput:
     self._layout = layout
     sharded = getattr(split, "sharded", False)
     self.divisors_in_batch = not sharded
+    local_examples = (None if getattr(split, "endless", False)
+                      else len(split))
     if sharded:
       self.num_examples, self.steps_per_epoch = _agree_on_shards(
-          strategy, layout, len(split), global_batch_size, where)
+          strategy, layout, local_examples, global_batch_size, where)
+    elif local_examples is None:
+      self.num_examples, self.steps_per_epoch = None, None
     else:
-      self.num_examples = len(split)
-      self.steps_per_epoch = pipelines.num_batches(len(split),
+      self.num_examples = local_examples
+      self.steps_per_epoch = pipelines.num_batches(local_examples,
                                                    global_batch_size)
+    self.endless = self.num_examples is None
+    if self.endless:
+      if endless_steps is None:  # datasets.task_split refuses it before.
+        raise datasets.DataError(f"{where} is a stream of unknown length "
+                                 "and no step budget was given")
+      self.steps_per_epoch = endless_steps
+    if max_steps is not None:
+      self.steps_per_epoch = min(self.steps_per_epoch, max_steps)
     self.elements = step_elements.StepElements(
         split, layout, global_batch_size, self.steps_per_epoch,
-        gather_on_device=placement == "device")
+        gather_on_device=placement == "device", endless=self.endless)
     self._devices = strategy.extended.worker_devices
     if placement == "device":
       # Once, for the whole run: later steps gather from these copies.
@@ -224,12 +247,20 @@ def _agree_on_shards(strategy, layout, num_local_examples, global_batch_size,
                      where):
   """(examples over all workers, steps per epoch) of a split each worker
   reads its own shard of: every worker runs the steps of the longest shard,
-  so all take part in every step's collectives."""
+  so all take part in every step's collectives. (None, None) when some
+  worker's shard is a stream of unknown length (`num_local_examples` None):
+  every worker then reads its shard as one."""
   if global_batch_size < layout.num_workers:
     raise datasets.DataError(
         f"{where}: --global_batch_size={global_batch_size} is smaller than "
         f"the {layout.num_workers} workers that each batch their own shard")
-  counts = worker_values(strategy, layout, float(num_local_examples))
+  counts = worker_values(strategy, layout, -1.0 if num_local_examples is None
+                         else float(num_local_examples))
+  if min(counts) < 0:
+    logging.info("%s: a stream of unknown length on worker(s) %s: every "
+                 "worker reads its shard without epochs", where, ", ".join(
+                     str(w) for w, c in enumerate(counts) if c < 0))
+    return None, None
   steps = 0
   for worker, count in enumerate(counts):
     begin, end = pipelines.share_bounds(global_batch_size, worker,

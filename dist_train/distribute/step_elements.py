@@ -68,6 +68,9 @@ class StepElements:
     steps_per_epoch: steps of an epoch; a sharded stream's shorter shards
       are padded with empty shares up to it.
     gather_on_device: InMemory only: shares are index batches.
+    endless: a stream of unknown length on some worker (the workers
+      agreed): every worker reads its stream as `pipelines.endless`, one
+      pass of `steps_per_epoch` steps with no epochs.
   """
 
   split: object
@@ -75,6 +78,7 @@ class StepElements:
   global_batch_size: int
   steps_per_epoch: int
   gather_on_device: bool = False
+  endless: bool = False
 
   @property
   def sharded(self) -> bool:
@@ -92,6 +96,12 @@ class StepElements:
           shuffle_buffer=shuffle_buffer, seed=seed, epoch=epoch,
           num_epochs=num_epochs)
       return self._from_indices(indices.skip(skip_batches))
+    if self.endless:
+      # Skipped as batches of examples, before the per-step map: a resumed
+      # stream reads and batches the steps it skips, but splits none.
+      return self._prefetched(self._stream_epoch(
+          pipelines.endless(split.dataset, shuffle_buffer, seed),
+          skip_batches=skip_batches))
 
     def epoch_batches(e):
       return self._stream_epoch(
@@ -101,12 +111,18 @@ class StepElements:
         .skip(skip_batches))
 
   def evaluation(self) -> tf.data.Dataset:
-    """One pass over the split in order, as step elements."""
+    """One pass over the split in order, as step elements: its first
+    `steps_per_epoch` global batches (all of them without a cap), a stream
+    that ends sooner padded with empty steps."""
     split = self.split
     if isinstance(split, datasets.InMemory):
       return self._from_indices(
           tf.data.Dataset.range(len(split)).batch(self.global_batch_size))
-    return self._prefetched(self._stream_epoch(split.dataset))
+    elements = self._stream_epoch(split.dataset)
+    if not self.sharded:  # A sharded one is padded to its steps already.
+      elements = elements.concatenate(
+          empty_elements(elements.element_spec)).take(self.steps_per_epoch)
+    return self._prefetched(elements)
 
   def _from_indices(self, index_batches):
     tensors = self.split.tensors
@@ -133,8 +149,9 @@ class StepElements:
     return self._prefetched(
         index_batches.map(step, num_parallel_calls=tf.data.AUTOTUNE))
 
-  def _stream_epoch(self, examples):
-    """One epoch of a stream as step elements."""
+  def _stream_epoch(self, examples, skip_batches=0):
+    """One epoch of a stream as step elements; an endless one, less its
+    first `skip_batches` batches."""
     layout = self.layout
     if not self.sharded:
       def whole(*batch):
@@ -143,7 +160,8 @@ class StepElements:
         return shares, {**pipelines.global_info(batch),
                         "rows_read": pipelines.num_rows(batch)}
       return self._checked_map(
-          pipelines.batch_examples(examples, self.global_batch_size), whole)
+          pipelines.batch_examples(examples, self.global_batch_size)
+          .skip(skip_batches), whole)
 
     def own(*batch):
       shares = tuple(pipelines.split_rows(batch, j, layout.num_local_replicas)
@@ -151,7 +169,10 @@ class StepElements:
       return shares, {"rows_read": pipelines.num_rows(batch)}
     batches = self._checked_map(
         pipelines.batch_examples(
-            examples, layout.worker_batch_size(self.global_batch_size)), own)
+            examples, layout.worker_batch_size(self.global_batch_size))
+        .skip(skip_batches), own)
+    if self.endless:
+      return batches  # Never shorter than another worker's.
     # A shorter shard contributes empty shares (zero weight) until every
     # worker has run the epoch's steps: all run the same collectives.
     return batches.concatenate(

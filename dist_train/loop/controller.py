@@ -153,7 +153,7 @@ class Controller:
 
   def _train_loops(self, epoch, step_in_epoch, throughput, progress):
     schedule = self._schedule
-    while step_in_epoch < schedule.steps_per_epoch:
+    while step_in_epoch < schedule.epoch_length(epoch):
       num_steps = schedule.next_loop_length(global_step=self.global_step,
                                             step_in_epoch=step_in_epoch)
       first_examples = schedule.examples_seen(epoch, step_in_epoch)
@@ -200,12 +200,12 @@ class Controller:
       # After a recovery the global step trails the data position by the
       # batches skipped: the run ends at the last batch, not at total_steps.
       at_run_end = (epoch + 1 == schedule.num_epochs and
-                    step_in_epoch == schedule.steps_per_epoch)
+                    step_in_epoch == schedule.epoch_length(epoch))
       if self._validate and (schedule.is_eval_step(self.global_step) or (
           at_run_end and schedule.eval_every_steps)):
         self._evaluate(epoch, step_in_epoch)
-      if step_in_epoch == schedule.steps_per_epoch:
-        return step_in_epoch  # The epoch end saves.
+      if step_in_epoch == schedule.epoch_length(epoch):
+        return step_in_epoch  # The epoch end (or the run's last step) saves.
       if self._agreed_stop(epoch, step_in_epoch):
         return step_in_epoch
       if schedule.is_checkpoint_step(self.global_step) or self._checkpoint_due:
@@ -313,7 +313,7 @@ class Controller:
     metrics = self.validate(stop_fn=self._stop_agreed_in_validation)
     if metrics is None:
       path = self._save(epoch=epoch, step_in_epoch=step_in_epoch)
-      redone = (step_in_epoch == self._schedule.steps_per_epoch and
+      redone = (step_in_epoch == self._schedule.epoch_length(epoch) and
                 not self._schedule.eval_every_steps)
       raise preemption.Preempted(
           path, self.global_step,
@@ -343,7 +343,13 @@ class Controller:
 
   def _log_interval(self, epoch, losses, examples_seen, examples_per_second,
                     steps_per_second, *, to_console=True):
-    if to_console:
+    if to_console and self._schedule.epoch_less:
+      self._log("step %d/%d | loss %.4f | examples %d | examples/s %s | "
+                "steps/s %s", self.global_step, self._schedule.total_steps,
+                losses["loss"], examples_seen,
+                _fmt(examples_per_second, ".0f"),
+                _fmt(steps_per_second, ".1f"))
+    elif to_console:
         self._log("step %d | epoch %d/%d | loss %.4f | examples %d | examples/s %s "
               "| steps/s %s", self.global_step, epoch + 1,
                 self._schedule.num_epochs, losses["loss"], examples_seen,
@@ -390,10 +396,14 @@ class Controller:
     with errors.phase("restoring the latest checkpoint"):
       position = self._checkpoint.restore_latest()
     if position:
-      epoch, step_in_epoch = position.epoch, position.step_in_epoch
-      self._log("Resuming at step %d (epoch %d, step %d of %d)",
-                self.global_step, epoch + 1, step_in_epoch,
-                self._schedule.steps_per_epoch)
+      epoch, step_in_epoch = self._resumed_position(position)
+      if self._schedule.epoch_less:
+        self._log("Resuming at step %d of %d", self.global_step,
+                  self._schedule.total_steps)
+      else:
+        self._log("Resuming at step %d (epoch %d, step %d of %d)",
+                  self.global_step, epoch + 1, step_in_epoch,
+                  self._schedule.steps_per_epoch)
     else:
       epoch, step_in_epoch = 0, 0
     self.model.stop_training = False
@@ -407,6 +417,16 @@ class Controller:
     self._callbacks.on_train_end(
         logs={**result.train_metrics, **_val_logs(result.validation_metrics)})
     return result
+
+  def _resumed_position(self, position):
+    """(epoch, step in epoch) to resume at. A run that ended at a smaller
+    --train_steps saved the start of the next epoch; raised, it continues
+    inside the epoch it ended in, from its global step."""
+    steps_per_epoch = self._schedule.steps_per_epoch
+    if (self._schedule.train_steps is not None and
+        position.epoch * steps_per_epoch > self.global_step):
+      return divmod(self.global_step, steps_per_epoch)
+    return position.epoch, position.step_in_epoch
 
   def _run_epochs(self, epoch, step_in_epoch):
     num_epochs = self._schedule.num_epochs
@@ -423,22 +443,31 @@ class Controller:
       trained_to = self._train_epoch(epoch, step_in_epoch, throughput)
       train_seconds = time.perf_counter() - start
       train_metrics = self._trainer.train_metric_results()
+      epoch_length = self._schedule.epoch_length(epoch)
       if self._stop_reason is not None and (
-          self._schedule.steps_per_epoch != trained_to):
+          epoch_length != trained_to):
         break  # Stopped inside the epoch, where it was saved.
       validation_metrics = {}
       if self._validate and not self._schedule.eval_every_steps:
-        validation_metrics = self._evaluate(epoch,
-                                            self._schedule.steps_per_epoch)
+        validation_metrics = self._evaluate(epoch, epoch_length)
       elif self._schedule.eval_every_steps:
         validation_metrics = self._last_validation
       epoch, step_in_epoch = epoch + 1, 0
       self._save(epoch=epoch, step_in_epoch=0)
-      self._log("epoch %d/%d done at step %d | train %s | validation %s",
-                epoch, num_epochs, self.global_step,
-                _fmt_metrics(train_metrics),
-                _fmt_metrics(validation_metrics) or "loss n/a")
-      history.append({"epoch": epoch, "train": train_metrics,
+      if self._schedule.epoch_less:
+        self._log("training done at step %d | train %s | validation %s",
+                  self.global_step, _fmt_metrics(train_metrics),
+                  _fmt_metrics(validation_metrics) or "loss n/a")
+      else:
+        self._log("epoch %d/%d done at step %d | train %s | validation %s",
+                  epoch, num_epochs, self.global_step,
+                  _fmt_metrics(train_metrics),
+                  _fmt_metrics(validation_metrics) or "loss n/a")
+      # An epoch-less run is summarised by its step alone.
+      history.append({**({} if self._schedule.epoch_less else
+                         {"epoch": epoch}),
+                      "global_step": self.global_step,
+                      "train": train_metrics,
                       "validation": validation_metrics,
                       "train_seconds": train_seconds})
       self._callbacks.on_epoch_end(
@@ -446,7 +475,12 @@ class Controller:
       if epoch < num_epochs and self._agreed_stop(epoch, 0, saved=True):
         break
     if not history and self._stop_reason is None:
-      self._log("Already trained for %d epochs; nothing to do", num_epochs)
+      if self._schedule.train_steps is not None:
+        self._log("Already trained to step %d; nothing to do",
+                  self._schedule.total_steps)
+      else:
+        self._log("Already trained for %d epochs; nothing to do",
+                  num_epochs)
       self._last_validation = self.validate() if self._validate else {}
     if self._stop_reason is not None:
       self._log("Stopped early at step %d: %s", self.global_step,

@@ -16,9 +16,13 @@ class LoopSchedule:
   when the workers agreed on it (each reads its own shard of a stream).
   With `profile_steps` (first, last), loops also end before step `first`
   and after step `last`, so that a profile covers exactly those steps.
+
+  With `train_steps` (--train_steps) the run ends at that global step: the
+  last epoch may end early (`epoch_length`), and a stream of unknown length
+  (`num_examples` None, `epoch_less`) is one "epoch" of `train_steps` steps.
   """
 
-  num_examples: int
+  num_examples: Optional[int]
   global_batch_size: int
   num_epochs: int
   steps_per_loop: int
@@ -27,12 +31,24 @@ class LoopSchedule:
   eval_every_steps: Optional[int] = None
   epoch_steps: Optional[int] = None
   profile_steps: tuple = ()
+  train_steps: Optional[int] = None
 
   def __post_init__(self):
-    for name in ("num_examples", "global_batch_size", "num_epochs",
-                 "steps_per_loop", "log_every_steps"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    for name in ("global_batch_size", "num_epochs", "steps_per_loop",
+                 "log_every_steps", "train_steps", "num_examples"):
+      value = getattr(self, name)
+      if value is not None and value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    if self.num_examples is None and (self.train_steps is None or
+                                      self.epoch_steps is None):
+      raise ValueError("a stream of unknown length (num_examples None) needs "
+                       "train_steps and epoch_steps")
+
+  @property
+  def epoch_less(self) -> bool:
+    """Whether the run reads a stream of unknown length: no epochs, only
+    steps, in its logs and summaries."""
+    return self.num_examples is None
 
   @property
   def steps_per_epoch(self) -> int:
@@ -42,7 +58,15 @@ class LoopSchedule:
 
   @property
   def total_steps(self) -> int:
+    if self.train_steps is not None:
+      return self.train_steps
     return self.num_epochs * self.steps_per_epoch
+
+  def epoch_length(self, epoch: int) -> int:
+    """Steps of epoch `epoch` that the run trains: all of them but in the
+    epoch where --train_steps ends the run."""
+    return max(0, min(self.steps_per_epoch,
+                      self.total_steps - epoch * self.steps_per_epoch))
 
   def next_loop_length(self, *, global_step: int, step_in_epoch: int) -> int:
     """Steps to run in the next compiled call.
@@ -53,7 +77,8 @@ class LoopSchedule:
     logging, checkpoints, evaluations, epoch ends and the profiler happen
     between calls.
     """
-    to_epoch_end = self.steps_per_epoch - step_in_epoch
+    to_epoch_end = min(self.steps_per_epoch - step_in_epoch,
+                       self.total_steps - global_step)
     def to_next(every):
       return every - global_step % every if every else to_epoch_end
     # Profile boundaries: after step first - 1 and after step last.
@@ -81,5 +106,8 @@ class LoopSchedule:
 
   def examples_seen(self, epoch: int, step_in_epoch: int) -> int:
     """Training examples consumed before (epoch, step_in_epoch)."""
+    if self.num_examples is None:  # Every global batch is whole.
+      return (epoch * self.steps_per_epoch + step_in_epoch) * (
+          self.global_batch_size)
     return epoch * self.num_examples + min(
         step_in_epoch * self.global_batch_size, self.num_examples)

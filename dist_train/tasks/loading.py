@@ -89,8 +89,15 @@ def load_splits(config: config_lib.Config, task=None,
                         **kwargs)
       splits[split] = datasets.task_split(
           value, where=f"{description.name} ({split})",
-          required=split == "train", sharded=sharded)
+          required=split == "train", sharded=sharded,
+          steps=step_budget(config, split), steps_flag=f"--{split}_steps")
   return datasets.Splits(**splits)
+
+
+def step_budget(config, split: str):
+  """--train_steps or --validation_steps: the steps that let `split` be a
+  stream of unknown length (None: it must be of known length)."""
+  return getattr(config, f"{split}_steps", None)
 
 
 def build_model(task, description: base.TaskDescription) -> keras.Model:
