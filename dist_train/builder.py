@@ -237,7 +237,8 @@ def _build_parts(config, task, description, strategy) -> Parts:
       clip_norm=config.clip_norm, jit_compile=config.jit_compile,
       grad_accum_steps=config.grad_accum_steps, train_input=train_input,
       eval_input=validation_input, shuffle_buffer=config.shuffle_buffer,
-      seed=config.seed, description=description)
+      seed=config.seed, description=description,
+      sync_batchnorm=config.sync_batchnorm)
   if len(splits.train):  # A worker's shard of a stream may be empty.
     with errors.phase("checking the task's loss on one batch"):
       task_checks.check_loss_shapes(description, model, splits.train)
