@@ -137,9 +137,9 @@ class ReplicaStep:
     caller to assign: this may be an XLA function, whose tensors cannot
     leave it any other way.
 
-    `present` (1.0 or 0.0; None: 1.0) multiplies the share's data and
-    add_loss terms inside the tape: 0.0 for an empty share's stand-in row,
-    which then adds nothing but its part of the weight regularization.
+    `present` (a boolean; None: true) keeps the share's data and add_loss
+    terms: false for an empty share's stand-in row, whose terms are then
+    zero but its part of the weight regularization.
     """
     num_examples = tf.shape(tf.nest.flatten(labels)[0])[0]
     with tf.GradientTape() as tape, losses.deferred_assignments() as updates:
@@ -162,9 +162,10 @@ class ReplicaStep:
           add_losses, num_examples=num_examples,
           global_num_examples=global_info["num_examples"],
           reduction=self.add_loss_reduction)
-      if present is not None:
+      if present is not None:  # Selected: a stand-in row's loss may be NaN.
         for name in (*self._data_terms.values(), losses.ADD_LOSS):
-          terms[name] *= present
+          terms[name] = tf.where(present, terms[name],
+                                 tf.zeros_like(terms[name]))
       total = tf.add_n(list(terms.values()))  # Inside the tape: recorded.
       # Multiplied by the loss scale under mixed_float16, else unchanged.
       scaled_loss = self.optimizer.scale_loss(total)
@@ -223,9 +224,9 @@ class ReplicaStep:
     Its layers all-reduce their moments in the forward pass, a collective
     every replica must enter, in the same order, whatever its share holds:
     so the pass runs outside any cond, and an empty share runs on a stand-in
-    row that weighs nothing (in the moments, the loss and the metrics),
-    whose gradient is then exactly the empty share's: its part of the weight
-    regularization.
+    row that weighs nothing (in the moments, the loss and the metrics). Its
+    gradient is replaced by the empty share's own, its part of the weight
+    regularization (the row's may be NaN: a masked layer of zeros).
     """
     rows = shares.num_rows(micro_batch)
     features, labels, weights = unpack_batch(
@@ -233,7 +234,13 @@ class ReplicaStep:
     with sync_batchnorm.global_rows(rows):
       gradients, packed, outputs, per_element, state = self._gradients_fn(
           features, labels, weights, global_info, num_shares,
-          present=tf.cast(rows > 0, tf.float32))
+          present=rows > 0)
+    variables = self.model.trainable_variables
+    gradients = gradients_lib.dense(gradients, variables)
+    stand_in, _ = self._regularization_only(gradients, variables, num_shares)
+    gradients = [g if g is None else tf.where(
+        rows > 0, g, tf.zeros_like(g) if s is None else s)
+                 for g, s in zip(gradients, stand_in)]
     for variable, value in zip(self._state_variables, state):
       losses.assign_or_defer(variable, sync_batchnorm.state_after(
           variable, value, rows, self._synchronized_state))
@@ -244,8 +251,7 @@ class ReplicaStep:
       return tf.constant(0)
 
     shares.if_rows(rows, update_metrics, shares.zeros_like_spec)
-    return (gradients_lib.dense(gradients, self.model.trainable_variables),
-            packed)
+    return gradients, packed
 
   def _zero_terms(self, terms):
     """`terms` packed, with zero for every other term."""

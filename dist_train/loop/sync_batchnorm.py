@@ -153,15 +153,17 @@ def global_moments(inputs, mask, *, axis: int, rows, replica_context):
   rank = x.shape.rank
   channel = axis % rank
   axes = [i for i in range(rank) if i != channel]
-  present = tf.cast(tf.range(tf.shape(x)[0]) < rows, x.dtype)
-  weight = tf.reshape(present, [-1] + [1] * (rank - 1))
+  counted = tf.reshape(tf.range(tf.shape(x)[0]) < rows, [-1] + [1] * (rank - 1))
   if mask is not None:
-    weight *= tf.cast(tf.expand_dims(mask, -1), x.dtype)
-  weight = tf.broadcast_to(weight, tf.shape(x))
+    counted = tf.logical_and(counted, tf.cast(tf.expand_dims(mask, -1), tf.bool))
+  counted = tf.broadcast_to(counted, tf.shape(x))
+  zeros = tf.zeros_like(x)
+  # Selected, not multiplied by a 0/1 weight: a stand-in row may hold NaN
+  # (a masked average of no element), and 0 * NaN is NaN.
   sums = replica_context.all_reduce(
       tf.distribute.ReduceOp.SUM,
-      tf.concat([tf.reduce_sum(weight * x, axes),
-                 tf.reduce_sum(weight, axes)], 0))
+      tf.concat([tf.reduce_sum(tf.where(counted, x, zeros), axes),
+                 tf.reduce_sum(tf.cast(counted, x.dtype), axes)], 0))
   total, count = tf.split(sums, 2)
   if mask is not None:
     count += keras.backend.epsilon()
@@ -173,8 +175,24 @@ def global_moments(inputs, mask, *, axis: int, rows, replica_context):
   deviations = x - tf.reshape(tf.stop_gradient(mean), shape)
   squares = replica_context.all_reduce(
       tf.distribute.ReduceOp.SUM,
-      tf.reduce_sum(weight * tf.square(deviations), axes))
-  return mean, tf.math.divide_no_nan(squares, count)
+      tf.reduce_sum(tf.where(counted, tf.square(deviations), zeros), axes))
+  variance = tf.math.divide_no_nan(squares, count)
+  # What the layer's output did to the loss flows back through the
+  # all-reduces to every replica; an empty share's stand-in row did nothing.
+  return (_gradient_if(rows > 0, mean), _gradient_if(rows > 0, variance))
+
+
+def _gradient_if(condition, tensor):
+  """`tensor`, whose gradient is passed on where `condition`, else zero
+  (selected, so that a NaN gradient of a stand-in row stays behind)."""
+
+  @tf.custom_gradient
+  def identity(t):
+    def gradient(upstream):
+      return tf.where(condition, upstream, tf.zeros_like(upstream))
+    return tf.identity(t), gradient
+
+  return identity(tensor)
 
 
 def pad_empty(batch):
