@@ -111,6 +111,9 @@ def synchronize(layers) -> None:
 
 def _moments_fn(layer):
   local_moments = layer._moments  # pylint: disable=protected-access
+  # A layer synchronized before (a second Trainer on the same model) keeps
+  # one wrapper around its own moments.
+  local_moments = getattr(local_moments, "local_moments", local_moments)
 
   def moments(inputs, mask):
     rows = getattr(_ROWS, "rows", None)
@@ -120,6 +123,7 @@ def _moments_fn(layer):
     return global_moments(inputs, mask, axis=layer.axis, rows=rows,
                           replica_context=context)
 
+  moments.local_moments = local_moments
   return moments
 
 

@@ -149,7 +149,10 @@ def test_masked_moments_are_keras_masked_moments():
 def test_synchronized_layers_compute_their_own_moments_outside_the_step():
   model = _model()
   layers = _resolve(model)
+  local = layers[0]._moments  # pylint: disable=protected-access
   sync_batchnorm.synchronize(layers)
+  sync_batchnorm.synchronize(layers)  # A second Trainer: still one wrapper.
+  assert layers[0]._moments.local_moments == local  # pylint: disable=protected-access
   x = np.random.default_rng(2).normal(size=(6, 4)).astype(np.float32)
   outputs = model(x, training=True)
   assert np.all(np.isfinite(outputs))
