@@ -157,17 +157,22 @@ def global_moments(inputs, mask, *, axis: int, rows, replica_context):
   rank = x.shape.rank
   channel = axis % rank
   axes = [i for i in range(rank) if i != channel]
-  counted = tf.reshape(tf.range(tf.shape(x)[0]) < rows, [-1] + [1] * (rank - 1))
-  if mask is not None:
-    counted = tf.logical_and(counted, tf.cast(tf.expand_dims(mask, -1), tf.bool))
-  counted = tf.broadcast_to(counted, tf.shape(x))
-  zeros = tf.zeros_like(x)
-  # Selected, not multiplied by a 0/1 weight: a stand-in row may hold NaN
-  # (a masked average of no element), and 0 * NaN is NaN.
-  sums = replica_context.all_reduce(
-      tf.distribute.ReduceOp.SUM,
-      tf.concat([tf.reduce_sum(tf.where(counted, x, zeros), axes),
-                 tf.reduce_sum(tf.cast(counted, x.dtype), axes)], 0))
+  # The share's examples lead: a stand-in row after them is sliced off, not
+  # weighted by zero (it may hold NaN, a masked average of no element, and
+  # 0 * NaN is NaN).
+  x = x[:rows]
+  if mask is None:
+    counted = None
+    count = tf.fill([tf.shape(x)[channel]],
+                    tf.cast(tf.size(x) // tf.shape(x)[channel], x.dtype))
+    local_sum = tf.reduce_sum(x, axes)
+  else:
+    counted = tf.broadcast_to(
+        tf.cast(tf.expand_dims(mask[:rows], -1), tf.bool), tf.shape(x))
+    count = tf.reduce_sum(tf.cast(counted, x.dtype), axes)
+    local_sum = tf.reduce_sum(tf.where(counted, x, tf.zeros_like(x)), axes)
+  sums = replica_context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                    tf.concat([local_sum, count], 0))
   total, count = tf.split(sums, 2)
   if mask is not None:
     count += keras.backend.epsilon()
@@ -176,10 +181,11 @@ def global_moments(inputs, mask, *, axis: int, rows, replica_context):
   shape[channel] = -1
   # As tf.nn.moments: the gradient through the mean of the deviations is
   # zero (they sum to zero), so it is not propagated.
-  deviations = x - tf.reshape(tf.stop_gradient(mean), shape)
-  squares = replica_context.all_reduce(
-      tf.distribute.ReduceOp.SUM,
-      tf.reduce_sum(tf.where(counted, tf.square(deviations), zeros), axes))
+  squares = tf.square(x - tf.reshape(tf.stop_gradient(mean), shape))
+  if counted is not None:
+    squares = tf.where(counted, squares, tf.zeros_like(squares))
+  squares = replica_context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                       tf.reduce_sum(squares, axes))
   variance = tf.math.divide_no_nan(squares, count)
   # What the layer's output did to the loss flows back through the
   # all-reduces to every replica; an empty share's stand-in row did nothing.
