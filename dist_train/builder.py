@@ -296,7 +296,8 @@ def _build_parts(config, task, description, strategy) -> Parts:
       grad_accum_steps=config.grad_accum_steps, train_input=train_input,
       eval_input=validation_input, shuffle_buffer=config.shuffle_buffer,
       seed=config.seed, description=description, ema=ema,
-      eval_with_ema=config.eval_with_ema)
+      eval_with_ema=config.eval_with_ema,
+      sync_batchnorm=config.sync_batchnorm)
   # A worker's shard of a stream may be empty.
   if getattr(splits.train, "endless", False) or len(splits.train):
     with errors.phase("checking the task's loss on one batch"):

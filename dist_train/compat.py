@@ -160,6 +160,26 @@ def keras_layer_paths(model) -> dict:
   return names
 
 
+# Keras layers: every layer nested in a model, and BatchNormalization's
+# moments. Checked on Keras 3.15.1: keras/src/layers/layer.py
+# (Layer._flatten_layers(include_self, recursive) walks tracked sublayers,
+# including those of custom layers and nested models) and
+# keras/src/layers/normalization/batch_normalization.py (call() computes its
+# training statistics as `mean, variance = self._moments(inputs, mask)`).
+
+
+def sublayers(model) -> list:
+  """Every layer inside `model`, however deeply nested, once each."""
+  return list(model._flatten_layers(include_self=False, recursive=True))  # pylint: disable=protected-access
+
+
+def replace_batch_norm_moments(layer, moments_fn) -> None:
+  """Makes the BatchNormalization `layer` compute its training statistics
+  as `moments_fn(inputs, mask) -> (mean, variance)` per channel; set on the
+  instance before the layer's first traced call, nothing else changes."""
+  layer._moments = moments_fn  # pylint: disable=protected-access
+
+
 # absl: the flagfile being read when parsing fails. Checked on absl-py 2.5.1:
 # absl/flags/_flagvalues.py, FlagValues._get_flag_file_lines(self, filename,
 # parsed_file_stack=None) reads each --flagfile.

@@ -42,7 +42,7 @@ RUN_DEFINING_OPTIONS = (
     "model", "hidden_units", "activity_regularization", "add_loss_reduction",
     "kernel_l2", "mixed_precision", "ema_decay", "ema_warmup_steps",
     "lr_plateau_metric", "lr_plateau_patience", "lr_plateau_factor", "lr_min",
-    "train_steps")
+    "train_steps", "batch_norm", "sync_batchnorm")
 
 
 class ConfigError(errors.DistTrainError, ValueError):
@@ -187,11 +187,21 @@ class Config:
   clip_norm: Optional[float] = option(
       None, "Clip the global norm of the gradient summed over all replicas "
       "to this.", check="positive", shown="off")
+  sync_batchnorm: Optional[bool] = option(
+      None, "Every BatchNormalization layer normalises with the mean and "
+      "variance of the whole global batch (all replicas and workers, "
+      "combined by example count) and updates its moving statistics once "
+      "per step with them: the update one device makes. false keeps each "
+      "replica's own statistics. With --grad_accum_steps > 1 the "
+      "statistics are each micro-batch's (over all replicas).",
+      shown="on with BatchNormalization and several replicas")
   # Model and extra losses.
   model: str = option(
       "mlp", "mlp (the reference model), cnn, or a user model_fn(config) -> "
       "keras.Model as package.module:function.", choices=MODELS,
       import_path=True)
+  batch_norm: bool = option(
+      False, "--model=cnn: BatchNormalization after each convolution.")
   hidden_units: int = option(64, "Width of the hidden Dense layers.",
                              check="positive")
   activity_regularization: float = option(
@@ -409,6 +419,9 @@ def validate(config: Config) -> None:
   if steps and (len(steps) != 2 or not 0 < steps[0] <= steps[1]):
     raise ConfigError("--profile_steps must be START,END with 0 < START <= "
                       f"END, got {','.join(map(str, steps))}")
+  if config.batch_norm and config.model != "cnn":
+    raise ConfigError("--batch_norm adds BatchNormalization to --model=cnn, "
+                      f"got --model={config.model}")
   if config.cpu_replicas is not None:
     if config.strategy == "one_device":
       raise ConfigError(

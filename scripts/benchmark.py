@@ -38,6 +38,13 @@ the host, copied in the step), for the same replica counts and batches, with
 its "input alone" and "slowdown from input" figures on that placement's
 input. On a machine with GPUs it adds rows for all local GPUs.
 
+The BatchNorm table (--tables=sync_batchnorm, not on by default) trains
+the built-in CNN with --batch_norm on --sync_batchnorm_replicas replicas
+(default 2) twice in the same run, with --sync_batchnorm=false (each
+replica's own statistics) and true (the global batch's: two all-reduces per
+BatchNormalization layer in the forward pass and two in the backward), and
+reports both step times and their ratio: what synchronized BatchNorm costs.
+
 --quick (one repetition of 3,200 examples, no waiting for an idle CPU)
 checks that the script runs; its figures are not worth keeping.
 """
@@ -261,7 +268,20 @@ def run_eager(args):
               first_step_seconds=first_step)
 
 
-CHILDREN = {"loop": run_loop, "fit": run_fit, "eager": run_eager}
+def run_bn_loop(args):
+  """The loop on the built-in CNN with --batch_norm, with or without
+  --sync_batchnorm: its per-epoch training times."""
+  from dist_train import train  # pylint: disable=import-outside-toplevel
+  config = _config(args, tempfile.mkdtemp(prefix="benchmark_"), model="cnn",
+                   batch_norm=True,
+                   sync_batchnorm=args.sync_batchnorm == "true")
+  result = train.train_and_evaluate(config)
+  return {"epoch_seconds": [h["train_seconds"] for h in result.history],
+          "examples": args.examples}
+
+
+CHILDREN = {"loop": run_loop, "fit": run_fit, "eager": run_eager,
+            "bn_loop": run_bn_loop}
 
 
 def child_main(args):
@@ -441,6 +461,41 @@ def input_table(rows):
   return "\n".join(lines)
 
 
+def _sync_batchnorm_rows(args, notes):
+  """[(batch, per-replica statistics, synchronized)] of the CNN with
+  --batch_norm on --sync_batchnorm_replicas CPU replicas."""
+  rows = []
+  replicas = args.sync_batchnorm_replicas
+  for batch in args.global_batch_sizes:
+    results = [_measure("bn_loop", "cpu", replicas, batch, args,
+                        sync_batchnorm=synchronized)
+               for synchronized in ("false", "true")]
+    for result, synchronized in zip(results, ("false", "true")):
+      if "error" in result:
+        notes.append(f"{replicas} cpu, batch {batch}, --sync_batchnorm="
+                     f"{synchronized}: {result['error']}")
+    rows.append((batch, *results))
+    print(f"measured CNN with BatchNorm on {replicas} cpu, batch {batch}: "
+          f"{_rate(results[0])} and {_rate(results[1])} (synchronized) "
+          "examples/s", file=sys.stderr, flush=True)
+  return rows
+
+
+def sync_batchnorm_table(rows, replicas):
+  lines = ["| replicas | global batch | per-replica statistics ms/step "
+           "| synchronized ms/step | synchronized / per-replica |",
+           "| --- | ---: | ---: | ---: | ---: |"]
+  for batch, local, synchronized in rows:
+    times = [1000 * batch / r["examples_per_second"]
+             if "examples_per_second" in r else None
+             for r in (local, synchronized)]
+    shown = ["failed" if t is None else f"{t:.1f}" for t in times]
+    ratio = (f"{times[1] / times[0]:.2f}x" if None not in times else "")
+    lines.append(f"| {replicas} CPU | {batch} | {shown[0]} | {shown[1]} "
+                 f"| {ratio} |")
+  return "\n".join(lines)
+
+
 def _comparison_rows(args, notes):
   rows = []
   for device, replicas in _devices(args):
@@ -489,6 +544,8 @@ def parent_main(args):
     args.examples, args.repetitions, args.eager_repetitions = 3_200, 1, 1
   rows = _comparison_rows(args, notes) if "comparison" in args.tables else []
   input_rows = _input_rows(args, notes) if "input" in args.tables else []
+  bn_rows = (_sync_batchnorm_rows(args, notes)
+             if "sync_batchnorm" in args.tables else [])
   sweep = []
   for replicas in args.replicas if args.sweep_steps_per_loop else []:
     for steps in args.sweep_steps_per_loop:
@@ -509,6 +566,11 @@ def parent_main(args):
                     + input_table(input_rows) +
                     ("\n\n" + "\n".join(f"- {n}" for n in notes)
                      if notes else ""))
+  if bn_rows:
+    sections.append(
+        "Step time of the built-in CNN with --batch_norm (synthetic data), "
+        "without and with --sync_batchnorm:\n\n" +
+        sync_batchnorm_table(bn_rows, args.sync_batchnorm_replicas))
   if sweep:
     sections.append("examples/second of the loop by --steps_per_loop (global "
                     "batch 64; one log line per epoch):\n\n" +
@@ -542,8 +604,12 @@ def main():
                       help="tried in order; the first that works is used")
   parser.add_argument("--sweep_steps_per_loop", type=_ints, default=[])
   parser.add_argument("--tables", type=_names, default=["comparison", "input"],
-                      help="comparison (loop, fit, eager) and/or input (the "
-                      "loop by --input_placements)")
+                      help="comparison (loop, fit, eager), input (the "
+                      "loop by --input_placements) and/or sync_batchnorm "
+                      "(the CNN with BatchNorm without and with "
+                      "--sync_batchnorm)")
+  parser.add_argument("--sync_batchnorm_replicas", type=int, default=2,
+                      help="replicas of the sync_batchnorm table")
   parser.add_argument("--input_placements", type=_names,
                       default=["device", "prefetch", "host"])
   parser.add_argument("--examples", type=int, default=EXAMPLES,
@@ -560,6 +626,7 @@ def main():
                       help=argparse.SUPPRESS)
   parser.add_argument("--steps_per_loop", type=int, help=argparse.SUPPRESS)
   parser.add_argument("--input_placement", help=argparse.SUPPRESS)
+  parser.add_argument("--sync_batchnorm", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
     args.replicas = args.replicas[0]

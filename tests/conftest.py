@@ -28,6 +28,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 # in at the end.
 _LONGEST_FIRST = ("test_fault_tolerance", "test_multi_worker", "test_tasks",
                   "test_input", "test_model_families", "test_parity",
+                  "test_sync_batchnorm",
                   "test_long_jobs", "test_failures", "test_soak",
                   "test_examples", "test_early_stopping", "test_main",
                   "test_stop", "test_readme")

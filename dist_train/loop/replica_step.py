@@ -20,6 +20,7 @@ from dist_train.loop import losses
 from dist_train.loop import metrics as metrics_lib
 from dist_train.loop import shares
 from dist_train.loop import step_context
+from dist_train.loop import sync_batchnorm
 from dist_train.tasks import base
 
 split_rows = pipelines.split_rows
@@ -43,8 +44,13 @@ class ReplicaStep:
                eval_metrics: metrics_lib.TaskMetrics,
                share_log: shares.ShareLog, add_loss_reduction: str,
                grad_accum_steps: int, jit_compile: bool,
-               divisors_in_batch: bool):
-    """Creates the step; the arguments are the Trainer's (steps.py)."""
+               divisors_in_batch: bool, synchronized_layers=()):
+    """Creates the step; the arguments are the Trainer's (steps.py).
+
+    `synchronized_layers`: the BatchNormalization layers that normalise with
+    the global batch's moments (sync_batchnorm.py); with any, the training
+    forward pass runs as `_synchronized_micro_step`.
+    """
     self.strategy = strategy
     self.task = task
     self.model = model
@@ -57,6 +63,9 @@ class ReplicaStep:
     self._share_log = share_log
     self._grad_accum_steps = grad_accum_steps
     self._divisors_in_batch = divisors_in_batch
+    self._synchronized_state = (
+        sync_batchnorm.state_ids(synchronized_layers)
+        if synchronized_layers else None)
     # The data terms the step reports, besides the total and the extra terms.
     self._data_terms = {output: (description.loss_name
                                  if output is None else f"{output}_loss")
@@ -68,8 +77,9 @@ class ReplicaStep:
                          (losses.REGULARIZATION, losses.ADD_LOSS))
     self._gradients_fn = self._forward_backward
     self._outputs_fn = self._eval_outputs
-    if jit_compile:
+    if jit_compile and self._synchronized_state is None:
       self._gradients_fn = tf.function(self._gradients_fn, jit_compile=True)
+    if jit_compile:
       self._outputs_fn = tf.function(self._outputs_fn, jit_compile=True)
 
   # What a task's own step uses through its StepContext.
@@ -118,13 +128,18 @@ class ReplicaStep:
     return metrics_lib.float32(self.model(features, training=False))
 
   def _forward_backward(self, features, labels, weights, global_info,
-                        num_shares):
-    """Forward and backward pass of one share; no cross-replica op.
+                        num_shares, present=None):
+    """Forward and backward pass of one share; no cross-replica op (but
+    those of synchronized BatchNormalization, see sync_batchnorm.py).
 
     The model's state updates (e.g. BatchNorm's moving statistics) are
     returned as values, in the order of `self._state_variables`, for the
     caller to assign: this may be an XLA function, whose tensors cannot
     leave it any other way.
+
+    `present` (a boolean; None: true) keeps the share's data and add_loss
+    terms: false for an empty share's stand-in row, whose terms are then
+    zero but its part of the weight regularization.
     """
     num_examples = tf.shape(tf.nest.flatten(labels)[0])[0]
     with tf.GradientTape() as tape, losses.deferred_assignments() as updates:
@@ -147,6 +162,10 @@ class ReplicaStep:
           add_losses, num_examples=num_examples,
           global_num_examples=global_info["num_examples"],
           reduction=self.add_loss_reduction)
+      if present is not None:  # Selected: a stand-in row's loss may be NaN.
+        for name in (*self._data_terms.values(), losses.ADD_LOSS):
+          terms[name] = tf.where(present, terms[name],
+                                 tf.zeros_like(terms[name]))
       total = tf.add_n(list(terms.values()))  # Inside the tape: recorded.
       # Multiplied by the loss scale under mixed_float16, else unchanged.
       scaled_loss = self.optimizer.scale_loss(total)
@@ -177,6 +196,9 @@ class ReplicaStep:
   def _micro_step(self, micro_batch, global_info, num_shares):
     """(gradients, packed terms) of one micro-batch; an empty one runs no
     forward pass and updates no metric (see shares.py)."""
+    if self._synchronized_state is not None:
+      return self._synchronized_micro_step(micro_batch, global_info,
+                                           num_shares)
     features, labels, weights = unpack_batch(micro_batch)
 
     def compute():
@@ -195,6 +217,41 @@ class ReplicaStep:
       return gradients, self._zero_terms(terms)
 
     return shares.if_rows(shares.num_rows(micro_batch), compute, empty)
+
+  def _synchronized_micro_step(self, micro_batch, global_info, num_shares):
+    """`_micro_step` with synchronized BatchNormalization.
+
+    Its layers all-reduce their moments in the forward pass, a collective
+    every replica must enter, in the same order, whatever its share holds:
+    so the pass runs outside any cond, and an empty share runs on a stand-in
+    row that weighs nothing (in the moments, the loss and the metrics). Its
+    gradient is replaced by the empty share's own, its part of the weight
+    regularization (the row's may be NaN: a masked layer of zeros).
+    """
+    rows = shares.num_rows(micro_batch)
+    features, labels, weights = unpack_batch(
+        sync_batchnorm.pad_empty(micro_batch))
+    with sync_batchnorm.global_rows(rows):
+      gradients, packed, outputs, per_element, state = self._gradients_fn(
+          features, labels, weights, global_info, num_shares,
+          present=rows > 0)
+    variables = self.model.trainable_variables
+    gradients = gradients_lib.dense(gradients, variables)
+    stand_in, _ = self._regularization_only(gradients, variables, num_shares)
+    gradients = [g if g is None else tf.where(
+        rows > 0, g, tf.zeros_like(g) if s is None else s)
+                 for g, s in zip(gradients, stand_in)]
+    for variable, value in zip(self._state_variables, state):
+      losses.assign_or_defer(variable, sync_batchnorm.state_after(
+          variable, value, rows, self._synchronized_state))
+
+    def update_metrics():
+      self._train_metrics.update_losses(per_element, weights)
+      self._train_metrics.update(labels, outputs, weights)
+      return tf.constant(0)
+
+    shares.if_rows(rows, update_metrics, shares.zeros_like_spec)
+    return gradients, packed
 
   def _zero_terms(self, terms):
     """`terms` packed, with zero for every other term."""

@@ -28,12 +28,14 @@ import keras
 import tensorflow as tf
 
 from dist_train.distribute import inputs
+from dist_train.distribute import strategy as strategy_lib
 from dist_train.loop import ema as ema_lib
 from dist_train.loop import gradients as gradients_lib
 from dist_train.loop import losses
 from dist_train.loop import metrics as metrics_lib
 from dist_train.loop import replica_step as replica_step_lib
 from dist_train.loop import shares
+from dist_train.loop import sync_batchnorm as sync_batchnorm_lib
 from dist_train.tasks import base
 
 
@@ -56,11 +58,13 @@ class Trainer:
                seed: int = 0,
                description: Optional[base.TaskDescription] = None,
                ema: Optional[ema_lib.WeightAverage] = None,
-               eval_with_ema: bool = True):
+               eval_with_ema: bool = True,
+               sync_batchnorm: Optional[bool] = None):
     """Creates the trainer.
 
     `add_loss_reduction`, `clip_norm`, `jit_compile`, `grad_accum_steps`,
-    `shuffle_buffer` and `seed` are the flags of the same names.
+    `shuffle_buffer`, `seed` and `sync_batchnorm` are the flags of the same
+    names.
     `train_input` and `eval_input` (None: no validation) give the loops each
     step's per-replica shares: an `inputs.ReplicaInput`, or any object with
     its `next_shares(iterator)` and `divisors_in_batch` for callers that run
@@ -107,6 +111,13 @@ class Trainer:
     self._share_log = shares.ShareLog(
         strategy=strategy, num_micro_batches=grad_accum_steps,
         first_replica=inputs.replica_layout(strategy).first_replica)
+    # Before the step is traced: the layers' moments are replaced on them.
+    synchronized = sync_batchnorm_lib.resolve(
+        requested=sync_batchnorm, model=model,
+        num_replicas=strategy.num_replicas_in_sync,
+        grad_accum_steps=grad_accum_steps, own_step=self._custom_step,
+        jit_compile=jit_compile, log=strategy_lib.is_chief(strategy))
+    sync_batchnorm_lib.synchronize(synchronized)
     self._replica_step = replica_step_lib.ReplicaStep(
         strategy=strategy, task=task, description=description, model=model,
         optimizer=optimizer,
@@ -115,7 +126,8 @@ class Trainer:
         train_metrics=self.train_metrics, eval_metrics=self.eval_metrics,
         share_log=self._share_log, add_loss_reduction=add_loss_reduction,
         grad_accum_steps=grad_accum_steps, jit_compile=jit_compile,
-        divisors_in_batch=self._train_input.divisors_in_batch)
+        divisors_in_batch=self._train_input.divisors_in_batch,
+        synchronized_layers=synchronized)
     self.term_names = self._replica_step.term_names
     self._train_loop = tf.function(self._train_loop_fn)
     self._eval_loop = tf.function(self._eval_loop_fn)

@@ -39,11 +39,15 @@ def create_model(config: config_lib.Config) -> keras.Model:
     user_code.UserCodeError: a user model_fn cannot be loaded, raises, or
       does not return a keras.Model.
   """
-  if config.model in ("mlp", "cnn"):
-    create = create_mlp if config.model == "mlp" else create_cnn
-    return create(hidden_units=config.hidden_units,
-                  kernel_l2=config.kernel_l2,
-                  activity_regularization=config.activity_regularization)
+  if config.model == "cnn":
+    return create_cnn(hidden_units=config.hidden_units,
+                      kernel_l2=config.kernel_l2,
+                      activity_regularization=config.activity_regularization,
+                      batch_norm=config.batch_norm)
+  if config.model == "mlp":
+    return create_mlp(hidden_units=config.hidden_units,
+                      kernel_l2=config.kernel_l2,
+                      activity_regularization=config.activity_regularization)
   model_fn = user_code.load_function("model", config.model)
   return user_code.check_returns(
       "model", config.model,
@@ -66,10 +70,14 @@ def _classifier_head(x, *, hidden_name, hidden_units, regularizer):
 
 
 def create_cnn(*, hidden_units: int, kernel_l2: float = 0.0,
-               activity_regularization: float = 0.0) -> keras.Model:
+               activity_regularization: float = 0.0,
+               batch_norm: bool = False) -> keras.Model:
   """A small convolutional net on 28x28x1 images, fed the same flat pixels.
 
   `activity_regularization` is accepted for a uniform signature and must be 0.
+  `batch_norm` puts BatchNormalization between each convolution and its
+  ReLU (the convolution then has no bias: the normalisation's offset
+  replaces it).
   """
   if activity_regularization:
     raise ValueError("the cnn model has no activity loss layer, got "
@@ -78,8 +86,16 @@ def create_cnn(*, hidden_units: int, kernel_l2: float = 0.0,
   inputs = keras.Input(shape=(mnist_data.NUM_FEATURES,), name="digits")
   x = keras.layers.Reshape(mnist_data.IMAGE_SHAPE + (1,))(inputs)
   for i, filters in enumerate((16, 32), start=1):
-    x = keras.layers.Conv2D(filters, 3, activation="relu",
-                            kernel_regularizer=regularizer, name=f"conv_{i}")(x)
+    if batch_norm:
+      x = keras.layers.Conv2D(filters, 3, use_bias=False,
+                              kernel_regularizer=regularizer,
+                              name=f"conv_{i}")(x)
+      x = keras.layers.BatchNormalization(name=f"batch_norm_{i}")(x)
+      x = keras.layers.ReLU()(x)
+    else:
+      x = keras.layers.Conv2D(filters, 3, activation="relu",
+                              kernel_regularizer=regularizer,
+                              name=f"conv_{i}")(x)
     x = keras.layers.MaxPooling2D(2)(x)
   x = keras.layers.Flatten()(x)
   outputs = _classifier_head(x, hidden_name="dense_1",

@@ -190,3 +190,28 @@ def test_checkpoint_shape_mismatch_text(tmp_path):
     assert match, str(error.value)[:500]
     assert (match["model"], match["checkpoint"]) == ("(3, 2)", "(4, 2)")
     assert match["name"].endswith("head/kernel"), match["name"]
+
+
+def test_batch_norm_moments_can_be_replaced_and_sublayers_found():
+  with holds("Layer._flatten_layers(include_self, recursive) and "
+             "BatchNormalization.call's self._moments(inputs, mask)",
+             "keras"):
+    inner = keras.Sequential([keras.layers.BatchNormalization(momentum=0.5)])
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(inner(inputs)))
+    layers = [l for l in compat.sublayers(model)
+              if isinstance(l, keras.layers.BatchNormalization)]
+    assert layers == [inner.layers[0]]
+    calls = []
+
+    def moments(x, mask):
+      calls.append(mask)
+      return tf.constant([1.0, 2.0]), tf.constant([4.0, 9.0])
+
+    compat.replace_batch_norm_moments(layers[0], moments)
+    outputs = inner(tf.constant([[3.0, 5.0]]), training=True)
+    assert calls == [None]
+    epsilon = layers[0].epsilon
+    assert outputs.numpy()[0].tolist() == pytest.approx(
+        [2 / (4 + epsilon) ** 0.5, 3 / (9 + epsilon) ** 0.5], abs=1e-6)
+    assert layers[0].moving_mean.numpy().tolist() == [0.5, 1.0]

@@ -68,3 +68,19 @@ def test_ink_fraction_counts_pixels_above_one_half():
   features[0, :98] = 0.6  # An eighth of the pixels.
   features[1, :10] = 0.5  # Not above one half.
   assert mnist_two_heads.ink_fraction(features).tolist() == [[0.125], [0.0]]
+
+
+def test_resnet_block_adds_its_input_and_normalises_each_convolution():
+  import keras  # pylint: disable=import-outside-toplevel
+  from examples import mnist_resnet  # pylint: disable=import-outside-toplevel
+  model = mnist_resnet.create_model(channels=4)
+  kinds = [type(layer).__name__ for layer in model.layers]
+  assert kinds.count("BatchNormalization") == 3  # The stem's and 2 a block.
+  assert kinds.count("Add") == 1
+  assert not any(layer.use_bias for layer in model.layers
+                 if isinstance(layer, keras.layers.Conv2D))
+  assert model.output_shape == (None, 10)
+  add = next(l for l in model.layers if isinstance(l, keras.layers.Add))
+  # The block's input (the stem's ReLU) is one of the two added tensors.
+  assert any("re_lu" in t._keras_history.operation.name  # pylint: disable=protected-access
+             for t in add.input)
