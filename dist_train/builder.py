@@ -20,6 +20,8 @@ from dist_train.distribute import strategy as strategy_lib
 from dist_train.distribute import watchdog as watchdog_lib
 from dist_train.loop import controller as controller_lib
 from dist_train.loop import early_stopping as early_stopping_lib
+from dist_train.loop import health as health_lib
+from dist_train.loop import health_report as health_report_lib
 from dist_train.loop import hooks
 from dist_train.loop import optimizers
 from dist_train.loop import precision
@@ -29,6 +31,7 @@ from dist_train.loop import steps
 from dist_train.loop import time_limits
 from dist_train.outputs import best as best_lib
 from dist_train.outputs import checkpoints
+from dist_train.outputs import metrics_file as metrics_file_lib
 from dist_train.outputs import profiler as profiler_lib
 from dist_train.outputs import summaries
 from dist_train.tasks import base as tasks_base
@@ -75,6 +78,7 @@ class Parts:
   is_chief: bool
   layout: object  # pipelines.ReplicaLayout of this worker.
   watchdog: watchdog_lib.CollectiveWatchdog
+  health: Optional[health_lib.StepHealth] = None  # --health_scalars.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,13 +235,17 @@ def _build_parts(config, task, description, strategy) -> Parts:
       optimizer = _create_optimizer(config, schedule.total_steps)
       # Built now, so that a checkpoint restores into existing slot variables.
       optimizer.build(model.trainable_variables)
+  health = (health_lib.StepHealth(
+      strategy=strategy, variables=model.trainable_variables,
+      keep_gradients=bool(config.histogram_every_steps))
+            if config.health_scalars else None)
   trainer = steps.Trainer(
       strategy=strategy, task=task, model=model, optimizer=optimizer,
       add_loss_reduction=config.add_loss_reduction,
       clip_norm=config.clip_norm, jit_compile=config.jit_compile,
       grad_accum_steps=config.grad_accum_steps, train_input=train_input,
       eval_input=validation_input, shuffle_buffer=config.shuffle_buffer,
-      seed=config.seed, description=description)
+      seed=config.seed, description=description, health=health)
   if len(splits.train):  # A worker's shard of a stream may be empty.
     with errors.phase("checking the task's loss on one batch"):
       task_checks.check_loss_shapes(description, model, splits.train)
@@ -256,7 +264,8 @@ def _build_parts(config, task, description, strategy) -> Parts:
       is_chief=is_chief, layout=layout,
       watchdog=watchdog_lib.CollectiveWatchdog(
           timeout_s=config.collective_timeout_s,
-          num_workers=layout.num_workers))
+          num_workers=layout.num_workers),
+      health=health)
 
 
 def _checkpoint(config, parts: Parts, *, writes: bool, extra=None):
@@ -295,6 +304,15 @@ def build_training(config: config_lib.Config, task,
       profiler=profiler, boundary_checks=boundary_checks, callbacks=callbacks)
   checkpoint = _checkpoint(config, parts, writes=True,
                            extra=stopping.variables if stopping else None)
+  metrics_path = metrics_file_lib.resolve_path(config.metrics_file,
+                                               config.model_dir)
+  if is_chief and metrics_path:
+    metrics_file = metrics_file_lib.MetricsFile(
+        metrics_path, steps_per_epoch=parts.schedule.steps_per_epoch)
+    parts.summary_writers.add_scalar_listener(metrics_file)
+    # After the restore: the lines of steps the resume runs again go.
+    run_hooks.insert(0, hooks.AtTrainBegin(lambda: metrics_file.start(
+        int(trainer.optimizer.iterations.numpy()))))
   agreement = preemption.PreemptionAgreement(
       strategy=parts.strategy,
       num_workers=strategy_lib.num_workers(parts.strategy),
@@ -306,6 +324,7 @@ def build_training(config: config_lib.Config, task,
       callbacks=run_hooks,
       progress_fn=progress.EpochProgress if is_chief else None,
       watchdog=parts.watchdog,
+      health_report=_health_report(config, parts, is_chief),
       wall_clock=time_limits.WallClock(
           max_runtime_s=config.max_runtime_s,
           # One clock decides when a time-based checkpoint is due: the
@@ -317,6 +336,20 @@ def build_training(config: config_lib.Config, task,
                      summary_writers=parts.summary_writers,
                      checkpoint=checkpoint, is_chief=is_chief,
                      profiler=profiler)
+
+
+def _health_report(config, parts: Parts, is_chief: bool):
+  """The report of --health_scalars (None when off)."""
+  if parts.health is None:
+    return None
+  return health_report_lib.HealthReport(
+      health=parts.health, strategy=parts.strategy,
+      num_workers=parts.layout.num_workers,
+      num_local_replicas=parts.layout.num_local_replicas,
+      optimizer=parts.trainer.optimizer, clip_norm=config.clip_norm,
+      straggler_warn_ratio=config.straggler_warn_ratio,
+      histogram_every_steps=config.histogram_every_steps,
+      warn=logging.warning if is_chief else lambda *args: None)
 
 
 def build_evaluation(config: config_lib.Config, task,

@@ -29,6 +29,7 @@ import tensorflow as tf
 
 from dist_train.distribute import inputs
 from dist_train.loop import gradients as gradients_lib
+from dist_train.loop import health as health_lib
 from dist_train.loop import losses
 from dist_train.loop import metrics as metrics_lib
 from dist_train.loop import replica_step as replica_step_lib
@@ -53,7 +54,8 @@ class Trainer:
                jit_compile: bool = False, grad_accum_steps: int = 1,
                train_input, eval_input=None, shuffle_buffer: int = 0,
                seed: int = 0,
-               description: Optional[base.TaskDescription] = None):
+               description: Optional[base.TaskDescription] = None,
+               health: Optional[health_lib.StepHealth] = None):
     """Creates the trainer.
 
     `add_loss_reduction`, `clip_norm`, `jit_compile`, `grad_accum_steps`,
@@ -63,7 +65,9 @@ class Trainer:
     its `next_shares(iterator)` and `divisors_in_batch` for callers that run
     `train_steps` on iterators of their own. `description` is the task's,
     from `tasks.base.check_task`; by default the task is checked and
-    described here.
+    described here. `health` (None: off) records the training health
+    (`health.py`); a loop run with `measure=True` also measures its last
+    step's gradient norm, and each loop times its input.
     """
     if grad_accum_steps < 1:
       raise ValueError(
@@ -71,6 +75,9 @@ class Trainer:
     self.strategy = strategy
     self._train_input = train_input
     self._eval_input = eval_input
+    self._health = health
+    # Seconds this worker's last training loop waited for its input.
+    self.last_input_seconds = 0.0
     self._shuffle_buffer = shuffle_buffer
     self._seed = seed
     self._train_iterator = None
@@ -104,7 +111,8 @@ class Trainer:
         strategy=strategy, task=task, description=description, model=model,
         optimizer=optimizer,
         applier=gradients_lib.GradientApplier(optimizer=optimizer,
-                                              clip_norm=clip_norm),
+                                              clip_norm=clip_norm,
+                                              health=health),
         train_metrics=self.train_metrics, eval_metrics=self.eval_metrics,
         share_log=self._share_log, add_loss_reduction=add_loss_reduction,
         grad_accum_steps=grad_accum_steps, jit_compile=jit_compile,
@@ -116,20 +124,45 @@ class Trainer:
 
   # Tier 2: many global steps in one compiled call.
 
-  def _train_loop_fn(self, iterator, num_steps):
-    """Runs `num_steps` global steps; returns the mean of each loss term."""
+  def _train_loop_fn(self, iterator, num_steps, measure=False):
+    """Runs `num_steps` global steps; returns the mean of each loss term
+    and the seconds spent waiting for the input.
+
+    With `measure` (a Python bool: a trace of its own), the last step is
+    traced apart, as the health's measured step; the others carry nothing
+    extra.
+    """
+    measure = measure and self._health is not None
     loss_sums = tf.zeros([len(self.term_names)])
-    for _ in tf.range(num_steps):
-      per_replica = self.strategy.run(
-          self._replica_step.train,
-          args=self._train_input.next_shares(iterator))
-      step_terms = self.strategy.reduce(tf.distribute.ReduceOp.SUM,
-                                        per_replica, axis=None)
-      if self._custom_step:
-        self._step_loss.update_state(step_terms[0])
-      loss_sums += step_terms
-    return losses.unpack(loss_sums / tf.cast(num_steps, tf.float32),
-                         self.term_names)
+    input_seconds = tf.zeros([], tf.float64)
+    for _ in tf.range(num_steps - 1 if measure else num_steps):
+      loss_sums, input_seconds = self._train_step_fn(iterator, loss_sums,
+                                                     input_seconds)
+    if measure:
+      self._health.measuring = True
+      loss_sums, input_seconds = self._train_step_fn(iterator, loss_sums,
+                                                     input_seconds)
+      self._health.measuring = False
+    return (losses.unpack(loss_sums / tf.cast(num_steps, tf.float32),
+                          self.term_names), input_seconds)
+
+  def _train_step_fn(self, iterator, loss_sums, input_seconds):
+    """One global step: (loss sums, input seconds) with this step's added."""
+    if self._health is None:
+      args = self._train_input.next_shares(iterator)
+    else:
+      start = tf.timestamp()
+      with tf.control_dependencies([start]):
+        args = self._train_input.next_shares(iterator)
+      with tf.control_dependencies(
+          tf.nest.flatten(args, expand_composites=True)):
+        input_seconds += tf.timestamp() - start
+    per_replica = self.strategy.run(self._replica_step.train, args=args)
+    step_terms = self.strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                      per_replica, axis=None)
+    if self._custom_step:
+      self._step_loss.update_state(step_terms[0])
+    return loss_sums + step_terms, input_seconds
 
   def _eval_loop_fn(self, iterator, num_steps):
     for _ in tf.range(num_steps):
@@ -151,15 +184,22 @@ class Trainer:
         shuffle_buffer=self._shuffle_buffer, seed=self._seed, epoch=epoch,
         num_epochs=num_epochs - epoch, skip_batches=step_in_epoch))
 
-  def train(self, num_steps: int) -> dict:
+  def train(self, num_steps: int, *, measure: bool = False) -> dict:
     """Runs the next `num_steps` global steps of the training input (see
     `train_steps`); `start_training` comes first."""
-    return self.train_steps(self._started_iterator(), num_steps)
+    return self.train_steps(self._started_iterator(), num_steps,
+                            measure=measure)
 
-  def trace_train(self, num_steps: int) -> None:
+  def trace_train(self, num_steps: int, *, measure: bool = False) -> None:
     """Traces the training loop without running a step (a stop request
-    during a long first trace can then end the run at once)."""
-    self.trace_train_steps(self._started_iterator(), num_steps)
+    during a long first trace can then end the run at once). With the
+    health on, both versions of the loop are traced: the one ending in a
+    measured step too, so no log interval pays for a trace."""
+    self.trace_train_steps(self._started_iterator(), num_steps,
+                           measure=measure)
+    if self._health is not None:
+      self.trace_train_steps(self._started_iterator(), num_steps,
+                             measure=not measure)
 
   def _started_iterator(self):
     if self._train_iterator is None:
@@ -184,9 +224,11 @@ class Trainer:
     """Training examples this worker's pipeline read since the last call."""
     return self._train_input.take_read_count()
 
-  def train_steps(self, iterator, num_steps: int) -> dict:
+  def train_steps(self, iterator, num_steps: int, *,
+                  measure: bool = False) -> dict:
     """Runs `num_steps` global steps from `iterator`, an iterator over the
-    train input's datasets (`train` uses the trainer's own).
+    train input's datasets (`train` uses the trainer's own); with `measure`,
+    the last one is the health's measured step.
 
     Returns:
       The mean over those steps of the global-batch objective (`loss`) and
@@ -194,17 +236,20 @@ class Trainer:
       floats.
     """
     try:
-      means = self._train_loop(iterator, tf.constant(num_steps, tf.int32))
+      means, input_seconds = self._train_loop(
+          iterator, tf.constant(num_steps, tf.int32), bool(measure))
     except tf.errors.OpError as e:
       raise self._share_log.describe(e) from e
     self._train_loop_calls += 1
+    self.last_input_seconds = float(input_seconds)
     return {name: float(value) for name, value in means.items()}
 
-  def trace_train_steps(self, iterator, num_steps: int) -> None:
+  def trace_train_steps(self, iterator, num_steps: int, *,
+                        measure: bool = False) -> None:
     """Traces the training loop without running a step (a stop request
     during a long first trace can then end the run at once)."""
     self._train_loop.get_concrete_function(
-        iterator, tf.constant(num_steps, tf.int32))
+        iterator, tf.constant(num_steps, tf.int32), bool(measure))
 
   def eval_steps(self, dataset, num_steps: int, *, chunk_steps=None,
                  stop_fn=None, guard=None):
