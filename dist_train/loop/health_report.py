@@ -91,7 +91,7 @@ class HealthReport:
       scalars["clipped_fraction"] = taken["clipped_steps"] / steps
     scale = getattr(self._optimizer, "dynamic_scale", None)
     if scale is not None:
-      scalars["loss_scale"] = float(np.asarray(scale))
+      scalars["loss_scale"] = float(tf.convert_to_tensor(scale).numpy())
       scalars["skipped_steps"] = taken["skipped_steps"]
     scalars.update(memory_scalars(self._strategy.extended.worker_devices))
     times = self._per_worker(np.array(
@@ -126,7 +126,8 @@ class HealthReport:
     every = self._histogram_every_steps
     if not every or global_step % every:
       return {}
-    values = {f"weights/{_name(v)}": np.asarray(v) for v in variables}
+    values = {f"weights/{_name(v)}": tf.convert_to_tensor(v).numpy()
+              for v in variables}
     values.update({f"gradients/{_name(v)}": g for v, g in zip(
         variables, self._health.gradient_values())})
     return values
