@@ -151,7 +151,11 @@ class Trainer:
     if self._health is None:
       args = self._train_input.next_shares(iterator)
     else:
-      start = tf.timestamp()
+      # After the previous step's loss (the end of its collectives): else
+      # the loop may read the clock early, and count the wait for the
+      # other workers as this worker's input.
+      with tf.control_dependencies([loss_sums]):
+        start = tf.timestamp()
       with tf.control_dependencies([start]):
         args = self._train_input.next_shares(iterator)
       with tf.control_dependencies(

@@ -25,7 +25,7 @@ FEATURES = 4
 INITIAL_KERNEL = np.array([[0.5], [-0.25], [0.125], [1.0]], np.float32)
 INITIAL_BIAS = np.array([0.1], np.float32)
 # Seconds worker 1 (of TF_CONFIG) sleeps per example read, in slow_input.
-SLEEP_PER_EXAMPLE_S = 0.01
+SLEEP_PER_EXAMPLE_S = 0.005
 # In overflow_at_step: the target of the first example of global step 3,
 # whose gradient overflows float16 at the initial loss scale (2**15) but not
 # the float32 loss.
@@ -33,10 +33,10 @@ OVERFLOW_STEP = 3
 OVERFLOW_TARGET = 100.0
 
 
-def examples(split):
+def examples(split, num_train=NUM_TRAIN):
   """(features, targets) of `split`, fixed by its name."""
   rng = np.random.default_rng(7 if split == "train" else 8)
-  size = NUM_TRAIN if split == "train" else NUM_VALIDATION
+  size = num_train if split == "train" else NUM_VALIDATION
   features = rng.normal(scale=0.5, size=(size, FEATURES)).astype(np.float32)
   targets = (0.3 * np.tanh(features.sum(axis=1, keepdims=True))).astype(
       np.float32)
@@ -46,8 +46,10 @@ def examples(split):
 class LinearHealth(tasks.Task):
   """y = x.w + b by the mean squared error."""
 
-  def __init__(self, config, *, slow_worker=None, overflow=False):
+  def __init__(self, config, *, slow_worker=None, overflow=False,
+               num_train=NUM_TRAIN):
     del config
+    self._num_train = num_train
     task = json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {})
     self._slow = slow_worker is not None and task.get("index") == slow_worker
     self._overflow = overflow
@@ -60,7 +62,7 @@ class LinearHealth(tasks.Task):
     return keras.Model(inputs, outputs)
 
   def build_dataset(self, split):
-    features, targets = examples(split)
+    features, targets = examples(split, self._num_train)
     if self._overflow and split == "train":
       targets = targets.copy()
       targets[(OVERFLOW_STEP - 1) * GLOBAL_BATCH_SIZE] = OVERFLOW_TARGET
@@ -82,9 +84,14 @@ def linear(config):
   return LinearHealth(config)
 
 
+# slow_input's examples: 20 steps an epoch, so that the steps, not the
+# pauses between loops (when the input reads ahead), take most of the time.
+SLOW_INPUT_NUM_TRAIN = 120
+
+
 def slow_input(config):
   """Worker 1 of TF_CONFIG reads its input slowly."""
-  return LinearHealth(config, slow_worker=1)
+  return LinearHealth(config, slow_worker=1, num_train=SLOW_INPUT_NUM_TRAIN)
 
 
 def overflow_at_step(config):
@@ -98,12 +105,14 @@ def reference_gradients(num_steps, learning_rate, clip_norm=None):
   return reference_run(num_steps, learning_rate, clip_norm)[0]
 
 
-def reference_run(num_steps, learning_rate, clip_norm=None):
+def reference_run(num_steps, learning_rate, clip_norm=None,
+                  num_train=NUM_TRAIN):
   """(each step's gradient, the weights (kernel, bias) after each step)."""
-  features, targets = (a.astype(np.float64) for a in examples("train"))
+  features, targets = (a.astype(np.float64)
+                       for a in examples("train", num_train))
   kernel = INITIAL_KERNEL.astype(np.float64)
   bias = INITIAL_BIAS.astype(np.float64)
-  starts = list(range(0, NUM_TRAIN, GLOBAL_BATCH_SIZE))
+  starts = list(range(0, num_train, GLOBAL_BATCH_SIZE))
   gradients, weights = [], []
   for step in range(num_steps):
     begin = starts[step % len(starts)]
