@@ -6,7 +6,7 @@ all-reduce per log interval."""
 import resource
 import statistics
 import sys
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -104,20 +104,18 @@ class HealthReport:
     """The worker_step_time scalars, from [workers, (input, compute)]
     seconds per step; warns when the slowest worker is a straggler."""
     own = times.sum(axis=1)
-    slowest = int(np.argmax(own))
-    median = statistics.median(own)
-    if median > 0 and own[slowest] > self._ratio * median:
-      input_excess = times[slowest, 0] - statistics.median(times[:, 0])
-      step_excess = times[slowest, 1] - statistics.median(times[:, 1])
+    found = find_straggler(times, self._ratio)
+    if found is not None:
       self._warn(
           "Straggler at step %d: worker %d took %.1f ms per step, %.1fx the "
           "median of %.1f ms (input %.1f ms, step %.1f ms): its %s is slow",
-          global_step, slowest, 1e3 * own[slowest], own[slowest] / median,
-          1e3 * median, 1e3 * times[slowest, 0], 1e3 * times[slowest, 1],
-          "input" if input_excess >= step_excess else "step")
-    return {"worker_step_time/max": float(own[slowest]),
+          global_step, found.worker, 1e3 * own[found.worker],
+          own[found.worker] / found.median, 1e3 * found.median,
+          1e3 * times[found.worker, 0], 1e3 * times[found.worker, 1],
+          found.slow_part)
+    return {"worker_step_time/max": float(own.max()),
             "worker_step_time/min": float(own.min()),
-            "worker_step_time/slowest_worker": float(slowest),
+            "worker_step_time/slowest_worker": float(np.argmax(own)),
             "worker_input_time/max": float(times[:, 0].max())}
 
   def histograms(self, global_step: int, variables) -> dict:
@@ -131,6 +129,33 @@ class HealthReport:
     values.update({f"gradients/{_name(v)}": g for v, g in zip(
         variables, self._health.gradient_values())})
     return values
+
+
+class Straggler(NamedTuple):
+  worker: int  # Its index.
+  median: float  # The median worker's own seconds per step.
+  slow_part: str  # "input" or "step": which is further above the median.
+
+
+def find_straggler(times: np.ndarray, ratio: float) -> Optional[Straggler]:
+  """The slowest worker, if its own time per step (input + step) exceeds
+  `ratio` times the median worker's; else None.
+
+  Args:
+    times: [workers, 2]: each worker's seconds per step waiting for its
+      input, and in its step before the update's collectives.
+    ratio: --straggler_warn_ratio.
+  """
+  own = times.sum(axis=1)
+  slowest = int(np.argmax(own))
+  median = float(statistics.median(own))
+  if not (median > 0 and own[slowest] > ratio * median):
+    return None
+  input_excess = times[slowest, 0] - statistics.median(times[:, 0])
+  step_excess = times[slowest, 1] - statistics.median(times[:, 1])
+  return Straggler(worker=slowest, median=median,
+                   slow_part="input" if input_excess >= step_excess
+                   else "step")
 
 
 def _name(variable) -> str:

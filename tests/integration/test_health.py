@@ -186,3 +186,24 @@ def test_loss_scale_halves_and_counts_a_forced_overflow(strategy, tmp_path):
   with open(tmp_path / "overflow" / "metrics.jsonl") as f:
     assert [json.loads(line)["loss_scale"] for line in f
             if '"train"' in line] == [2.0**15, 2.0**14, 2.0**13]
+
+
+def test_metrics_file_where_files_cannot_be_appended_to():
+  path = "ram://health_test/run/metrics.jsonl"
+  assert metrics_file.resolve_path(None, "ram://health_test/run") == path
+  assert metrics_file.resolve_path("none", "ram://health_test/run") is None
+  first = metrics_file.MetricsFile(path, steps_per_epoch=4)
+  first.start(0)
+  first("train", {"loss": 1.0}, 2)
+  first("train", {"loss": 0.5}, 4)
+  first("validation", {"loss": 0.75}, 4)
+  first("train", {"loss": 0.25}, 6)
+  assert [(r["split"], r["step"], r["epoch"], r["loss"])
+          for r in metrics_file.read(path)] == [
+              ("train", 2, 1, 1.0), ("train", 4, 1, 0.5),
+              ("validation", 4, 1, 0.75), ("train", 6, 2, 0.25)]
+  resumed = metrics_file.MetricsFile(path, steps_per_epoch=4)
+  resumed.start(4)
+  resumed("train", {"loss": 0.125}, 6)
+  assert [(r["step"], r["loss"]) for r in metrics_file.read(path)] == [
+      (2, 1.0), (4, 0.5), (4, 0.75), (6, 0.125)]
