@@ -38,6 +38,12 @@ the host, copied in the step), for the same replica counts and batches, with
 its "input alone" and "slowdown from input" figures on that placement's
 input. On a machine with GPUs it adds rows for all local GPUs.
 
+The health table (--tables=health) is an A/B of --health_scalars (the
+training-health scalars, docs/monitoring.md) at the default log interval:
+the loop with them on and off, for the MLP and the CNN at each replica
+count (global batch 64), the two arms alternating (A B A B: --health_rounds
+rounds), each arm's figure the median of its rounds.
+
 --quick (one repetition of 3,200 examples, no waiting for an idle CPU)
 checks that the script runs; its figures are not worth keeping.
 """
@@ -73,6 +79,8 @@ def _config(args, model_dir, **changes):
              else dict(strategy="mirrored"))
   if args.input_placement:
     changes.setdefault("input_placement", args.input_placement)
+  changes.setdefault("model", args.model)
+  changes.setdefault("health_scalars", bool(args.health_scalars))
   return config_lib.Config(
       model_dir=model_dir, mode="train", dataset="synthetic",
       num_train_examples=args.examples, num_validation_examples=0,
@@ -441,6 +449,45 @@ def input_table(rows):
   return "\n".join(lines)
 
 
+def _health_rows(args, notes):
+  """[((model, replicas), (on, off))]: each arm's result with the median
+  examples/second of its rounds."""
+  rows = []
+  for model in ("mlp", "cnn"):
+    for replicas in args.replicas:
+      arms = {1: [], 0: []}
+      for _ in range(args.health_rounds):
+        for health in (1, 0):
+          result = _measure("loop", "cpu", replicas, 64, args, model=model,
+                            health_scalars=health)
+          if "error" in result:
+            notes.append(f"{model}, {replicas} cpu, health_scalars={health}: "
+                         f"loop failed: {result['error']}")
+          else:
+            arms[health].append(result)
+      merged = []
+      for health in (1, 0):
+        results = arms[health]
+        merged.append({"examples_per_second": statistics.median(
+            r["examples_per_second"] for r in results)} if results else {})
+      rows.append(((model, replicas), tuple(merged)))
+      print(f"measured health A/B {model} {replicas} cpu: on "
+            f"{_rate(merged[0])}, off {_rate(merged[1])} examples/s",
+            file=sys.stderr, flush=True)
+  return rows
+
+
+def health_table(rows):
+  lines = ["| model | replicas | health scalars on, ex/s | off, ex/s "
+           "| change |", "| --- | --- | ---: | ---: | ---: |"]
+  for (model, replicas), (on, off) in rows:
+    change = ("n/a" if not on or not off else
+              f"{on['examples_per_second'] / off['examples_per_second'] - 1:+.1%}")
+    lines.append(f"| {model} | {replicas} CPU | {_rate(on)} | {_rate(off)} "
+                 f"| {change} |")
+  return "\n".join(lines)
+
+
 def _comparison_rows(args, notes):
   rows = []
   for device, replicas in _devices(args):
@@ -489,6 +536,7 @@ def parent_main(args):
     args.examples, args.repetitions, args.eager_repetitions = 3_200, 1, 1
   rows = _comparison_rows(args, notes) if "comparison" in args.tables else []
   input_rows = _input_rows(args, notes) if "input" in args.tables else []
+  health_rows = _health_rows(args, notes) if "health" in args.tables else []
   sweep = []
   for replicas in args.replicas if args.sweep_steps_per_loop else []:
     for steps in args.sweep_steps_per_loop:
@@ -509,6 +557,14 @@ def parent_main(args):
                     + input_table(input_rows) +
                     ("\n\n" + "\n".join(f"- {n}" for n in notes)
                      if notes else ""))
+  if health_rows:
+    sections.append(
+        "examples/second of the loop with --health_scalars on and off "
+        f"(global batch 64, default log interval; median of "
+        f"{args.health_rounds} alternating rounds per arm):\n\n" +
+        health_table(health_rows) +
+        ("\n\n" + "\n".join(f"- {n}" for n in notes)
+         if notes and not input_rows and not rows else ""))
   if sweep:
     sections.append("examples/second of the loop by --steps_per_loop (global "
                     "batch 64; one log line per epoch):\n\n" +
@@ -542,8 +598,11 @@ def main():
                       help="tried in order; the first that works is used")
   parser.add_argument("--sweep_steps_per_loop", type=_ints, default=[])
   parser.add_argument("--tables", type=_names, default=["comparison", "input"],
-                      help="comparison (loop, fit, eager) and/or input (the "
-                      "loop by --input_placements)")
+                      help="comparison (loop, fit, eager), input (the "
+                      "loop by --input_placements) and/or health (an A/B "
+                      "of --health_scalars)")
+  parser.add_argument("--health_rounds", type=int, default=2,
+                      help="rounds of the health A/B, alternating the arms")
   parser.add_argument("--input_placements", type=_names,
                       default=["device", "prefetch", "host"])
   parser.add_argument("--examples", type=int, default=EXAMPLES,
@@ -556,6 +615,9 @@ def main():
   parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
   parser.add_argument("--global_batch_size", type=int, help=argparse.SUPPRESS)
   parser.add_argument("--launch_time", type=float, help=argparse.SUPPRESS)
+  parser.add_argument("--model", default="mlp", help=argparse.SUPPRESS)
+  parser.add_argument("--health_scalars", type=int, default=1,
+                      help=argparse.SUPPRESS)
   parser.add_argument("--steps_per_execution", type=int, default=1,
                       help=argparse.SUPPRESS)
   parser.add_argument("--steps_per_loop", type=int, help=argparse.SUPPRESS)

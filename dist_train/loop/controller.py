@@ -166,8 +166,9 @@ class Controller:
         losses = self._trainer.train(num_steps, measure=measure)
       seconds = time.perf_counter() - start
       if self._health is not None:
-        self._health.loop_done(num_steps=num_steps,
-                               input_seconds=self._trainer.last_input_seconds)
+        self._health.loop_done(
+            num_steps=num_steps, timed_steps=self._trainer.last_timed_steps,
+            input_seconds=self._trainer.last_input_seconds)
       step_in_epoch += num_steps
       # Checked every loop, and loops end at log steps: a NaN stops the run
       # within one logging interval, before any checkpoint holds it.

@@ -2,11 +2,13 @@
 gradient, how often it was clipped, overflowed (skipped) steps, and this
 worker's own compute time.
 
-What is cheap is counted at every step (a comparison, an add); what costs a
-collective, the norm of the summed gradient when clipping does not compute
-it anyway, is measured in the last step of a loop that ends at a log step
-only: the Trainer traces that step apart (`measuring`), so the other steps
-carry no extra all-reduce.
+What is cheap is counted at every step (a comparison, an add, where
+clipping or loss scaling computes what it counts anyway); what costs more is
+measured at the end of a loop that ends at a log step only: the norm of the
+summed gradient (a collective, unless clipping computes it) in its last
+step (`measuring`), and this worker's input wait and compute time in its
+last TIMED_STEPS steps (`timed`). The Trainer traces those steps apart, so
+the other steps carry no extra op.
 
 Every value lives in an ON_READ variable read from the first replica: each
 replica writes its own copy without a collective, and a read stays local.
@@ -15,9 +17,15 @@ same overflow), except the compute time, which is this worker's and is
 gathered across workers at log steps by `health_report.py`.
 """
 
+import contextlib
 import threading
 
 import tensorflow as tf
+
+# How many steps at the end of a loop ending at a log step are timed (their
+# input wait and compute, for the straggler report): a sample of the
+# interval, so that the other steps carry no clock.
+TIMED_STEPS = 10
 
 _LOCAL = dict(synchronization=tf.VariableSynchronization.ON_READ,
               aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
@@ -30,6 +38,8 @@ class StepHealth:
   Attributes:
     measuring: True while the Trainer traces the measured step (the last of
       a loop ending at a log step); a Python flag read at trace time.
+    timed: True while it traces the timed steps (the last TIMED_STEPS of
+      such a loop).
   """
 
   def __init__(self, *, strategy: tf.distribute.Strategy, variables=(),
@@ -58,6 +68,7 @@ class StepHealth:
                       **_LOCAL) for i, v in enumerate(self._variables)
       ] if keep_gradients else None
     self.measuring = False
+    self.timed = False
     self._replica = threading.local()  # Each replica traces in its thread.
     self._take = tf.function(self._take_fn)
 
@@ -65,10 +76,23 @@ class StepHealth:
   def keeps_gradients(self) -> bool:
     return self._gradients is not None
 
+  @contextlib.contextmanager
+  def tracing(self, *, timed: bool = False, measuring: bool = False):
+    """The steps traced inside are timed (`timed`) and the health's
+    measured step (`measuring`)."""
+    self.timed, self.measuring = timed, measuring
+    try:
+      yield
+    finally:
+      self.timed, self.measuring = False, False
+
   # In replica context, while the step is traced.
 
   def step_started(self, batch) -> None:
-    """Marks when this replica's share is in hand (after its input)."""
+    """Marks when this replica's share is in hand (after its input), in a
+    timed step."""
+    if not self.timed:
+      return
     with tf.control_dependencies(
         tf.nest.flatten(batch, expand_composites=True)):
       self._replica.start = tf.timestamp()

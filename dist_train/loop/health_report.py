@@ -50,13 +50,16 @@ class HealthReport:
     self._histogram_every_steps = histogram_every_steps
     self._warn = warn
     self._steps = 0
+    self._timed_steps = 0
     self._input_seconds = 0.0
     self._gather = tf.function(self._gather_fn)  # One trace for the run.
 
-  def loop_done(self, *, num_steps: int, input_seconds: float) -> None:
-    """Counts a compiled loop of `num_steps` steps that waited
-    `input_seconds` for its input."""
+  def loop_done(self, *, num_steps: int, timed_steps: int,
+                input_seconds: float) -> None:
+    """Counts a compiled loop of `num_steps` steps, whose last
+    `timed_steps` waited `input_seconds` for their input."""
     self._steps += num_steps
+    self._timed_steps += timed_steps
     self._input_seconds += input_seconds
 
   def _gather_fn(self, values):
@@ -95,9 +98,10 @@ class HealthReport:
       scalars["skipped_steps"] = taken["skipped_steps"]
     scalars.update(memory_scalars(self._strategy.extended.worker_devices))
     times = self._per_worker(np.array(
-        [self._input_seconds, taken["compute_seconds"]], np.float64)) / steps
+        [self._input_seconds, taken["compute_seconds"]], np.float64)) / max(
+            1, self._timed_steps)
     scalars.update(self._stragglers(global_step, times))
-    self._steps, self._input_seconds = 0, 0.0
+    self._steps, self._timed_steps, self._input_seconds = 0, 0, 0.0
     return scalars
 
   def _stragglers(self, global_step, times) -> dict:

@@ -66,8 +66,8 @@ class Trainer:
     `train_steps` on iterators of their own. `description` is the task's,
     from `tasks.base.check_task`; by default the task is checked and
     described here. `health` (None: off) records the training health
-    (`health.py`); a loop run with `measure=True` also measures its last
-    step's gradient norm, and each loop times its input.
+    (`health.py`); a loop run with `measure=True` measures its last step's
+    gradient norm and times its last steps.
     """
     if grad_accum_steps < 1:
       raise ValueError(
@@ -76,8 +76,10 @@ class Trainer:
     self._train_input = train_input
     self._eval_input = eval_input
     self._health = health
-    # Seconds this worker's last training loop waited for its input.
+    # Of this worker's last training loop: its timed steps (health.py) and
+    # the seconds they waited for their input.
     self.last_input_seconds = 0.0
+    self.last_timed_steps = 0
     self._shuffle_buffer = shuffle_buffer
     self._seed = seed
     self._train_iterator = None
@@ -126,29 +128,36 @@ class Trainer:
 
   def _train_loop_fn(self, iterator, num_steps, measure=False):
     """Runs `num_steps` global steps; returns the mean of each loss term
-    and the seconds spent waiting for the input.
+    and the seconds spent waiting for the input in the timed steps.
 
-    With `measure` (a Python bool: a trace of its own), the last step is
-    traced apart, as the health's measured step; the others carry nothing
-    extra.
+    With `measure` (a Python bool: a trace of its own), the last
+    `health.TIMED_STEPS` steps are timed (their input and compute) and the
+    very last is the health's measured step; the other steps, and every
+    step of a loop without `measure`, carry nothing extra.
     """
     measure = measure and self._health is not None
     loss_sums = tf.zeros([len(self.term_names)])
     input_seconds = tf.zeros([], tf.float64)
-    for _ in tf.range(num_steps - 1 if measure else num_steps):
+    timed_steps = (tf.minimum(num_steps, health_lib.TIMED_STEPS) if measure
+                   else tf.constant(0))
+    for _ in tf.range(num_steps - timed_steps):
       loss_sums, input_seconds = self._train_step_fn(iterator, loss_sums,
                                                      input_seconds)
     if measure:
-      self._health.measuring = True
-      loss_sums, input_seconds = self._train_step_fn(iterator, loss_sums,
-                                                     input_seconds)
-      self._health.measuring = False
+      with self._health.tracing(timed=True):
+        for _ in tf.range(timed_steps - 1):
+          loss_sums, input_seconds = self._train_step_fn(
+              iterator, loss_sums, input_seconds, timed=True)
+      with self._health.tracing(timed=True, measuring=True):
+        loss_sums, input_seconds = self._train_step_fn(
+            iterator, loss_sums, input_seconds, timed=True)
     return (losses.unpack(loss_sums / tf.cast(num_steps, tf.float32),
                           self.term_names), input_seconds)
 
-  def _train_step_fn(self, iterator, loss_sums, input_seconds):
-    """One global step: (loss sums, input seconds) with this step's added."""
-    if self._health is None:
+  def _train_step_fn(self, iterator, loss_sums, input_seconds, timed=False):
+    """One global step: (loss sums, input seconds) with this step's added
+    (`timed`: the seconds this worker waited for the step's input)."""
+    if not timed:
       args = self._train_input.next_shares(iterator)
     else:
       # After the previous step's loss (the end of its collectives): else
@@ -246,6 +255,8 @@ class Trainer:
       raise self._share_log.describe(e) from e
     self._train_loop_calls += 1
     self.last_input_seconds = float(input_seconds)
+    self.last_timed_steps = (min(num_steps, health_lib.TIMED_STEPS)
+                             if measure and self._health is not None else 0)
     return {name: float(value) for name, value in means.items()}
 
   def trace_train_steps(self, iterator, num_steps: int, *,
