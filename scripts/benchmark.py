@@ -107,6 +107,11 @@ def run_loop(args):
   peak_rss_mb = _peak_rss_mb()  # Training only: the checks below add to it.
   epoch_seconds = [h["train_seconds"] for h in result.history]
   first_step = result.first_loop_end_time - args.launch_time
+  if not args.input_checks:
+    return dict(epoch_seconds=epoch_seconds,
+                examples=config.num_train_examples,
+                first_step_seconds=first_step,
+                steps_per_loop=config.steps_per_loop, peak_rss_mb=peak_rss_mb)
 
   # Input stall: the same number of steps from the real pipeline and from one
   # cached step, alternately, with a fresh optimizer on the trained model.
@@ -324,8 +329,8 @@ def _measure(method, device, replicas, global_batch_size, args, **extra):
   examples = EAGER_EXAMPLES if method == "eager" else args.examples
   repetitions = (args.eager_repetitions if method == "eager"
                  else args.repetitions)
-  if not args.quick:
-    _wait_for_idle_cpu(args.notes)
+  if not args.quick and args.idle_wait_s > 0:
+    _wait_for_idle_cpu(args.notes, args.idle_wait_s)
   command = [sys.executable, os.path.abspath(__file__), f"--child={method}",
              f"--device={device}", f"--replicas={replicas}",
              f"--global_batch_size={global_batch_size}",
@@ -459,7 +464,7 @@ def _health_rows(args, notes):
       for _ in range(args.health_rounds):
         for health in (1, 0):
           result = _measure("loop", "cpu", replicas, 64, args, model=model,
-                            health_scalars=health)
+                            health_scalars=health, input_checks=0)
           if "error" in result:
             notes.append(f"{model}, {replicas} cpu, health_scalars={health}: "
                          f"loop failed: {result['error']}")
@@ -601,6 +606,9 @@ def main():
                       help="comparison (loop, fit, eager), input (the "
                       "loop by --input_placements) and/or health (an A/B "
                       "of --health_scalars)")
+  parser.add_argument("--idle_wait_s", type=float, default=120,
+                      help="wait up to this long for an idle CPU before "
+                      "each measurement (0: do not wait)")
   parser.add_argument("--health_rounds", type=int, default=2,
                       help="rounds of the health A/B, alternating the arms")
   parser.add_argument("--input_placements", type=_names,
@@ -617,6 +625,8 @@ def main():
   parser.add_argument("--launch_time", type=float, help=argparse.SUPPRESS)
   parser.add_argument("--model", default="mlp", help=argparse.SUPPRESS)
   parser.add_argument("--health_scalars", type=int, default=1,
+                      help=argparse.SUPPRESS)
+  parser.add_argument("--input_checks", type=int, default=1,
                       help=argparse.SUPPRESS)
   parser.add_argument("--steps_per_execution", type=int, default=1,
                       help=argparse.SUPPRESS)

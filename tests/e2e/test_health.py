@@ -86,3 +86,14 @@ def test_metrics_file_holds_the_chiefs_event_values(two_workers):
     assert [(r["step"], r[tag]) for r in records if tag in r] == values, tag
   assert [r["step"] for r in records] == LOG_STEPS
   assert {(r["split"], r["epoch"]) for r in records} == {("train", 1)}
+
+
+def test_plot_run_reads_the_metrics_file(two_workers, tmp_path):
+  model_dir, _ = two_workers
+  output = tmp_path / "curves.png"
+  result = processes.run_python(
+      ["scripts/plot_run.py", str(tmp_path),
+       f"--metrics_file={os.path.join(model_dir, 'metrics.jsonl')}",
+       f"--output={output}"], check=True)
+  assert result.stdout.strip() == str(output)
+  assert output.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
