@@ -39,10 +39,13 @@ its "input alone" and "slowdown from input" figures on that placement's
 input. On a machine with GPUs it adds rows for all local GPUs.
 
 The health table (--tables=health) is an A/B of --health_scalars (the
-training-health scalars, docs/monitoring.md) at the default log interval:
-the loop with them on and off, for the MLP and the CNN at each replica
-count (global batch 64), the two arms alternating (A B A B: --health_rounds
-rounds), each arm's figure the median of its rounds.
+training-health scalars, docs/monitoring.md) at the default log interval
+(--log_every_steps=200, --steps_per_loop=100): for the MLP and the CNN at
+each replica count (global batch 64), one process runs log intervals of
+the loop with them on and off, alternating (A B A B ...: --repetitions of
+each, after two of each to warm up), on the same model and input, so that
+the load of the machine falls on both arms alike; each arm's figure is the
+median of its intervals.
 
 --quick (one repetition of 3,200 examples, no waiting for an idle CPU)
 checks that the script runs; its figures are not worth keeping.
@@ -274,7 +277,72 @@ def run_eager(args):
               first_step_seconds=first_step)
 
 
-CHILDREN = {"loop": run_loop, "fit": run_fit, "eager": run_eager}
+def run_health_ab(args):
+  """The loop's log intervals with and without the health scalars, in one
+  process on one model and input, alternating: A B A B ..."""
+  from dist_train import train  # pylint: disable=import-outside-toplevel
+  from dist_train.distribute import inputs  # pylint: disable=import-outside-toplevel
+  from dist_train.loop import health  # pylint: disable=import-outside-toplevel
+  from dist_train.loop import health_report  # pylint: disable=import-outside-toplevel
+  from dist_train.loop import steps as steps_lib  # pylint: disable=import-outside-toplevel
+  import keras  # pylint: disable=import-outside-toplevel
+
+  config = _config(args, tempfile.mkdtemp(prefix="benchmark_"))
+  strategy = train.create_strategy(config)
+  splits = train.load_splits(config)
+  train_input = inputs.ReplicaInput(
+      splits.train, strategy=strategy, layout=inputs.replica_layout(strategy),
+      global_batch_size=config.global_batch_size, placement=inputs.
+      resolve_placement(config.input_placement, splits, strategy,
+                        config.device_data_max_mb * 2**20))
+  task = train.create_task(config)
+  with strategy.scope():
+    model = task.build_model()
+    optimizer = keras.optimizers.SGD(learning_rate=1e-3)
+    optimizer.build(model.trainable_variables)
+  step_health = health.StepHealth(strategy=strategy,
+                                  variables=model.trainable_variables)
+  report = health_report.HealthReport(
+      health=step_health, strategy=strategy, num_workers=1,
+      num_local_replicas=strategy.num_replicas_in_sync, optimizer=optimizer)
+  trainers = {on: steps_lib.Trainer(
+      strategy=strategy, task=task, model=model, optimizer=optimizer,
+      add_loss_reduction="mean", train_input=train_input,
+      health=step_health if on else None) for on in (True, False)}
+  iterator = iter(train_input.train_dataset(
+      shuffle_buffer=config.shuffle_buffer, seed=0, epoch=0, num_epochs=10**4))
+  every, per_loop = config.log_every_steps, config.steps_per_loop
+
+  def interval(on):
+    """One log interval as the controller runs it; its seconds."""
+    trainer = trainers[on]
+    start = time.perf_counter()
+    done = 0
+    while done < every:
+      num_steps = min(per_loop, every - done)
+      done += num_steps
+      trainer.train_steps(iterator, num_steps, measure=on and done == every)
+      if on:
+        report.loop_done(num_steps=num_steps,
+                         timed_steps=trainer.last_timed_steps,
+                         input_seconds=trainer.last_input_seconds)
+    if on:
+      report.take(done)
+    return time.perf_counter() - start
+
+  for on in (True, False, True, False):  # Traces, and warms up.
+    interval(on)
+  seconds = {True: [], False: []}
+  for _ in range(args.repetitions):
+    for on in (True, False):
+      seconds[on].append(interval(on))
+  examples = every * config.global_batch_size
+  return dict(examples=examples, health_on_seconds=seconds[True],
+              health_off_seconds=seconds[False])
+
+
+CHILDREN = {"loop": run_loop, "fit": run_fit, "eager": run_eager,
+            "health_ab": run_health_ab}
 
 
 def child_main(args):
@@ -455,29 +523,23 @@ def input_table(rows):
 
 
 def _health_rows(args, notes):
-  """[((model, replicas), (on, off))]: each arm's result with the median
-  examples/second of its rounds."""
+  """[((model, replicas), (on, off))]: each arm's median examples/second
+  over --repetitions alternating log intervals, in one process."""
   rows = []
   for model in ("mlp", "cnn"):
     for replicas in args.replicas:
-      arms = {1: [], 0: []}
-      for _ in range(args.health_rounds):
-        for health in (1, 0):
-          result = _measure("loop", "cpu", replicas, 64, args, model=model,
-                            health_scalars=health, input_checks=0)
-          if "error" in result:
-            notes.append(f"{model}, {replicas} cpu, health_scalars={health}: "
-                         f"loop failed: {result['error']}")
-          else:
-            arms[health].append(result)
-      merged = []
-      for health in (1, 0):
-        results = arms[health]
-        merged.append({"examples_per_second": statistics.median(
-            r["examples_per_second"] for r in results)} if results else {})
-      rows.append(((model, replicas), tuple(merged)))
+      result = _measure("health_ab", "cpu", replicas, 64, args, model=model)
+      if "error" in result:
+        notes.append(f"{model}, {replicas} cpu: health A/B failed: "
+                     f"{result['error']}")
+        rows.append(((model, replicas), ({}, {})))
+        continue
+      arms = tuple({"examples_per_second": result["examples"] /
+                    statistics.median(result[f"health_{arm}_seconds"])}
+                   for arm in ("on", "off"))
+      rows.append(((model, replicas), arms))
       print(f"measured health A/B {model} {replicas} cpu: on "
-            f"{_rate(merged[0])}, off {_rate(merged[1])} examples/s",
+            f"{_rate(arms[0])}, off {_rate(arms[1])} examples/s",
             file=sys.stderr, flush=True)
   return rows
 
@@ -565,8 +627,9 @@ def parent_main(args):
   if health_rows:
     sections.append(
         "examples/second of the loop with --health_scalars on and off "
-        f"(global batch 64, default log interval; median of "
-        f"{args.health_rounds} alternating rounds per arm):\n\n" +
+        f"(global batch 64, default log interval: median of "
+        f"{args.repetitions} log intervals per arm, alternating in one "
+        "process):\n\n" +
         health_table(health_rows) +
         ("\n\n" + "\n".join(f"- {n}" for n in notes)
          if notes and not input_rows and not rows else ""))
@@ -609,8 +672,6 @@ def main():
   parser.add_argument("--idle_wait_s", type=float, default=120,
                       help="wait up to this long for an idle CPU before "
                       "each measurement (0: do not wait)")
-  parser.add_argument("--health_rounds", type=int, default=2,
-                      help="rounds of the health A/B, alternating the arms")
   parser.add_argument("--input_placements", type=_names,
                       default=["device", "prefetch", "host"])
   parser.add_argument("--examples", type=int, default=EXAMPLES,
