@@ -22,6 +22,8 @@ from dist_train.distribute import watchdog as watchdog_lib
 from dist_train.loop import controller as controller_lib
 from dist_train.loop import early_stopping as early_stopping_lib
 from dist_train.loop import ema as ema_lib
+from dist_train.loop import health as health_lib
+from dist_train.loop import health_report as health_report_lib
 from dist_train.loop import hooks
 from dist_train.loop import keras_optimizer
 from dist_train.loop import optimizers
@@ -34,6 +36,7 @@ from dist_train.loop import steps
 from dist_train.loop import time_limits
 from dist_train.outputs import best as best_lib
 from dist_train.outputs import checkpoints
+from dist_train.outputs import metrics_file as metrics_file_lib
 from dist_train.outputs import profiler as profiler_lib
 from dist_train.outputs import run_record
 from dist_train.outputs import summaries
@@ -86,6 +89,7 @@ class Parts:
   # () -> the schedule's rate of the next step before it.
   rate_scale: Optional[tf.Variable] = None
   unscaled_rate_fn: Optional[Callable[[], float]] = None
+  health: Optional[health_lib.StepHealth] = None  # --health_scalars.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,6 +293,10 @@ def _build_parts(config, task, description, strategy) -> Parts:
       strategy=strategy, variables=model.trainable_variables,
       decay=config.ema_decay, warmup_steps=config.ema_warmup_steps)
          if config.ema_decay else None)
+  health = (health_lib.StepHealth(
+      strategy=strategy, variables=model.trainable_variables,
+      keep_gradients=bool(config.histogram_every_steps))
+            if config.health_scalars else None)
   trainer = steps.Trainer(
       strategy=strategy, task=task, model=model, optimizer=optimizer,
       add_loss_reduction=config.add_loss_reduction,
@@ -297,7 +305,7 @@ def _build_parts(config, task, description, strategy) -> Parts:
       eval_input=validation_input, shuffle_buffer=config.shuffle_buffer,
       seed=config.seed, description=description, ema=ema,
       eval_with_ema=config.eval_with_ema,
-      sync_batchnorm=config.sync_batchnorm)
+      sync_batchnorm=config.sync_batchnorm, health=health)
   # A worker's shard of a stream may be empty.
   if getattr(splits.train, "endless", False) or len(splits.train):
     with errors.phase("checking the task's loss on one batch"):
@@ -320,7 +328,8 @@ def _build_parts(config, task, description, strategy) -> Parts:
           timeout_s=config.collective_timeout_s,
           num_workers=layout.num_workers), plateau=plateau,
       rate_scale=rate_scale,
-      unscaled_rate_fn=lambda: learning_rate.unscaled(optimizer.iterations))
+      unscaled_rate_fn=lambda: learning_rate.unscaled(optimizer.iterations),
+      health=health)
 
 
 def _examples(replica_input) -> str:
@@ -381,6 +390,15 @@ def build_training(config: config_lib.Config, task,
       optimizer=trainer.optimizer, scale=parts.rate_scale,
       unscaled_rate_fn=parts.unscaled_rate_fn,
       average=trainer.ema, variables=trainer.model.trainable_variables)
+  metrics_path = metrics_file_lib.resolve_path(config.metrics_file,
+                                               config.model_dir)
+  if is_chief and metrics_path:
+    metrics_file = metrics_file_lib.MetricsFile(
+        metrics_path, steps_per_epoch=parts.schedule.steps_per_epoch)
+    parts.summary_writers.add_scalar_listener(metrics_file)
+    # After the restore: the lines of steps the resume runs again go.
+    run_hooks.insert(0, hooks.AtTrainBegin(lambda: metrics_file.start(
+        int(trainer.optimizer.iterations.numpy()))))
   agreement = preemption.PreemptionAgreement(
       strategy=parts.strategy,
       num_workers=strategy_lib.num_workers(parts.strategy),
@@ -392,6 +410,7 @@ def build_training(config: config_lib.Config, task,
       callbacks=run_hooks,
       progress_fn=progress.EpochProgress if is_chief else None,
       watchdog=parts.watchdog,
+      health_report=_health_report(config, parts, is_chief),
       wall_clock=time_limits.WallClock(
           max_runtime_s=config.max_runtime_s,
           # One clock decides when a time-based checkpoint is due: the
@@ -408,6 +427,20 @@ def build_training(config: config_lib.Config, task,
                      summary_writers=parts.summary_writers,
                      checkpoint=checkpoint, is_chief=is_chief,
                      profiler=profiler)
+
+
+def _health_report(config, parts: Parts, is_chief: bool):
+  """The report of --health_scalars (None when off)."""
+  if parts.health is None:
+    return None
+  return health_report_lib.HealthReport(
+      health=parts.health, strategy=parts.strategy,
+      num_workers=parts.layout.num_workers,
+      num_local_replicas=parts.layout.num_local_replicas,
+      optimizer=parts.trainer.optimizer, clip_norm=config.clip_norm,
+      straggler_warn_ratio=config.straggler_warn_ratio,
+      histogram_every_steps=config.histogram_every_steps,
+      warn=logging.warning if is_chief else lambda *args: None)
 
 
 def build_evaluation(config: config_lib.Config, task,

@@ -219,6 +219,22 @@ class Config:
   log_every_steps: int = option(
       200, "Console line and TensorBoard scalars every N optimizer steps.",
       check="positive")
+  health_scalars: bool = option(
+      True, "Training-health scalars at each log step (docs/monitoring.md): "
+      "gradient_norm of the summed gradient, weight_norm, clipped_fraction, "
+      "loss_scale and skipped_steps, memory, and every worker's time per "
+      "step with a warning naming a straggler.")
+  histogram_every_steps: Optional[int] = option(
+      None, "With --health_scalars, histograms of the weights and of the "
+      "summed gradient every N steps (a multiple of --log_every_steps).",
+      check="positive", shown="off")
+  straggler_warn_ratio: float = option(
+      1.5, "Warn when the slowest worker's own time per step (its input and "
+      "its forward and backward pass) exceeds this times the median "
+      "worker's.", check="positive")
+  metrics_file: Optional[str] = option(
+      None, "Where the chief appends a JSON line of scalars per log interval "
+      "and evaluation; none: no file.", shown="<model_dir>/metrics.jsonl")
   steps_per_loop: int = option(
       100, "Optimizer steps per compiled call; loops also end at log steps, "
       "checkpoint steps and epoch ends.", check="positive")
@@ -415,6 +431,13 @@ def validate(config: Config) -> None:
     raise ConfigError(
         "--lr_schedule=plateau cuts the rate after validation passes, but "
         "--mode=train runs none: use --mode=train_and_evaluate")
+  if config.histogram_every_steps is not None and (
+      not config.health_scalars or
+      config.histogram_every_steps % config.log_every_steps):
+    raise ConfigError(
+        "--histogram_every_steps needs --health_scalars and must be a "
+        f"multiple of --log_every_steps={config.log_every_steps}, got "
+        f"{config.histogram_every_steps}")
   steps = config.profile_steps
   if steps and (len(steps) != 2 or not 0 < steps[0] <= steps[1]):
     raise ConfigError("--profile_steps must be START,END with 0 < START <= "

@@ -45,6 +45,15 @@ replica's own statistics) and true (the global batch's: two all-reduces per
 BatchNormalization layer in the forward pass and two in the backward), and
 reports both step times and their ratio: what synchronized BatchNorm costs.
 
+The health table (--tables=health) is an A/B of --health_scalars (the
+training-health scalars, docs/monitoring.md) at the default log interval
+(--log_every_steps=200, --steps_per_loop=100): for the MLP and the CNN at
+each replica count (global batch 64), one process runs log intervals of
+the loop with them on and off, alternating (A B A B ...: --repetitions of
+each, after two of each to warm up), on the same model and input, so that
+the load of the machine falls on both arms alike; each arm's figure is the
+median of its intervals.
+
 --quick (one repetition of 3,200 examples, no waiting for an idle CPU)
 checks that the script runs; its figures are not worth keeping.
 """
@@ -80,6 +89,8 @@ def _config(args, model_dir, **changes):
              else dict(strategy="mirrored"))
   if args.input_placement:
     changes.setdefault("input_placement", args.input_placement)
+  changes.setdefault("model", args.model)
+  changes.setdefault("health_scalars", bool(args.health_scalars))
   return config_lib.Config(
       model_dir=model_dir, mode="train", dataset="synthetic",
       num_train_examples=args.examples, num_validation_examples=0,
@@ -106,6 +117,11 @@ def run_loop(args):
   peak_rss_mb = _peak_rss_mb()  # Training only: the checks below add to it.
   epoch_seconds = [h["train_seconds"] for h in result.history]
   first_step = result.first_loop_end_time - args.launch_time
+  if not args.input_checks:
+    return dict(epoch_seconds=epoch_seconds,
+                examples=config.num_train_examples,
+                first_step_seconds=first_step,
+                steps_per_loop=config.steps_per_loop, peak_rss_mb=peak_rss_mb)
 
   # Input stall: the same number of steps from the real pipeline and from one
   # cached step, alternately, with a fresh optimizer on the trained model.
@@ -280,8 +296,74 @@ def run_bn_loop(args):
           "examples": args.examples}
 
 
+
+
+def run_health_ab(args):
+  """The loop's log intervals with and without the health scalars, in one
+  process on one model and input, alternating: A B A B ..."""
+  from dist_train import train  # pylint: disable=import-outside-toplevel
+  from dist_train.distribute import inputs  # pylint: disable=import-outside-toplevel
+  from dist_train.loop import health  # pylint: disable=import-outside-toplevel
+  from dist_train.loop import health_report  # pylint: disable=import-outside-toplevel
+  from dist_train.loop import steps as steps_lib  # pylint: disable=import-outside-toplevel
+  import keras  # pylint: disable=import-outside-toplevel
+
+  config = _config(args, tempfile.mkdtemp(prefix="benchmark_"))
+  strategy = train.create_strategy(config)
+  splits = train.load_splits(config)
+  train_input = inputs.ReplicaInput(
+      splits.train, strategy=strategy, layout=inputs.replica_layout(strategy),
+      global_batch_size=config.global_batch_size, placement=inputs.
+      resolve_placement(config.input_placement, splits, strategy,
+                        config.device_data_max_mb * 2**20))
+  task = train.create_task(config)
+  with strategy.scope():
+    model = task.build_model()
+    optimizer = keras.optimizers.SGD(learning_rate=1e-3)
+    optimizer.build(model.trainable_variables)
+  step_health = health.StepHealth(strategy=strategy,
+                                  variables=model.trainable_variables)
+  report = health_report.HealthReport(
+      health=step_health, strategy=strategy, num_workers=1,
+      num_local_replicas=strategy.num_replicas_in_sync, optimizer=optimizer)
+  trainers = {on: steps_lib.Trainer(
+      strategy=strategy, task=task, model=model, optimizer=optimizer,
+      add_loss_reduction="mean", train_input=train_input,
+      health=step_health if on else None) for on in (True, False)}
+  iterator = iter(train_input.train_dataset(
+      shuffle_buffer=config.shuffle_buffer, seed=0, epoch=0, num_epochs=10**4))
+  every, per_loop = config.log_every_steps, config.steps_per_loop
+
+  def interval(on):
+    """One log interval as the controller runs it; its seconds."""
+    trainer = trainers[on]
+    start = time.perf_counter()
+    done = 0
+    while done < every:
+      num_steps = min(per_loop, every - done)
+      done += num_steps
+      trainer.train_steps(iterator, num_steps, measure=on and done == every)
+      if on:
+        report.loop_done(num_steps=num_steps,
+                         timed_steps=trainer.last_timed_steps,
+                         input_seconds=trainer.last_input_seconds)
+    if on:
+      report.take(done)
+    return time.perf_counter() - start
+
+  for on in (True, False, True, False):  # Traces, and warms up.
+    interval(on)
+  seconds = {True: [], False: []}
+  for _ in range(args.repetitions):
+    for on in (True, False):
+      seconds[on].append(interval(on))
+  examples = every * config.global_batch_size
+  return dict(examples=examples, health_on_seconds=seconds[True],
+              health_off_seconds=seconds[False])
+
+
 CHILDREN = {"loop": run_loop, "fit": run_fit, "eager": run_eager,
-            "bn_loop": run_bn_loop}
+            "bn_loop": run_bn_loop, "health_ab": run_health_ab}
 
 
 def child_main(args):
@@ -336,8 +418,8 @@ def _measure(method, device, replicas, global_batch_size, args, **extra):
   examples = EAGER_EXAMPLES if method == "eager" else args.examples
   repetitions = (args.eager_repetitions if method == "eager"
                  else args.repetitions)
-  if not args.quick:
-    _wait_for_idle_cpu(args.notes)
+  if not args.quick and args.idle_wait_s > 0:
+    _wait_for_idle_cpu(args.notes, args.idle_wait_s)
   command = [sys.executable, os.path.abspath(__file__), f"--child={method}",
              f"--device={device}", f"--replicas={replicas}",
              f"--global_batch_size={global_batch_size}",
@@ -496,6 +578,39 @@ def sync_batchnorm_table(rows, replicas):
   return "\n".join(lines)
 
 
+def _health_rows(args, notes):
+  """[((model, replicas), (on, off))]: each arm's median examples/second
+  over --repetitions alternating log intervals, in one process."""
+  rows = []
+  for model in ("mlp", "cnn"):
+    for replicas in args.replicas:
+      result = _measure("health_ab", "cpu", replicas, 64, args, model=model)
+      if "error" in result:
+        notes.append(f"{model}, {replicas} cpu: health A/B failed: "
+                     f"{result['error']}")
+        rows.append(((model, replicas), ({}, {})))
+        continue
+      arms = tuple({"examples_per_second": result["examples"] /
+                    statistics.median(result[f"health_{arm}_seconds"])}
+                   for arm in ("on", "off"))
+      rows.append(((model, replicas), arms))
+      print(f"measured health A/B {model} {replicas} cpu: on "
+            f"{_rate(arms[0])}, off {_rate(arms[1])} examples/s",
+            file=sys.stderr, flush=True)
+  return rows
+
+
+def health_table(rows):
+  lines = ["| model | replicas | health scalars on, ex/s | off, ex/s "
+           "| change |", "| --- | --- | ---: | ---: | ---: |"]
+  for (model, replicas), (on, off) in rows:
+    change = ("n/a" if not on or not off else
+              f"{on['examples_per_second'] / off['examples_per_second'] - 1:+.1%}")
+    lines.append(f"| {model} | {replicas} CPU | {_rate(on)} | {_rate(off)} "
+                 f"| {change} |")
+  return "\n".join(lines)
+
+
 def _comparison_rows(args, notes):
   rows = []
   for device, replicas in _devices(args):
@@ -546,6 +661,7 @@ def parent_main(args):
   input_rows = _input_rows(args, notes) if "input" in args.tables else []
   bn_rows = (_sync_batchnorm_rows(args, notes)
              if "sync_batchnorm" in args.tables else [])
+  health_rows = _health_rows(args, notes) if "health" in args.tables else []
   sweep = []
   for replicas in args.replicas if args.sweep_steps_per_loop else []:
     for steps in args.sweep_steps_per_loop:
@@ -571,6 +687,15 @@ def parent_main(args):
         "Step time of the built-in CNN with --batch_norm (synthetic data), "
         "without and with --sync_batchnorm:\n\n" +
         sync_batchnorm_table(bn_rows, args.sync_batchnorm_replicas))
+  if health_rows:
+    sections.append(
+        "examples/second of the loop with --health_scalars on and off "
+        f"(global batch 64, default log interval: median of "
+        f"{args.repetitions} log intervals per arm, alternating in one "
+        "process):\n\n" +
+        health_table(health_rows) +
+        ("\n\n" + "\n".join(f"- {n}" for n in notes)
+         if notes and not input_rows and not rows else ""))
   if sweep:
     sections.append("examples/second of the loop by --steps_per_loop (global "
                     "batch 64; one log line per epoch):\n\n" +
@@ -605,11 +730,15 @@ def main():
   parser.add_argument("--sweep_steps_per_loop", type=_ints, default=[])
   parser.add_argument("--tables", type=_names, default=["comparison", "input"],
                       help="comparison (loop, fit, eager), input (the "
-                      "loop by --input_placements) and/or sync_batchnorm "
+                      "loop by --input_placements), sync_batchnorm "
                       "(the CNN with BatchNorm without and with "
-                      "--sync_batchnorm)")
+                      "--sync_batchnorm) and/or health (an A/B of "
+                      "--health_scalars)")
   parser.add_argument("--sync_batchnorm_replicas", type=int, default=2,
                       help="replicas of the sync_batchnorm table")
+  parser.add_argument("--idle_wait_s", type=float, default=120,
+                      help="wait up to this long for an idle CPU before "
+                      "each measurement (0: do not wait)")
   parser.add_argument("--input_placements", type=_names,
                       default=["device", "prefetch", "host"])
   parser.add_argument("--examples", type=int, default=EXAMPLES,
@@ -622,6 +751,11 @@ def main():
   parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
   parser.add_argument("--global_batch_size", type=int, help=argparse.SUPPRESS)
   parser.add_argument("--launch_time", type=float, help=argparse.SUPPRESS)
+  parser.add_argument("--model", default="mlp", help=argparse.SUPPRESS)
+  parser.add_argument("--health_scalars", type=int, default=1,
+                      help=argparse.SUPPRESS)
+  parser.add_argument("--input_checks", type=int, default=1,
+                      help=argparse.SUPPRESS)
   parser.add_argument("--steps_per_execution", type=int, default=1,
                       help=argparse.SUPPRESS)
   parser.add_argument("--steps_per_loop", type=int, help=argparse.SUPPRESS)

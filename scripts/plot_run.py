@@ -4,7 +4,8 @@
     python scripts/plot_run.py /tmp/dist_train/quickstart [--output curves.png]
 
 Reads the TensorBoard event files under <model_dir>/train and
-<model_dir>/validation.
+<model_dir>/validation; with --metrics_file (a run's metrics.jsonl, see
+docs/monitoring.md), that file instead, wherever it was copied to.
 """
 
 import argparse
@@ -13,6 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dist_train.outputs import metrics_file  # pylint: disable=wrong-import-position
 from dist_train.outputs import summaries  # pylint: disable=wrong-import-position
 
 SPLITS = ("train", "validation")
@@ -27,6 +29,20 @@ def read_curves(model_dir):
     if os.path.isdir(directory):
       scalars = summaries.read_scalars(directory)
       curves[split] = {m: scalars[m] for m in METRICS if m in scalars}
+  return curves
+
+
+def read_curves_from_metrics_file(path):
+  """The same, from a metrics.jsonl file (one JSON object per line)."""
+  curves = {}
+  for record in metrics_file.read(path):
+    if record.get("split") not in SPLITS:
+      continue
+    by_metric = curves.setdefault(record["split"], {})
+    for metric in METRICS:
+      if metric in record:
+        by_metric.setdefault(metric, []).append((record["step"],
+                                                 record[metric]))
   return curves
 
 
@@ -59,8 +75,16 @@ def main():
   parser.add_argument("model_dir")
   parser.add_argument("--output", default=None,
                       help="PNG path (default: <model_dir>/curves.png)")
+  parser.add_argument("--metrics_file", default=None,
+                      help="read this metrics.jsonl instead of the events")
   args = parser.parse_args()
-  curves = read_curves(args.model_dir)
+  if args.metrics_file:
+    curves = read_curves_from_metrics_file(args.metrics_file)
+    if not any(curves.values()):
+      sys.exit(f"plot_run: error: no train or validation lines in "
+               f"{args.metrics_file}")
+  else:
+    curves = read_curves(args.model_dir)
   if not any(curves.values()):
     sys.exit(f"plot_run: error: no train or validation event files under "
              f"{args.model_dir}")

@@ -10,6 +10,7 @@ from dist_train import errors
 from dist_train.distribute import strategy as strategy_lib
 from dist_train.distribute import watchdog as watchdog_lib
 from dist_train.loop import guards
+from dist_train.loop import health_report as health_report_lib
 from dist_train.loop import preemption
 from dist_train.loop import schedule as schedule_lib
 from dist_train.loop import spikes
@@ -64,7 +65,9 @@ class Controller:
                watchdog: Optional[watchdog_lib.CollectiveWatchdog] = None,
                wall_clock: Optional[time_limits.WallClock] = None,
                spike_policy: Optional[spikes.SpikePolicy] = None,
-               recovery_fn: Optional[Callable[[spikes.Recovery], Any]] = None):
+               recovery_fn: Optional[Callable[[spikes.Recovery], Any]] = None,
+
+               health_report: Optional[health_report_lib.HealthReport] = None):
     """Creates the controller.
 
     Args:
@@ -89,6 +92,9 @@ class Controller:
         loss spike is and whether the run rolls back from it.
       recovery_fn: called with each `spikes.Recovery` made (the chief
         records it in run.json).
+      health_report: the training-health scalars of each log interval
+        (--health_scalars; None: none). A loop ending at a log step
+        measures its last step.
     """
     self._trainer = trainer
     self._schedule = schedule
@@ -106,6 +112,7 @@ class Controller:
     self._wall_clock = wall_clock or time_limits.WallClock()
     self._spikes = spike_policy or spikes.SpikePolicy()
     self._recovery_fn = recovery_fn or (lambda recovery: None)
+    self._health = health_report
     self._checkpoint_due = False  # Agreed at the last boundary.
     self._first_loop_end_time = None
     self._stop_reason = None  # Set when training should end early.
@@ -161,19 +168,24 @@ class Controller:
       start = time.perf_counter()
       first_step = self.global_step + 1
       last_step = first_step + num_steps - 1
+      measure = self._health is not None and schedule.is_log_step(last_step)
       self._callbacks.on_train_batch_begin(first_step)
       what = f"training steps {first_step}-{last_step}"
       if compiling:
         # Nothing trained yet: a stop request during the trace exits at once.
         # An error in the trace is one of these steps' (the model's call).
         with errors.phase(what):
-          self._trainer.trace_train(num_steps)
+          self._trainer.trace_train(num_steps, measure=measure)
         stop.check_now()
       stop.set_unsaved()
       with errors.phase(what), (
           self._watchdog.guard(what, armed=not compiling)):
-        losses = self._trainer.train(num_steps)
+        losses = self._trainer.train(num_steps, measure=measure)
       seconds = time.perf_counter() - start
+      if self._health is not None:
+        self._health.loop_done(
+            num_steps=num_steps, timed_steps=self._trainer.last_timed_steps,
+            input_seconds=self._trainer.last_input_seconds)
       step_in_epoch += num_steps
       if not self._spikes.recovers:
         # Checked every loop, and loops end at log steps: a NaN stops the run
@@ -361,6 +373,15 @@ class Controller:
     if examples_per_second is not None:
       scalars["examples_per_second"] = examples_per_second
       scalars["steps_per_second"] = steps_per_second
+    if self._health is not None:
+      # Every worker: the workers' times are gathered by a collective.
+      with self._watchdog.guard(
+          f"gathering worker step times at step {self.global_step}"):
+        scalars.update(self._health.take(self.global_step))
+      self._summaries.write_histograms(
+          "train", self._health.histograms(
+              self.global_step, self.model.trainable_variables),
+          self.global_step)
     self._summaries.write_scalars("train", scalars, self.global_step)
 
   def _stop_agreed_in_validation(self) -> bool:

@@ -6,6 +6,7 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
+from dist_train.loop import health as health_lib
 from dist_train.loop import precision
 
 
@@ -41,18 +42,27 @@ class GradientApplier:
   """
 
   def __init__(self, *, optimizer: keras.optimizers.Optimizer,
-               clip_norm: Optional[float] = None):
+               clip_norm: Optional[float] = None,
+               health: Optional[health_lib.StepHealth] = None):
     """Creates the applier.
 
     Args:
       optimizer: created under the strategy's scope.
       clip_norm: the global norm the summed gradient is clipped to (None:
         no clipping; `--clip_norm`).
+      health: where the step's health is recorded (None: nothing is).
     """
     self._optimizer = optimizer
     self._clip_norm = clip_norm
+    self._health = health
     self._loss_scaling = isinstance(optimizer,
                                     keras.optimizers.LossScaleOptimizer)
+
+  def step_started(self, batch) -> None:
+    """Marks the start of this replica's step, its share in hand (the
+    compute time of `health.StepHealth`)."""
+    if self._health is not None:
+      self._health.step_started(batch)
 
   def gradients(self, tape: tf.GradientTape, loss, variables):
     """The gradients of this share's `loss`, scaled as the optimizer expects."""
@@ -71,25 +81,48 @@ class GradientApplier:
     """
     gradients = [None if g is None else tf.convert_to_tensor(g)
                  for g in gradients]
+    health = self._health
+    if health is not None:
+      health.gradients_computed(gradients)
+    overflow = None
     if self._loss_scaling:
-      gradients = precision.all_replicas_finite_or_nan(gradients)
+      gradients, overflow = precision.finite_or_nan_and_overflow(gradients)
+    summed = norm = None
+    if self._clip_norm is not None or (health is not None and
+                                       health.measuring):
+      summed, norm = self._summed_and_norm(gradients)
+    if health is not None:
+      health.record(norm=norm, clip_norm=self._clip_norm, overflow=overflow,
+                    summed=summed)
     if self._clip_norm is not None:
-      gradients = self._clip_summed(gradients)
+      gradients = self._clipped(gradients, norm)
     self._optimizer.apply_gradients(zip(gradients, variables))
 
-  def _clip_summed(self, gradients):
+  def _summed_and_norm(self, gradients):
+    """The cross-replica sum of the gradients (None where there is none)
+    and its global norm, unscaled under loss scaling: one all-reduce, paid
+    at every step only when clipping needs the norm."""
+    present = [g for g in gradients if g is not None]
+    reduced = iter(tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, present))
+    summed = [None if g is None else next(reduced) for g in gradients]
+    norm = tf.linalg.global_norm([g for g in summed if g is not None])
+    if self._loss_scaling:
+      scale = self._optimizer.dynamic_scale
+      norm /= scale
+      if self._health is not None and self._health.keeps_gradients:
+        summed = [None if g is None else g / tf.cast(scale, g.dtype)
+                  for g in summed]
+    return summed, norm
+
+  def _clipped(self, gradients, norm):
     """Scales this replica's gradients so that their cross-replica sum is
     clipped to `clip_norm` by global norm, as one device would clip it.
 
     The optimizer sums the replicas' gradients; scaling each replica's
     gradients by the same factor scales the sum by it. The factor needs the
-    sum's norm, hence a second all-reduce, paid only when clipping is on.
-    Under loss scaling the norm is that of the unscaled gradients.
+    sum's norm (`norm`), hence a second all-reduce, paid only when clipping
+    is on. Under loss scaling the norm is that of the unscaled gradients.
     """
-    summed = tf.distribute.get_replica_context().all_reduce(
-        tf.distribute.ReduceOp.SUM, [g for g in gradients if g is not None])
-    norm = tf.linalg.global_norm(summed)
-    if self._loss_scaling:
-      norm /= self._optimizer.dynamic_scale
     scale = self._clip_norm / tf.maximum(norm, self._clip_norm)
     return [None if g is None else g * scale for g in gradients]

@@ -85,6 +85,12 @@ def all_replicas_finite_or_nan(gradients: list) -> list:
   checks, sees the overflow, so the step is skipped and the scale halved
   consistently. Costs one scalar all-reduce per step.
   """
+  return finite_or_nan_and_overflow(gradients)[0]
+
+
+def finite_or_nan_and_overflow(gradients: list):
+  """(`all_replicas_finite_or_nan(gradients)`, a boolean tensor true when
+  the step overflowed on some replica and the optimizer skips it)."""
   present = [g for g in gradients if g is not None]
   local_bad = tf.cast(
       tf.logical_not(tf.reduce_all([tf.reduce_all(tf.math.is_finite(g))
@@ -93,4 +99,4 @@ def all_replicas_finite_or_nan(gradients: list) -> list:
       tf.distribute.ReduceOp.SUM, local_bad) > 0
   return [None if g is None else
           tf.where(any_bad, tf.constant(float("nan"), g.dtype), g)
-          for g in gradients]
+          for g in gradients], any_bad

@@ -103,6 +103,7 @@ class ReplicaStep:
     packed in `term_names` order."""
     if "validate_batch" in self._description.hooks:
       batch = self.task.validate_batch(batch)
+    self._applier.step_started(batch)
     if not self._divisors_in_batch:
       global_info = losses.all_reduced_divisors(batch)
     if self._description.own_step:

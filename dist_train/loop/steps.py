@@ -31,6 +31,7 @@ from dist_train.distribute import inputs
 from dist_train.distribute import strategy as strategy_lib
 from dist_train.loop import ema as ema_lib
 from dist_train.loop import gradients as gradients_lib
+from dist_train.loop import health as health_lib
 from dist_train.loop import losses
 from dist_train.loop import metrics as metrics_lib
 from dist_train.loop import replica_step as replica_step_lib
@@ -59,7 +60,9 @@ class Trainer:
                description: Optional[base.TaskDescription] = None,
                ema: Optional[ema_lib.WeightAverage] = None,
                eval_with_ema: bool = True,
-               sync_batchnorm: Optional[bool] = None):
+               sync_batchnorm: Optional[bool] = None,
+
+               health: Optional[health_lib.StepHealth] = None):
     """Creates the trainer.
 
     `add_loss_reduction`, `clip_norm`, `jit_compile`, `grad_accum_steps`,
@@ -72,6 +75,9 @@ class Trainer:
     from `tasks.base.check_task`; by default the task is checked and
     described here. `ema`, the average of the weights (`--ema_decay`), is
     updated after each step; with `eval_with_ema`, `evaluate` sees it.
+    described here. `health` (None: off) records the training health
+    (`health.py`); a loop run with `measure=True` measures its last step's
+    gradient norm and times its last steps.
     """
     if grad_accum_steps < 1:
       raise ValueError(
@@ -79,6 +85,11 @@ class Trainer:
     self.strategy = strategy
     self._train_input = train_input
     self._eval_input = eval_input
+    self._health = health
+    # Of this worker's last training loop: its timed steps (health.py) and
+    # the seconds they waited for their input.
+    self.last_input_seconds = 0.0
+    self.last_timed_steps = 0
     self._shuffle_buffer = shuffle_buffer
     self._seed = seed
     self._train_iterator = None
@@ -122,7 +133,8 @@ class Trainer:
         strategy=strategy, task=task, description=description, model=model,
         optimizer=optimizer,
         applier=gradients_lib.GradientApplier(optimizer=optimizer,
-                                              clip_norm=clip_norm),
+                                              clip_norm=clip_norm,
+                                              health=health),
         train_metrics=self.train_metrics, eval_metrics=self.eval_metrics,
         share_log=self._share_log, add_loss_reduction=add_loss_reduction,
         grad_accum_steps=grad_accum_steps, jit_compile=jit_compile,
@@ -135,22 +147,58 @@ class Trainer:
 
   # Tier 2: many global steps in one compiled call.
 
-  def _train_loop_fn(self, iterator, num_steps):
-    """Runs `num_steps` global steps; returns the mean of each loss term."""
+  def _train_loop_fn(self, iterator, num_steps, measure=False):
+    """Runs `num_steps` global steps; returns the mean of each loss term
+    and the seconds spent waiting for the input in the timed steps.
+
+    With `measure` (a Python bool: a trace of its own), the last
+    `health.TIMED_STEPS` steps are timed (their input and compute) and the
+    very last is the health's measured step; the other steps, and every
+    step of a loop without `measure`, carry nothing extra.
+    """
+    measure = measure and self._health is not None
     loss_sums = tf.zeros([len(self.term_names)])
-    for _ in tf.range(num_steps):
-      per_replica = self.strategy.run(
-          self._replica_step.train,
-          args=self._train_input.next_shares(iterator))
-      if self.ema is not None:
-        self.ema.update()
-      step_terms = self.strategy.reduce(tf.distribute.ReduceOp.SUM,
-                                        per_replica, axis=None)
-      if self._custom_step:
-        self._step_loss.update_state(step_terms[0])
-      loss_sums += step_terms
-    return losses.unpack(loss_sums / tf.cast(num_steps, tf.float32),
-                         self.term_names)
+    input_seconds = tf.zeros([], tf.float64)
+    timed_steps = (tf.minimum(num_steps, health_lib.TIMED_STEPS) if measure
+                   else tf.constant(0))
+    for _ in tf.range(num_steps - timed_steps):
+      loss_sums, input_seconds = self._train_step_fn(iterator, loss_sums,
+                                                     input_seconds)
+    if measure:
+      with self._health.tracing(timed=True):
+        for _ in tf.range(timed_steps - 1):
+          loss_sums, input_seconds = self._train_step_fn(
+              iterator, loss_sums, input_seconds, timed=True)
+      with self._health.tracing(timed=True, measuring=True):
+        loss_sums, input_seconds = self._train_step_fn(
+            iterator, loss_sums, input_seconds, timed=True)
+    return (losses.unpack(loss_sums / tf.cast(num_steps, tf.float32),
+                          self.term_names), input_seconds)
+
+  def _train_step_fn(self, iterator, loss_sums, input_seconds, timed=False):
+    """One global step: (loss sums, input seconds) with this step's added
+    (`timed`: the seconds this worker waited for the step's input)."""
+    if not timed:
+      args = self._train_input.next_shares(iterator)
+    else:
+      # After the previous step's loss (the end of its collectives): else
+      # the loop may read the clock early, and count the wait for the
+      # other workers as this worker's input.
+      with tf.control_dependencies([loss_sums]):
+        start = tf.timestamp()
+      with tf.control_dependencies([start]):
+        args = self._train_input.next_shares(iterator)
+      with tf.control_dependencies(
+          tf.nest.flatten(args, expand_composites=True)):
+        input_seconds += tf.timestamp() - start
+    per_replica = self.strategy.run(self._replica_step.train, args=args)
+    if self.ema is not None:
+      self.ema.update()
+    step_terms = self.strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                      per_replica, axis=None)
+    if self._custom_step:
+      self._step_loss.update_state(step_terms[0])
+    return loss_sums + step_terms, input_seconds
 
   def _eval_loop_fn(self, iterator, num_steps):
     for _ in tf.range(num_steps):
@@ -172,15 +220,22 @@ class Trainer:
         shuffle_buffer=self._shuffle_buffer, seed=self._seed, epoch=epoch,
         num_epochs=num_epochs - epoch, skip_batches=step_in_epoch))
 
-  def train(self, num_steps: int) -> dict:
+  def train(self, num_steps: int, *, measure: bool = False) -> dict:
     """Runs the next `num_steps` global steps of the training input (see
     `train_steps`); `start_training` comes first."""
-    return self.train_steps(self._started_iterator(), num_steps)
+    return self.train_steps(self._started_iterator(), num_steps,
+                            measure=measure)
 
-  def trace_train(self, num_steps: int) -> None:
+  def trace_train(self, num_steps: int, *, measure: bool = False) -> None:
     """Traces the training loop without running a step (a stop request
-    during a long first trace can then end the run at once)."""
-    self.trace_train_steps(self._started_iterator(), num_steps)
+    during a long first trace can then end the run at once). With the
+    health on, both versions of the loop are traced: the one ending in a
+    measured step too, so no log interval pays for a trace."""
+    self.trace_train_steps(self._started_iterator(), num_steps,
+                           measure=measure)
+    if self._health is not None:
+      self.trace_train_steps(self._started_iterator(), num_steps,
+                             measure=not measure)
 
   def _started_iterator(self):
     if self._train_iterator is None:
@@ -206,9 +261,11 @@ class Trainer:
     """Training examples this worker's pipeline read since the last call."""
     return self._train_input.take_read_count()
 
-  def train_steps(self, iterator, num_steps: int) -> dict:
+  def train_steps(self, iterator, num_steps: int, *,
+                  measure: bool = False) -> dict:
     """Runs `num_steps` global steps from `iterator`, an iterator over the
-    train input's datasets (`train` uses the trainer's own).
+    train input's datasets (`train` uses the trainer's own); with `measure`,
+    the last one is the health's measured step.
 
     Returns:
       The mean over those steps of the global-batch objective (`loss`) and
@@ -216,17 +273,22 @@ class Trainer:
       floats.
     """
     try:
-      means = self._train_loop(iterator, tf.constant(num_steps, tf.int32))
+      means, input_seconds = self._train_loop(
+          iterator, tf.constant(num_steps, tf.int32), bool(measure))
     except tf.errors.OpError as e:
       raise self._share_log.describe(e) from e
     self._train_loop_calls += 1
+    self.last_input_seconds = float(input_seconds)
+    self.last_timed_steps = (min(num_steps, health_lib.TIMED_STEPS)
+                             if measure and self._health is not None else 0)
     return {name: float(value) for name, value in means.items()}
 
-  def trace_train_steps(self, iterator, num_steps: int) -> None:
+  def trace_train_steps(self, iterator, num_steps: int, *,
+                        measure: bool = False) -> None:
     """Traces the training loop without running a step (a stop request
     during a long first trace can then end the run at once)."""
     self._train_loop.get_concrete_function(
-        iterator, tf.constant(num_steps, tf.int32))
+        iterator, tf.constant(num_steps, tf.int32), bool(measure))
 
   def eval_steps(self, dataset, num_steps: int, *, chunk_steps=None,
                  stop_fn=None, guard=None):

@@ -12,6 +12,8 @@
       run.cfg                every option of the latest start, a flagfile
       run.<start>.cfg        those of each earlier start (run_record.py)
       run.json               versions, git commit, devices of the latest start
+      metrics.jsonl          the chief's scalars, a line per log interval and
+                             evaluation (metrics_file.py; --metrics_file)
       training_done.json     written last, when training has ended
       .doctor-<task>-<pid>/  `dist-train doctor`'s test checkpoint, removed
                              after its check (doctor/checks.py)
@@ -57,6 +59,7 @@ EVAL_RESULTS = "eval_results.json"
 TRAINING_DONE = "training_done.json"
 RUN_CONFIG = "run.cfg"
 RUN_INFO = "run.json"
+METRICS_FILE = "metrics.jsonl"
 # TensorBoard runs, one directory each: the chief's training and validation
 # scalars, and a continuous evaluator's.
 SUMMARY_SPLITS = ("train", "validation", "eval")
@@ -125,6 +128,10 @@ def earlier_run_config_file(model_dir: str, start: str) -> str:
 
 def run_info_file(model_dir: str) -> str:
   return os.path.join(model_dir, RUN_INFO)
+
+
+def metrics_file(model_dir: str) -> str:
+  return os.path.join(model_dir, METRICS_FILE)
 
 
 def owner_lock_file(model_dir: str) -> str:

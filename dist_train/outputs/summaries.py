@@ -72,6 +72,9 @@ class SummaryWriters:
     self._model_dir = model_dir
     self._enabled = enabled
     self._writers = {}
+    # Called with (split, scalars, step) after the scalars were written: the
+    # metrics file (metrics_file.py) gets the same values.
+    self._scalar_listeners = []
     self._events_files = {}  # Split -> _EventsFile, for local model_dirs.
 
   def _writer(self, split):
@@ -127,6 +130,26 @@ class SummaryWriters:
     with self._writing(split, step, len(scalars)):
       for name, value in scalars.items():
         tf.summary.scalar(name, value)
+    if self._enabled:
+      for listener in self._scalar_listeners:
+        listener(split, scalars, step)
+
+  def add_scalar_listener(self, listener) -> None:
+    """Calls `listener(split, scalars, step)` after each `write_scalars` on
+    the chief."""
+    self._scalar_listeners.append(listener)
+
+  def write_histograms(self, split: str, values: dict, step: int) -> None:
+    """Writes each name -> array of `values` at `step` as a histogram.
+
+    Raises:
+      SummaryWriteError: the events could not be written.
+    """
+    if not values:
+      return
+    with self._writing(split, step, len(values)):
+      for name, value in values.items():
+        tf.summary.histogram(name, value)
 
   def write_run_description(self, hparams: dict, model_summary: str,
                             num_parameters: int) -> None:
