@@ -314,7 +314,7 @@ def _build_parts(config, task, description, strategy) -> Parts:
     logging.info(
         "Training %s, validating %s, in global batches of %d (%s) on %d "
         "replica(s); input placement: %s",
-        _examples(train_input), _examples(validation_input),
+        _examples(train_input), _examples(validation_input, noun=False),
         config.global_batch_size,
         f"{schedule.total_steps} steps, no epochs" if schedule.epoch_less
         else f"{schedule.steps_per_epoch} steps per epoch",
@@ -332,14 +332,14 @@ def _build_parts(config, task, description, strategy) -> Parts:
       health=health)
 
 
-def _examples(replica_input) -> str:
-  """"N examples" of a split, or how a stream of unknown length is read."""
-  if replica_input is None:
-    return "0 examples"
-  if replica_input.endless:
+def _examples(replica_input, noun=True) -> str:
+  """"N examples" of a split ("N" without `noun`), or how a stream of
+  unknown length is read."""
+  if replica_input is not None and replica_input.endless:
     return (f"a stream of unknown length ({replica_input.steps_per_epoch} "
             "global batches a pass)")
-  return f"{replica_input.num_examples} examples"
+  count = replica_input.num_examples if replica_input is not None else 0
+  return f"{count} examples" if noun else str(count)
 
 
 def _checkpoint(config, parts: Parts, *, writes: bool, extra=None,

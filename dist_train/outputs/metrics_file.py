@@ -17,9 +17,14 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from dist_train import errors
 from dist_train.outputs import model_dir as model_dir_lib
 
 DISABLED = "none"
+
+
+class MetricsFileWriteError(errors.DistTrainError):
+  """metrics.jsonl could not be written (a full disk, a lost mount)."""
 
 
 def resolve_path(flag_value, model_dir: str):
@@ -78,12 +83,18 @@ class MetricsFile:
                    for name, value in scalars.items()})
     line = json.dumps(record) + "\n"
     self._lines.append(line)
-    if self._local:
-      tf.io.gfile.makedirs(_parent(self._path))
-      with tf.io.gfile.GFile(self._path, "a") as f:
-        f.write(line)
-    else:
-      model_dir_lib.write_file(self._path, "".join(self._lines))
+    try:
+      if self._local:
+        tf.io.gfile.makedirs(_parent(self._path))
+        with tf.io.gfile.GFile(self._path, "a") as f:
+          f.write(line)
+      else:
+        model_dir_lib.write_file(self._path, "".join(self._lines))
+    except (OSError, tf.errors.OpError) as e:
+      raise MetricsFileWriteError(
+          f"cannot write the metrics file {self._path}: {errors.reason(e)}; "
+          "the checkpoints are unaffected: free the space and rerun the same "
+          "command to resume from the latest one") from e
 
 
 def _parent(path: str) -> str:

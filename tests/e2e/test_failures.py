@@ -215,10 +215,11 @@ def user_module(tmp_path):
 
 
 def test_disk_full_while_writing_the_run_record(tmp_path):
-  # Two free pages: the lock record and the events file take them (both
-  # made before the first step); run.cfg, written then, finds none.
+  # Three free pages: the lock record and the events file (its run
+  # description over 4 KB) take them, both made before the first step;
+  # run.cfg, written then, finds none.
   with tmpfs(tmp_path / "disk", 2 * MB) as mount:
-    fill(mount, leave_pages=2)
+    fill(mount, leave_pages=3)
     model_dir = mount / "run"
     result = processes.run_cli(f"--model_dir={model_dir}", *SMALL_RUN)
     line = one_line(result)
@@ -230,17 +231,18 @@ def test_disk_full_while_writing_the_run_record(tmp_path):
 
 @pytest.mark.parametrize("mode", ["raises", "drops silently"])
 def test_disk_full_while_writing_summaries(tmp_path, user_module, mode):
-  # Four free pages: the lock record takes one, run.cfg and run.json one
-  # each, the events file the last.
+  # Five free pages: the lock record takes one, run.cfg and run.json one
+  # each, the events file (its run description over 4 KB) the last two.
   # TensorFlow raises when flushing its buffer fails, but ignores a failed
   # write of an event larger than the buffer, like the deep model's summary.
   module, _, env = user_module
   model = "mlp" if mode == "raises" else f"{module}:deep"
   with tmpfs(tmp_path / "disk", 2 * MB) as mount:
-    fill(mount, leave_pages=4)
+    fill(mount, leave_pages=5)
     model_dir = mount / "run"
     result = processes.run_cli(f"--model_dir={model_dir}", *SMALL_RUN,
                               f"--model={model}", "--log_every_steps=1",
+                              "--metrics_file=none",
                               env_overrides=env)
     line = one_line(result)
     assert line.startswith(
@@ -252,6 +254,21 @@ def test_disk_full_while_writing_summaries(tmp_path, user_module, mode):
     if mode == "drops silently":
       assert "1 of 2 events lost; TensorFlow's summary writer reports no " in (
           line)
+
+
+def test_disk_full_while_writing_the_metrics_file(tmp_path):
+  # Five free pages, as above: metrics.jsonl's first line (the first log
+  # step's) finds none after the events file took the last two.
+  with tmpfs(tmp_path / "disk", 2 * MB) as mount:
+    fill(mount, leave_pages=5)
+    model_dir = mount / "run"
+    result = processes.run_cli(f"--model_dir={model_dir}", *SMALL_RUN,
+                              "--log_every_steps=1")
+    assert one_line(result) == (
+        f"cannot write the metrics file {model_dir}/metrics.jsonl: No space "
+        "left on device; the checkpoints are unaffected: free the space and "
+        "rerun the same command to resume from the latest one")
+    assert result.returncode == 1
 
 
 # 3. User code that raises, or cannot be called as dist_train calls it: the

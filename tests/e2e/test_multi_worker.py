@@ -319,8 +319,9 @@ def test_a_dead_worker_is_noticed_by_its_peer_without_a_launcher(tmp_path):
   assert len(errors) == 1, chief.output[-6000:]
   # The coordination service missing worker 1's heartbeats, or a collective
   # timing out or losing its connection: whichever comes first.
-  assert re.search(r"unhealthy|Collective has timed out|Connection reset",
-                   errors[0]), errors[0]
+  assert re.search(
+      r"unhealthy|Collective has timed out|Connection reset|Socket closed",
+      errors[0]), errors[0]
   assert processes.running_processes_mentioning(model_dir) == []
 
 

@@ -76,7 +76,8 @@ def test_a_run_on_ram_trains_exports_keeps_best_resumes_and_evaluates(
         strategy=strategy)
     assert first.global_step == 8
     assert sorted(gfile.listdir(model_dir)) == [
-        "best", "checkpoints", "export", "run.cfg", "run.json", "train",
+        "best", "checkpoints", "export", "metrics.jsonl", "run.cfg",
+        "run.json", "train",
         "training_done.json",
         "validation"]  # No OWNER.lock: no lock is taken off POSIX.
     checkpoints_dir = model_dir_lib.checkpoints_dir(model_dir)
@@ -126,7 +127,8 @@ def test_a_run_on_ram_trains_exports_keeps_best_resumes_and_evaluates(
                  name.endswith(".cfg")]
     names.remove(earlier)
     assert names == [
-        "best", "checkpoints", "export", "run.cfg", "run.json", "train",
+        "best", "checkpoints", "export", "metrics.jsonl", "run.cfg",
+        "run.json", "train",
         "training_done.json",
         "validation"]  # Nothing left by the replaced best/ and export/.
 
