@@ -26,9 +26,11 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 # The modules that take longest (CPU seconds measured on 2 cores), started
 # first so that the two xdist workers end together: the short modules fill
 # in at the end.
-_LONGEST_FIRST = ("test_fault_tolerance", "test_multi_worker", "test_tasks",
+_LONGEST_FIRST = ("test_eight_workers", "test_fault_tolerance",
+                  "test_multi_worker", "test_tasks", "test_step_budgets",
                   "test_input", "test_model_families", "test_parity",
-                  "test_sync_batchnorm",
+                  "test_sync_batchnorm", "test_ema", "test_doctor",
+                  "test_plateau", "test_spike_recovery", "test_health",
                   "test_long_jobs", "test_failures", "test_soak",
                   "test_examples", "test_early_stopping", "test_main",
                   "test_stop", "test_readme")
