@@ -321,8 +321,10 @@ def run_health_ab(args):
     model = task.build_model()
     optimizer = keras.optimizers.SGD(learning_rate=1e-3)
     optimizer.build(model.trainable_variables)
+  # One worker: the run times only the measured step (builder.py).
   step_health = health.StepHealth(strategy=strategy,
-                                  variables=model.trainable_variables)
+                                  variables=model.trainable_variables,
+                                  timed_steps=1)
   report = health_report.HealthReport(
       health=step_health, strategy=strategy, num_workers=1,
       num_local_replicas=strategy.num_replicas_in_sync, optimizer=optimizer)

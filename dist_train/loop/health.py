@@ -7,8 +7,9 @@ clipping or loss scaling computes what it counts anyway); what costs more is
 measured at the end of a loop that ends at a log step only: the norm of the
 summed gradient (a collective, unless clipping computes it) in its last
 step (`measuring`), and this worker's input wait and compute time in its
-last TIMED_STEPS steps (`timed`). The Trainer traces those steps apart, so
-the other steps carry no extra op.
+last TIMED_STEPS steps (`timed`; the measured step alone on one worker,
+where there is no straggler to find). The Trainer traces those steps apart,
+so the other steps carry no extra op.
 
 Every value lives in an ON_READ variable read from the first replica: each
 replica writes its own copy without a collective, and a read stays local.
@@ -23,8 +24,9 @@ import threading
 import tensorflow as tf
 
 # How many steps at the end of a loop ending at a log step are timed (their
-# input wait and compute, for the straggler report): a sample of the
-# interval, so that the other steps carry no clock.
+# input wait and compute, for the straggler report) with several workers: a
+# sample of the interval, so that the other steps carry no clock. A timed
+# step's clock waits for the step before, so each costs some overlap.
 TIMED_STEPS = 10
 
 _LOCAL = dict(synchronization=tf.VariableSynchronization.ON_READ,
@@ -38,12 +40,13 @@ class StepHealth:
   Attributes:
     measuring: True while the Trainer traces the measured step (the last of
       a loop ending at a log step); a Python flag read at trace time.
-    timed: True while it traces the timed steps (the last TIMED_STEPS of
+    timed: True while it traces the timed steps (the last `timed_steps` of
       such a loop).
+    timed_steps: how many steps end such a loop timed.
   """
 
   def __init__(self, *, strategy: tf.distribute.Strategy, variables=(),
-               keep_gradients: bool = False):
+               keep_gradients: bool = False, timed_steps: int = TIMED_STEPS):
     """Creates the counters under the strategy's scope.
 
     Args:
@@ -52,7 +55,13 @@ class StepHealth:
         with `keep_gradients`, whose summed gradients are kept).
       keep_gradients: keep the summed gradient of each measured step, for
         histograms (a copy of the weights' size).
+      timed_steps: how many steps at the end of a measured loop are timed
+        (at least 1: the measured step): TIMED_STEPS with several workers,
+        1 on one (nothing to compare its time with).
     """
+    if timed_steps < 1:
+      raise ValueError(f"timed_steps must be at least 1, got {timed_steps}")
+    self.timed_steps = timed_steps
     self._variables = list(variables)
     with strategy.scope():
       self._gradient_norm = tf.Variable(0.0, name="health_gradient_norm",

@@ -152,15 +152,15 @@ class Trainer:
     and the seconds spent waiting for the input in the timed steps.
 
     With `measure` (a Python bool: a trace of its own), the last
-    `health.TIMED_STEPS` steps are timed (their input and compute) and the
+    `health.timed_steps` steps are timed (their input and compute) and the
     very last is the health's measured step; the other steps, and every
     step of a loop without `measure`, carry nothing extra.
     """
     measure = measure and self._health is not None
     loss_sums = tf.zeros([len(self.term_names)])
     input_seconds = tf.zeros([], tf.float64)
-    timed_steps = (tf.minimum(num_steps, health_lib.TIMED_STEPS) if measure
-                   else tf.constant(0))
+    timed_steps = (tf.minimum(num_steps, self._health.timed_steps)
+                   if measure else tf.constant(0))
     for _ in tf.range(num_steps - timed_steps):
       loss_sums, input_seconds = self._train_step_fn(iterator, loss_sums,
                                                      input_seconds)
@@ -279,7 +279,7 @@ class Trainer:
       raise self._share_log.describe(e) from e
     self._train_loop_calls += 1
     self.last_input_seconds = float(input_seconds)
-    self.last_timed_steps = (min(num_steps, health_lib.TIMED_STEPS)
+    self.last_timed_steps = (min(num_steps, self._health.timed_steps)
                              if measure and self._health is not None else 0)
     return {name: float(value) for name, value in means.items()}
 
