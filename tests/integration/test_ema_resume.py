@@ -54,12 +54,19 @@ def test_resume_turning_the_average_on_starts_it_from_the_weights(
                                              **RUN),
                            strategy=strategy, callbacks=[first])
   resumed = _Record()
-  with caplog.at_level(logging.INFO):
+  # On absl's logger itself: a run earlier in this process may have
+  # configured it not to propagate (logs.configure_logging).
+  caplog.set_level(logging.INFO, logger="absl")
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addHandler(caplog.handler)
+  try:
     train.train_and_evaluate(
         config_lib.Config(model_dir=model_dir, epochs=3, ema_decay=DECAY,
                           ema_warmup_steps=WARMUP, allow_config_change=True,
                           **RUN),
         strategy=strategy, callbacks=[resumed])
+  finally:
+    absl_logger.removeHandler(caplog.handler)
   assert "The weight average (--ema_decay=0.6) starts from the weights of " \
       "step 4: the checkpoint has none" in caplog.text
   # A_0 = the weights of step 4; then n = 0, 1, ... counts averaging steps.
