@@ -14,32 +14,34 @@ import tensorflow as tf
 from dist_train.outputs import best as best_lib
 
 
-class EarlyStopping:
-  """Counts evaluations without an improvement of more than `min_delta`."""
+class NoImprovementCount:
+  """Evaluations in a row since a validation metric last improved (by more
+  than `min_delta`), and the best value: what early stopping and the
+  plateau schedule both count, in variables a checkpoint saves.
 
-  def __init__(self, *, metric: str, mode: str, patience: int,
+  Plain variables: read and assigned only by the eager outer loop.
+  """
+
+  def __init__(self, *, metric: str, mode: str, flag: str, name: str,
                min_delta: float = 0.0):
+    """Args: `flag` names the metric's flag in errors; `name` prefixes the
+    variables (`<name>_best`, `<name>_wait`), as the checkpoint keys them."""
     self.metric = metric
     self.mode = best_lib.resolve_mode(metric, mode)
-    self.patience = patience
     self.min_delta = min_delta
-    # Plain variables: read and assigned only by the eager outer loop.
+    self._flag = flag
     self.best = tf.Variable(float("nan"), dtype=tf.float64, trainable=False,
-                            name="early_stopping_best")
+                            name=f"{name}_best")
     self.wait = tf.Variable(0, dtype=tf.int64, trainable=False,
-                            name="early_stopping_wait")
+                            name=f"{name}_wait")
+    self.variables = {f"{name}_best": self.best, f"{name}_wait": self.wait}
 
-  @property
-  def variables(self) -> dict:
-    """What the run's checkpoint saves of this object."""
-    return {"early_stopping_best": self.best,
-            "early_stopping_wait": self.wait}
-
-  def update(self, metrics: dict) -> bool:
-    """Records an evaluation; returns whether the run should stop."""
+  def update(self, metrics: dict) -> int:
+    """Records an evaluation; returns the evaluations without an improvement
+    so far (0 when this one improved)."""
     if self.metric not in metrics:
       raise best_lib.BestModelError(
-          f"--best_metric={self.metric} is not a validation metric; the "
+          f"{self._flag}={self.metric} is not a validation metric; the "
           f"validation metrics are {', '.join(sorted(metrics))}")
     value = float(metrics[self.metric])
     best = float(self.best.numpy())
@@ -47,9 +49,33 @@ class EarlyStopping:
                          mode=self.mode, min_delta=self.min_delta):
       self.best.assign(value)
       self.wait.assign(0)
-      return False
-    self.wait.assign_add(1)
-    return int(self.wait.numpy()) >= self.patience
+    else:
+      self.wait.assign_add(1)
+    return int(self.wait.numpy())
+
+
+class EarlyStopping:
+  """Counts evaluations without an improvement of more than `min_delta`."""
+
+  def __init__(self, *, metric: str, mode: str, patience: int,
+               min_delta: float = 0.0):
+    self._count = NoImprovementCount(metric=metric, mode=mode,
+                                     flag="--best_metric",
+                                     name="early_stopping",
+                                     min_delta=min_delta)
+    self.metric, self.mode = metric, self._count.mode
+    self.patience = patience
+    self.min_delta = min_delta
+    self.best, self.wait = self._count.best, self._count.wait
+
+  @property
+  def variables(self) -> dict:
+    """What the run's checkpoint saves of this object."""
+    return self._count.variables
+
+  def update(self, metrics: dict) -> bool:
+    """Records an evaluation; returns whether the run should stop."""
+    return self._count.update(metrics) >= self.patience
 
   def reason(self) -> str:
     return (f"validation {self.metric} has not improved by more than "

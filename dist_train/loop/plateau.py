@@ -15,14 +15,13 @@ stopping's. `scale`, the best value and the count are saved with the run's
 checkpoint, so a resumed run goes on with the same rate and count.
 """
 
-import math
 from typing import Optional
 
 from absl import logging
 import keras
 import tensorflow as tf
 
-from dist_train.outputs import best as best_lib
+from dist_train.loop import early_stopping
 
 
 class PlateauRule:
@@ -47,23 +46,21 @@ class PlateauRule:
       raise ValueError(f"factor must be in (0, 1), got {factor}")
     if patience < 1:
       raise ValueError(f"patience must be positive, got {patience}")
-    self.metric = metric
-    self.mode = best_lib.resolve_mode(metric, mode)
+    self._count = early_stopping.NoImprovementCount(
+        metric=metric, mode=mode, flag="--lr_plateau_metric",
+        name="lr_plateau")
+    self.metric, self.mode = metric, self._count.mode
     self.patience = patience
     self.factor = factor
     self.base_learning_rate = base_learning_rate
     self.min_learning_rate = min_learning_rate
     self.scale = scale
-    # Plain variables: read and assigned only by the eager outer loop.
-    self.best = tf.Variable(float("nan"), dtype=tf.float64, trainable=False,
-                            name="lr_plateau_best")
-    self.wait = tf.Variable(0, dtype=tf.int64, trainable=False,
-                            name="lr_plateau_wait")
+    self.best, self.wait = self._count.best, self._count.wait
 
   @property
   def variables(self) -> dict:
     """What the run's checkpoint saves of the rule."""
-    return {"lr_plateau_best": self.best, "lr_plateau_wait": self.wait}
+    return self._count.variables
 
   @property
   def learning_rate(self) -> float:
@@ -72,19 +69,7 @@ class PlateauRule:
 
   def update(self, metrics: dict) -> Optional[float]:
     """Records an evaluation; returns the new rate when it cuts, else None."""
-    if self.metric not in metrics:
-      raise best_lib.BestModelError(
-          f"--lr_plateau_metric={self.metric} is not a validation metric; "
-          f"the validation metrics are {', '.join(sorted(metrics))}")
-    value = float(metrics[self.metric])
-    best = float(self.best.numpy())
-    if best_lib.improved(value, None if math.isnan(best) else best,
-                         mode=self.mode):
-      self.best.assign(value)
-      self.wait.assign(0)
-      return None
-    self.wait.assign_add(1)
-    if int(self.wait.numpy()) < self.patience:
+    if self._count.update(metrics) < self.patience:
       return None
     self.wait.assign(0)
     floor = self.min_learning_rate / self.base_learning_rate
