@@ -147,33 +147,35 @@ class Trainer:
 
   # Tier 2: many global steps in one compiled call.
 
-  def _train_loop_fn(self, iterator, num_steps, measure=False):
-    """Runs `num_steps` global steps; returns the mean of each loss term
-    and the seconds spent waiting for the input in the timed steps.
+  def _train_loop_fn(self, iterator, num_steps, loss_sums, input_seconds,
+                     measure=False):
+    """Runs `num_steps` global steps; returns `loss_sums` with each step's
+    loss terms added and `input_seconds` with the seconds spent waiting for
+    the input in the timed steps.
 
-    With `measure` (a Python bool: a trace of its own), the last
-    `health.timed_steps` steps are timed (their input and compute) and the
-    very last is the health's measured step; the other steps, and every
-    step of a loop without `measure`, carry nothing extra.
+    Without `measure` (a Python bool: a trace of its own) every step is the
+    plain step. With it, the loop is the end of a loop ending at a log step
+    (`train_steps` runs the plain steps before it in a call of their own):
+    its steps are timed (their input and compute) and the last is the
+    health's measured step. The measured version is therefore only as large
+    as the steps it times, not a second copy of the whole loop: the first
+    call's trace (and, with XLA, compilation) stays about twice the step's,
+    not four times.
     """
-    measure = measure and self._health is not None
-    loss_sums = tf.zeros([len(self.term_names)])
-    input_seconds = tf.zeros([], tf.float64)
-    timed_steps = (tf.minimum(num_steps, self._health.timed_steps)
-                   if measure else tf.constant(0))
-    for _ in tf.range(num_steps - timed_steps):
-      loss_sums, input_seconds = self._train_step_fn(iterator, loss_sums,
-                                                     input_seconds)
-    if measure:
+    if not measure:
+      for _ in tf.range(num_steps):
+        loss_sums, input_seconds = self._train_step_fn(iterator, loss_sums,
+                                                       input_seconds)
+      return loss_sums, input_seconds
+    if self._health.timed_steps > 1:  # One worker times its measured step only.
       with self._health.tracing(timed=True):
-        for _ in tf.range(timed_steps - 1):
+        for _ in tf.range(num_steps - 1):
           loss_sums, input_seconds = self._train_step_fn(
               iterator, loss_sums, input_seconds, timed=True)
-      with self._health.tracing(timed=True, measuring=True):
-        loss_sums, input_seconds = self._train_step_fn(
-            iterator, loss_sums, input_seconds, timed=True)
-    return (losses.unpack(loss_sums / tf.cast(num_steps, tf.float32),
-                          self.term_names), input_seconds)
+    with self._health.tracing(timed=True, measuring=True):
+      loss_sums, input_seconds = self._train_step_fn(
+          iterator, loss_sums, input_seconds, timed=True)
+    return loss_sums, input_seconds
 
   def _train_step_fn(self, iterator, loss_sums, input_seconds, timed=False):
     """One global step: (loss sums, input seconds) with this step's added
@@ -272,23 +274,36 @@ class Trainer:
       of its terms (the task's data terms, `regularization`, `add_loss`), as
       floats.
     """
+    timed_steps = (min(num_steps, self._health.timed_steps)
+                   if measure and self._health is not None else 0)
+    sums = tf.zeros([len(self.term_names)])
+    input_seconds = tf.zeros([], tf.float64)
     try:
-      means, input_seconds = self._train_loop(
-          iterator, tf.constant(num_steps, tf.int32), bool(measure))
+      # The plain steps, then the timed ones: the same sums carried through,
+      # so the means are those of one loop over all the steps.
+      for count, measured in ((num_steps - timed_steps, False),
+                              (timed_steps, True)):
+        if count:
+          sums, input_seconds = self._train_loop(
+              iterator, tf.constant(count, tf.int32), sums, input_seconds,
+              measured)
     except tf.errors.OpError as e:
       raise self._share_log.describe(e) from e
     self._train_loop_calls += 1
     self.last_input_seconds = float(input_seconds)
-    self.last_timed_steps = (min(num_steps, self._health.timed_steps)
-                             if measure and self._health is not None else 0)
+    self.last_timed_steps = timed_steps
+    means = losses.unpack(sums / tf.cast(num_steps, tf.float32),
+                          self.term_names)
     return {name: float(value) for name, value in means.items()}
 
   def trace_train_steps(self, iterator, num_steps: int, *,
                         measure: bool = False) -> None:
     """Traces the training loop without running a step (a stop request
     during a long first trace can then end the run at once)."""
+    del num_steps  # The step count is a tensor: one trace serves them all.
     self._train_loop.get_concrete_function(
-        iterator, tf.constant(num_steps, tf.int32), bool(measure))
+        iterator, tf.constant(1, tf.int32), tf.zeros([len(self.term_names)]),
+        tf.zeros([], tf.float64), bool(measure and self._health is not None))
 
   def eval_steps(self, dataset, num_steps: int, *, chunk_steps=None,
                  stop_fn=None, guard=None):
