@@ -65,7 +65,6 @@ def _train(tmp_dir, replicas):
   return parity.train_tasks(tmp_dir, _cases(ACCUMULATION[replicas]), replicas)
 
 
-PORT_CLASH = "Could not start gRPC server"
 
 
 def _train_two_workers(tmp_dir, family):
@@ -78,13 +77,8 @@ def _train_two_workers(tmp_dir, family):
            "--steps_per_loop=3", "--log_every_steps=5", "--collective_timeout_s=120",
            *(f"--{k}={v}" for k, v in FLAGS.items()),
            f"--model_dir={model_dir}"]
-  for _ in range(3):  # Another process may take a port found free.
-    result = processes.run_python(
-        ["-m", "launch.local", "--num_workers=2", "--", *flags], timeout=600)
-    if PORT_CLASH not in result.stdout + result.stderr:
-      break
-  assert result.returncode == 0, (result.stdout[-3000:] +
-                                  result.stderr[-3000:])
+  returncode, output = processes.run_launch(2, flags)
+  assert returncode == 0, output[-6000:]
   path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
   reader = tf.train.load_checkpoint(path)
   names = sorted((n for n in reader.get_variable_to_shape_map()

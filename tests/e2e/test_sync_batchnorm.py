@@ -99,7 +99,6 @@ def _train(tmp_dir, replicas):
   return saved, result.stderr
 
 
-PORT_CLASH = "Could not start gRPC server"
 
 
 def _train_two_workers(tmp_dir):
@@ -115,16 +114,11 @@ def _train_two_workers(tmp_dir):
            f"--epochs={EPOCHS}", "--optimizer=sgd", "--steps_per_loop=3",
            "--log_every_steps=5", "--collective_timeout_s=120",
            f"--model_dir={model_dir}"]
-  for _ in range(3):  # Another process may take a port found free.
-    result = processes.run_python(
-        ["-m", "launch.local", "--num_workers=2", "--", *flags], timeout=600)
-    if PORT_CLASH not in result.stdout + result.stderr:
-      break
-  assert result.returncode == 0, (result.stdout[-3000:] +
-                                  result.stderr[-3000:])
+  returncode, output = processes.run_launch(2, flags)
+  assert returncode == 0, output[-6000:]
   model = keras.saving.load_model(
       os.path.join(model_dir, "export", "model.keras"), compile=False)
-  return [w.numpy() for w in model.weights], result.stdout + result.stderr
+  return [w.numpy() for w in model.weights], output
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ def run_python(args, *, timeout=300, check=False, env_overrides=None,
                prewarmed=None):
   """Runs `python ARGS` from the repository root; returns CompletedProcess.
 
-  `python -m dist_train.main ...` and the scripts of tests/helpers are
+  `python -m dist_train.main ...` and scripts (`python FILE.py ...`) are
   forked from an interpreter that has imported TensorFlow already
   (tests/helpers/prewarmed.py), unless `prewarmed=False` or the environment
   changes what the imports read; `-c CODE` is forked only with
@@ -81,7 +81,8 @@ def _prewarmed_request(args, env, prewarmed):
     return None
   if args[0] == "-m" and len(args) > 1 and args[1] == "dist_train.main":
     kind, target, rest = "module", args[1], args[2:]
-  elif args[0].startswith("tests/helpers/") and args[0].endswith(".py"):
+  elif args[0].endswith(".py"):
+    # A script of tests/helpers or scripts/, or one a test wrote.
     kind, target, rest = "script", os.path.join(REPO_ROOT, args[0]), args[1:]
   elif args[0] == "-c" and prewarmed and len(args) > 1:
     kind, target, rest = "code", args[1], args[2:]
@@ -373,6 +374,14 @@ class Launch(Streamed):
     prefix = f"[worker {index}] "
     return [line[len(prefix):] for line in self.lines
             if line.startswith(prefix)]
+
+
+def run_launch(num_workers, args, *, timeout=600):
+  """Runs `launch.local --num_workers=N -- ARGS` to its end, its workers
+  prewarmed, started again on a port clash; (returncode, output)."""
+  launch = Launch(num_workers, args)
+  returncode = launch.wait(timeout=timeout)
+  return returncode, launch.output
 
 
 def start_cluster(make_workers, until, timeout):
