@@ -49,10 +49,13 @@ The health table (--tables=health) is an A/B of --health_scalars (the
 training-health scalars, docs/monitoring.md) at the default log interval
 (--log_every_steps=200, --steps_per_loop=100): for the MLP and the CNN at
 each replica count (global batch 64), one process runs log intervals of
-the loop with them on and off, alternating (A B A B ...: --repetitions of
-each, after two of each to warm up), on the same model and input, so that
-the load of the machine falls on both arms alike; each arm's figure is the
-median of its intervals.
+the loop with them on and off, alternating (A B A B ...: --repetitions
+samples of each, a sample being --health_intervals intervals, after two
+intervals of each to warm up), on the same model and input, so that the
+load of the machine falls on both arms alike. Each arm's examples/s is the
+median of its samples; the change is the median over the pairs (a sample
+with the scalars on, the next without) of each pair's own change, with the
+quartiles of those changes beside it: the spread a reader should expect.
 
 --quick (one repetition of 3,200 examples, no waiting for an idle CPU)
 checks that the script runs; its figures are not worth keeping.
@@ -355,11 +358,14 @@ def run_health_ab(args):
 
   for on in (True, False, True, False):  # Traces, and warms up.
     interval(on)
+  # A sample is --health_intervals intervals of one arm; the arms alternate
+  # sample by sample, and each pair (on, off) is compared with itself.
   seconds = {True: [], False: []}
   for _ in range(args.repetitions):
     for on in (True, False):
-      seconds[on].append(interval(on))
-  examples = every * config.global_batch_size
+      seconds[on].append(sum(interval(on)
+                             for _ in range(args.health_intervals)))
+  examples = every * config.global_batch_size * args.health_intervals
   return dict(examples=examples, health_on_seconds=seconds[True],
               health_off_seconds=seconds[False])
 
@@ -586,7 +592,8 @@ def _health_rows(args, notes):
   rows = []
   for model in ("mlp", "cnn"):
     for replicas in args.replicas:
-      result = _measure("health_ab", "cpu", replicas, 64, args, model=model)
+      result = _measure("health_ab", "cpu", replicas, 64, args, model=model,
+                        health_intervals=args.health_intervals)
       if "error" in result:
         notes.append(f"{model}, {replicas} cpu: health A/B failed: "
                      f"{result['error']}")
@@ -595,21 +602,34 @@ def _health_rows(args, notes):
       arms = tuple({"examples_per_second": result["examples"] /
                     statistics.median(result[f"health_{arm}_seconds"])}
                    for arm in ("on", "off"))
+      # Each pair's change in examples/s (off's seconds over on's): the
+      # machine's drift falls on both of a pair alike.
+      changes = sorted(off / on - 1 for on, off in zip(
+          result["health_on_seconds"], result["health_off_seconds"]))
+      arms[0]["change"] = statistics.median(changes)
+      arms[0]["change_quartiles"] = (
+          statistics.quantiles(changes, n=4)[::2] if len(changes) > 1
+          else (changes[0], changes[0]))
       rows.append(((model, replicas), arms))
       print(f"measured health A/B {model} {replicas} cpu: on "
-            f"{_rate(arms[0])}, off {_rate(arms[1])} examples/s",
-            file=sys.stderr, flush=True)
+            f"{_rate(arms[0])}, off {_rate(arms[1])} examples/s, paired "
+            f"change {arms[0]['change']:+.1%}", file=sys.stderr, flush=True)
   return rows
 
 
 def health_table(rows):
   lines = ["| model | replicas | health scalars on, ex/s | off, ex/s "
-           "| change |", "| --- | --- | ---: | ---: | ---: |"]
+           "| change (median of pairs) | quartiles of the pairs |",
+           "| --- | --- | ---: | ---: | ---: | ---: |"]
   for (model, replicas), (on, off) in rows:
-    change = ("n/a" if not on or not off else
-              f"{on['examples_per_second'] / off['examples_per_second'] - 1:+.1%}")
+    if not on or not off:
+      change = quartiles = "n/a"
+    else:
+      change = f"{on['change']:+.1%}"
+      low, high = on["change_quartiles"]
+      quartiles = f"{low:+.1%} to {high:+.1%}"
     lines.append(f"| {model} | {replicas} CPU | {_rate(on)} | {_rate(off)} "
-                 f"| {change} |")
+                 f"| {change} | {quartiles} |")
   return "\n".join(lines)
 
 
@@ -659,6 +679,7 @@ def parent_main(args):
   args.notes = notes
   if args.quick:
     args.examples, args.repetitions, args.eager_repetitions = 3_200, 1, 1
+    args.health_intervals = 1
   rows = _comparison_rows(args, notes) if "comparison" in args.tables else []
   input_rows = _input_rows(args, notes) if "input" in args.tables else []
   bn_rows = (_sync_batchnorm_rows(args, notes)
@@ -754,6 +775,10 @@ def main():
   parser.add_argument("--global_batch_size", type=int, help=argparse.SUPPRESS)
   parser.add_argument("--launch_time", type=float, help=argparse.SUPPRESS)
   parser.add_argument("--model", default="mlp", help=argparse.SUPPRESS)
+  parser.add_argument("--health_intervals", type=int, default=5,
+                      help="health table: log intervals in each sample of "
+                      "an arm (samples of 200-step intervals of the small "
+                      "models last 0.05-0.7 s alone)")
   parser.add_argument("--health_scalars", type=int, default=1,
                       help=argparse.SUPPRESS)
   parser.add_argument("--input_checks", type=int, default=1,
