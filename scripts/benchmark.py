@@ -713,9 +713,10 @@ def parent_main(args):
   if health_rows:
     sections.append(
         "examples/second of the loop with --health_scalars on and off "
-        f"(global batch 64, default log interval: median of "
-        f"{args.repetitions} log intervals per arm, alternating in one "
-        "process):\n\n" +
+        f"(global batch 64, default log interval; {args.repetitions} "
+        f"samples of {args.health_intervals} log intervals per arm, the "
+        "arms alternating in one process; the change is the median of "
+        "each pair's own):\n\n" +
         health_table(health_rows) +
         ("\n\n" + "\n".join(f"- {n}" for n in notes)
          if notes and not input_rows and not rows else ""))

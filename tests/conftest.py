@@ -24,7 +24,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # The modules that take longest (CPU seconds measured on 2 cores), started
-# first so that the two xdist workers end together: the short modules fill
+# first so that the xdist workers end together: the short modules fill
 # in at the end.
 _LONGEST_FIRST = ("test_eight_workers", "test_fault_tolerance",
                   "test_multi_worker", "test_tasks", "test_step_budgets",
