@@ -20,7 +20,6 @@ import concurrent.futures
 import os
 import signal
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -65,7 +64,7 @@ def _killed_and_resumed(model_dir):
   command = [*FLAGS, "--steps_per_loop=2", "--cpu_replicas=2",
              f"--model_dir={model_dir}"]
   process = subprocess.Popen(
-      [sys.executable, "-m", "dist_train.main", *command],
+      [*processes.python_command(), "-m", "dist_train.main", *command],
       cwd=processes.REPO_ROOT, env=processes.subprocess_env(),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   processes.wait_for_checkpoint(process, model_dir, KILL_AFTER)

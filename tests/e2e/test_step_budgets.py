@@ -28,7 +28,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import keras
@@ -274,7 +273,7 @@ def killed_and_resumed(tmp_path_factory):
   flags = [*STREAM_CLI, "--cpu_replicas=2", "--checkpoint_every_steps=2",
            f"--model_dir={model_dir}"]
   process = subprocess.Popen(
-      [sys.executable, "-m", "dist_train.main", *flags],
+      [*processes.python_command(), "-m", "dist_train.main", *flags],
       cwd=processes.REPO_ROOT,
       env=processes.subprocess_env({"STREAM_FIXTURE_SLEEP_S": SLEEP_S}),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
