@@ -24,8 +24,11 @@ GLOBAL_BATCH_SIZE = 6
 FEATURES = 4
 INITIAL_KERNEL = np.array([[0.5], [-0.25], [0.125], [1.0]], np.float32)
 INITIAL_BIAS = np.array([0.1], np.float32)
-# Seconds worker 1 (of TF_CONFIG) sleeps per example read, in slow_input.
-SLEEP_PER_EXAMPLE_S = 0.005
+# Seconds worker 1 (of TF_CONFIG) sleeps per example read, in slow_input:
+# 60 ms a step (3 examples), far above what the other worker's step takes
+# even when the suite's other runs share its cores (15 ms was not: a busy
+# machine once made the chief the slower in an interval).
+SLEEP_PER_EXAMPLE_S = 0.02
 # In overflow_at_step: the target of the first example of global step 3,
 # whose gradient overflows float16 at the initial loss scale (2**15) but not
 # the float32 loss.
