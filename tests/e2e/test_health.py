@@ -1,8 +1,9 @@
 """Training health across 2 worker processes (one replica each), from one
-launch that several tests read: the gradient norm of the global batch (split
-3/3 and 2/3 over the workers) against a hand replay of SGD, read back from
-the chief's event files; the straggler warning naming worker 1, whose input
-sleeps; metrics.jsonl holding the events' values."""
+launch that several tests read, and on 2 local replicas: the gradient norm
+of the global batch (split 3/3 and 2/3 over the workers or replicas) against
+a hand replay of SGD, read back from the chief's event files; the
+straggler warning naming worker 1, whose input sleeps; metrics.jsonl
+holding the events' values."""
 
 import os
 import re
@@ -54,6 +55,31 @@ def test_gradient_norm_is_the_global_batch_gradient_on_two_workers(
   np.testing.assert_allclose(
       [value for _, value in scalars["weight_norm"]],
       [health_task.norm(weights[step - 1]) for step in LOG_STEPS], rtol=1e-5)
+
+
+def test_gradient_norm_is_the_global_batch_gradient_on_two_replicas(
+    tmp_path):
+  """2 local replicas of one process: 23 examples in global batches of 6,
+  shares of 3/3 and, in each epoch's last batch, 3/2; no clipping, so the
+  norm is that of the gradient summed by the measured step's all-reduce."""
+  model_dir = tmp_path / "run"
+  processes.run_cli(
+      "--task=tests.helpers.health_task:linear", f"--model_dir={model_dir}",
+      "--cpu_replicas=2", f"--global_batch_size={health_task.GLOBAL_BATCH_SIZE}",
+      "--shuffle_buffer=1", "--epochs=2", "--log_every_steps=2",
+      "--steps_per_loop=2", "--mode=train", f"--learning_rate={LEARNING_RATE}",
+      check=True)
+  log_steps = [2, 4, 6, 8]
+  gradients, weights = health_task.reference_run(8, LEARNING_RATE)
+  scalars = summaries.read_scalars(os.path.join(model_dir, "train"))
+  assert [step for step, _ in scalars["gradient_norm"]] == log_steps
+  np.testing.assert_allclose(
+      [value for _, value in scalars["gradient_norm"]],
+      [health_task.norm(gradients[step - 1]) for step in log_steps],
+      rtol=1e-5)
+  np.testing.assert_allclose(
+      [value for _, value in scalars["weight_norm"]],
+      [health_task.norm(weights[step - 1]) for step in log_steps], rtol=1e-5)
 
 
 def test_the_straggler_line_names_the_worker_with_slow_input(two_workers):
