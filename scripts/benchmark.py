@@ -604,8 +604,8 @@ def _health_rows(args, notes):
                    for arm in ("on", "off"))
       # Each pair's change in examples/s (off's seconds over on's): the
       # machine's drift falls on both of a pair alike.
-      changes = sorted(off / on - 1 for on, off in zip(
-          result["health_on_seconds"], result["health_off_seconds"]))
+      changes = [off / on - 1 for on, off in zip(
+          result["health_on_seconds"], result["health_off_seconds"])]
       arms[0]["change"] = statistics.median(changes)
       arms[0]["change_quartiles"] = (
           statistics.quantiles(changes, n=4)[::2] if len(changes) > 1

@@ -175,7 +175,7 @@ class Controller:
         # Nothing trained yet: a stop request during the trace exits at once.
         # An error in the trace is one of these steps' (the model's call).
         with errors.phase(what):
-          self._trainer.trace_train(num_steps, measure=measure)
+          self._trainer.trace_train(measure=measure)
         stop.check_now()
       stop.set_unsaved()
       with errors.phase(what), (

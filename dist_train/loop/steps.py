@@ -228,16 +228,14 @@ class Trainer:
     return self.train_steps(self._started_iterator(), num_steps,
                             measure=measure)
 
-  def trace_train(self, num_steps: int, *, measure: bool = False) -> None:
+  def trace_train(self, *, measure: bool = False) -> None:
     """Traces the training loop without running a step (a stop request
     during a long first trace can then end the run at once). With the
-    health on, both versions of the loop are traced: the one ending in a
-    measured step too, so no log interval pays for a trace."""
-    self.trace_train_steps(self._started_iterator(), num_steps,
-                           measure=measure)
+    health on, both versions of the loop are traced: the measured one too,
+    so no log interval pays for a trace."""
+    self.trace_train_steps(self._started_iterator(), measure=measure)
     if self._health is not None:
-      self.trace_train_steps(self._started_iterator(), num_steps,
-                             measure=not measure)
+      self.trace_train_steps(self._started_iterator(), measure=not measure)
 
   def _started_iterator(self):
     if self._train_iterator is None:
@@ -296,12 +294,11 @@ class Trainer:
                           self.term_names)
     return {name: float(value) for name, value in means.items()}
 
-  def trace_train_steps(self, iterator, num_steps: int, *,
-                        measure: bool = False) -> None:
-    """Traces the training loop without running a step (a stop request
-    during a long first trace can then end the run at once)."""
-    del num_steps  # The step count is a tensor: one trace serves them all.
-    self._train_loop.get_concrete_function(
+  def trace_train_steps(self, iterator, *, measure: bool = False):
+    """Traces the training loop (`measure`: its measured version) without
+    running a step, and returns the concrete function. The step count is a
+    tensor: one trace serves loops of every length."""
+    return self._train_loop.get_concrete_function(
         iterator, tf.constant(1, tf.int32), tf.zeros([len(self.term_names)]),
         tf.zeros([], tf.float64), bool(measure and self._health is not None))
 

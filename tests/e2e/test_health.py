@@ -17,7 +17,6 @@ from tests.helpers import health_task
 from tests.helpers import processes
 
 LEARNING_RATE = 0.2
-NUM_STEPS = 20
 LOG_STEPS = [5, 10, 15, 20]
 
 
@@ -40,21 +39,27 @@ def two_workers(tmp_path_factory):
   return model_dir, launch
 
 
-def test_gradient_norm_is_the_global_batch_gradient_on_two_workers(
-    two_workers):
-  model_dir, _ = two_workers
-  gradients, weights = health_task.reference_run(
-      NUM_STEPS, LEARNING_RATE,
-      num_train=health_task.SLOW_INPUT_NUM_TRAIN)
-  scalars = summaries.read_scalars(os.path.join(model_dir, "train"))
-  assert [step for step, _ in scalars["gradient_norm"]] == LOG_STEPS
+def _assert_norms_match_the_replay(model_dir, log_steps, **replay):
+  """gradient_norm and weight_norm in the chief's event files are, at each
+  log step, those of the hand replay of SGD (health_task.reference_run)."""
+  gradients, weights = health_task.reference_run(log_steps[-1], LEARNING_RATE,
+                                                 **replay)
+  scalars = summaries.read_scalars(os.path.join(str(model_dir), "train"))
+  assert [step for step, _ in scalars["gradient_norm"]] == log_steps
   np.testing.assert_allclose(
       [value for _, value in scalars["gradient_norm"]],
-      [health_task.norm(gradients[step - 1]) for step in LOG_STEPS],
+      [health_task.norm(gradients[step - 1]) for step in log_steps],
       rtol=1e-5)
   np.testing.assert_allclose(
       [value for _, value in scalars["weight_norm"]],
-      [health_task.norm(weights[step - 1]) for step in LOG_STEPS], rtol=1e-5)
+      [health_task.norm(weights[step - 1]) for step in log_steps], rtol=1e-5)
+
+
+def test_gradient_norm_is_the_global_batch_gradient_on_two_workers(
+    two_workers):
+  model_dir, _ = two_workers
+  _assert_norms_match_the_replay(model_dir, LOG_STEPS,
+                                 num_train=health_task.SLOW_INPUT_NUM_TRAIN)
 
 
 def test_gradient_norm_is_the_global_batch_gradient_on_two_replicas(
@@ -69,17 +74,7 @@ def test_gradient_norm_is_the_global_batch_gradient_on_two_replicas(
       "--shuffle_buffer=1", "--epochs=2", "--log_every_steps=2",
       "--steps_per_loop=2", "--mode=train", f"--learning_rate={LEARNING_RATE}",
       check=True)
-  log_steps = [2, 4, 6, 8]
-  gradients, weights = health_task.reference_run(8, LEARNING_RATE)
-  scalars = summaries.read_scalars(os.path.join(model_dir, "train"))
-  assert [step for step, _ in scalars["gradient_norm"]] == log_steps
-  np.testing.assert_allclose(
-      [value for _, value in scalars["gradient_norm"]],
-      [health_task.norm(gradients[step - 1]) for step in log_steps],
-      rtol=1e-5)
-  np.testing.assert_allclose(
-      [value for _, value in scalars["weight_norm"]],
-      [health_task.norm(weights[step - 1]) for step in log_steps], rtol=1e-5)
+  _assert_norms_match_the_replay(model_dir, [2, 4, 6, 8])
 
 
 def test_the_straggler_line_names_the_worker_with_slow_input(two_workers):

@@ -65,8 +65,6 @@ def _train(tmp_dir, replicas):
   return parity.train_tasks(tmp_dir, _cases(ACCUMULATION[replicas]), replicas)
 
 
-
-
 def _train_two_workers(tmp_dir, family):
   """(global step, trainable weights) of `family` on 2 workers with 4
   micro-batches each, from its last checkpoint."""

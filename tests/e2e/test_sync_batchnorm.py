@@ -99,8 +99,6 @@ def _train(tmp_dir, replicas):
   return saved, result.stderr
 
 
-
-
 def _train_two_workers(tmp_dir):
   """Every model variable of the residual network trained on 2 workers
   (one replica each), from its exported model, and the launch's output."""

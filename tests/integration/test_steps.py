@@ -13,31 +13,9 @@ from dist_train.models import mnist
 from tests.helpers import global_batches
 
 
-def test_loops_of_different_lengths_share_one_trace():
-  strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+def _trainer(strategy, model, *, health=None, learning_rate=0.1):
   with strategy.scope():
-    model = mnist.create_mlp(hidden_units=4)
-    optimizer = keras.optimizers.SGD(learning_rate=0.01)
-    optimizer.build(model.trainable_variables)
-  trainer = steps.Trainer(strategy=strategy,
-                          task=classification.ClassificationTask(
-                              config_lib.Config(model_dir="/tmp/unused")),
-                          model=model, optimizer=optimizer,
-                          add_loss_reduction="mean",
-                          train_input=global_batches.GlobalBatches(strategy))
-  batch = (np.zeros([8, 784], np.float32), np.arange(8, dtype=np.int32))
-  iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
-  assert trainer.train_traces == 0
-  for num_steps in (3, 1, 2):
-    losses = trainer.train_steps(iterator, num_steps)
-    assert trainer.train_traces == 1, num_steps
-    assert np.isfinite(losses["loss"])
-  assert int(optimizer.iterations.numpy()) == 3 + 1 + 2
-
-
-def _trainer(strategy, model, *, health=None):
-  with strategy.scope():
-    optimizer = keras.optimizers.SGD(learning_rate=0.1)
+    optimizer = keras.optimizers.SGD(learning_rate=learning_rate)
     optimizer.build(model.trainable_variables)
   return steps.Trainer(strategy=strategy,
                        task=classification.ClassificationTask(
@@ -48,13 +26,28 @@ def _trainer(strategy, model, *, health=None):
                        health=health)
 
 
+def test_loops_of_different_lengths_share_one_trace():
+  strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+  with strategy.scope():
+    model = mnist.create_mlp(hidden_units=4)
+  trainer = _trainer(strategy, model, learning_rate=0.01)
+  optimizer = trainer.optimizer
+  batch = (np.zeros([8, 784], np.float32), np.arange(8, dtype=np.int32))
+  iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
+  assert trainer.train_traces == 0
+  for num_steps in (3, 1, 2):
+    losses = trainer.train_steps(iterator, num_steps)
+    assert trainer.train_traces == 1, num_steps
+    assert np.isfinite(losses["loss"])
+  assert int(optimizer.iterations.numpy()) == 3 + 1 + 2
+
+
 def _while_loops(trainer, measure):
   """The While ops of the traced loop (`measure`: its measured version)."""
-  function = trainer._train_loop.get_concrete_function(  # pylint: disable=protected-access
+  function = trainer.trace_train_steps(
       iter(tf.data.Dataset.from_tensors(
           (np.zeros([8, 784], np.float32), np.zeros([8], np.int32)))),
-      tf.constant(1), tf.zeros([len(trainer.term_names)]),
-      tf.zeros([], tf.float64), measure)
+      measure=measure)
   return [op for op in function.graph.get_operations()
           if op.type in ("While", "StatelessWhile")]
 
