@@ -8,8 +8,11 @@ server (this file run as a script, one per pytest process) imports
 TensorFlow, Keras and dist_train once, and for each request forks a monitor
 that forks the run: the run sets its arguments, environment, working
 directory and sys.path as `python ARGS` would, takes stdout and stderr to
-files, runs the module, script or code as `__main__`, and exits the way the
-interpreter does (atexit handlers, non-daemon threads joined). The monitor
+files, runs the module, script or code as `__main__`, and exits as the
+interpreter does (non-daemon threads joined, atexit handlers run, standard
+streams flushed) but for the teardown of every module: that garbage
+collection would touch, and so copy, every page of the imported TensorFlow
+that the run shares with the server, 1.2 CPU-s a run. The monitor
 sends the run's pid, then its exit code (negative for a signal, as
 `subprocess` gives it) and the CPU seconds it used.
 
@@ -23,8 +26,17 @@ appended to `<server dir>/exec_cpu_s`.
 
 Nothing of TensorFlow's runtime exists before the fork (no op has run, no
 device was made), so each run configures its own devices and cluster.
+
+AutoGraph's conversion of dist_train's step functions (parsing their source
+and rewriting it: about half of a short run's CPU after the imports) is
+pure Python, cached per code object. Each run writes which of dist_train's
+functions it converted, with which options (`_save_conversions`); the
+server converts those between forks (`_learn_conversions`), so the runs it
+forks next find them in the cache. The converted code is what the run would
+have made itself: the same source, options and module namespace.
 """
 
+import gc
 import json
 import os
 import select
@@ -65,8 +77,103 @@ def _exit_code(error):
   return 1
 
 
+# Only dist_train's own functions are learned: the server imports no other
+# module that a run may import (a user's or a test's task module).
+_LEARNED_PACKAGE = "dist_train"
+
+
+def _save_conversions(directory):
+  """Writes [module, qualified name, first line, options] of each function
+  of dist_train that AutoGraph converted in this run to directory/PID."""
+  # pylint: disable=import-outside-toplevel,protected-access
+  from tensorflow.python.autograph.impl import api
+  files = {getattr(module, "__file__", None): name
+           for name, module in list(sys.modules.items())
+           if name.split(".")[0] == _LEARNED_PACKAGE}
+  converted = []
+  for code, by_options in list(api._TRANSPILER._cache._cache.items()):
+    module = files.get(code.co_filename)
+    if module and "<locals>" not in code.co_qualname:
+      for options in by_options:
+        recursive, user_requested, internal, features = options.as_tuple()
+        converted.append([module, code.co_qualname, code.co_firstlineno,
+                          [recursive, user_requested, internal,
+                           sorted(f.value for f in features)]])
+  path = os.path.join(directory, str(os.getpid()))
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(converted, f)
+  os.replace(path + ".tmp", path)
+
+
+def _learn_conversions(directory, learned):
+  """Converts, in this server, the functions that ended runs saved (see
+  `_save_conversions`) and `learned` does not hold yet."""
+  for name in os.listdir(directory):
+    if name.endswith(".tmp"):
+      continue
+    path = os.path.join(directory, name)
+    with open(path, encoding="utf-8") as f:
+      converted = json.load(f)
+    os.remove(path)
+    for entry in converted:
+      key = json.dumps(entry)
+      if key not in learned:
+        learned.add(key)
+        try:
+          _convert(*entry)
+        except Exception:  # pylint: disable=broad-except
+          pass  # The runs convert it themselves, or say why they cannot.
+
+
+def _convert(module, qualname, first_line, options):
+  """Has AutoGraph convert module.qualname as the run did, into its cache."""
+  # pylint: disable=import-outside-toplevel,protected-access
+  import importlib
+  from tensorflow.python.autograph.core import converter
+  from tensorflow.python.autograph.impl import api
+  function = importlib.import_module(module)
+  for part in qualname.split("."):
+    function = getattr(function, part)
+  function = getattr(function, "fget", function)  # A property's.
+  if function.__code__.co_firstlineno != first_line:
+    return  # A decorated function: not the code the run converted.
+  recursive, user_requested, internal, features = options
+  api._TRANSPILER.transform(function, converter.ProgramContext(
+      options=converter.ConversionOptions(
+          recursive=recursive, user_requested=user_requested,
+          internal_convert_user_code=internal,
+          optional_features=[converter.Feature(f) for f in features])))
+
+
 def _run(request, base_path):
-  """Becomes `python ARGS` in this (forked) process; returns its exit code."""
+  """Becomes `python ARGS` in this (forked) process, and exits."""
+  try:
+    code = _run_main(request, base_path)
+  finally:
+    try:
+      _save_conversions(request["conversions_dir"])
+    except Exception:  # pylint: disable=broad-except
+      pass  # The next runs convert for themselves.
+  _exit(code)
+
+
+def _exit(code):
+  """Ends this run as the interpreter ends (Py_FinalizeEx), without tearing
+  down its modules."""
+  # pylint: disable=import-outside-toplevel,protected-access
+  import atexit
+  import threading
+  threading._shutdown()  # Joins the non-daemon threads.
+  atexit._run_exitfuncs()
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):
+      pass
+  os._exit(code)
+
+
+def _run_main(request, base_path):
   os.chdir(request["cwd"])
   os.environ.clear()
   os.environ.update(request["env"])
@@ -131,14 +238,14 @@ def _wait_watching(pid, watched):
 
 
 def _monitor(conn, request, listener, base_path, live_dir):
-  """In the forked monitor: forks the run, reports its pid and exit code.
-  Returns the exit code when this process is the run itself."""
+  """In the forked monitor: forks the run, reports its pid and exit code,
+  and exits (the run exits in `_run`)."""
   signal.signal(signal.SIGCHLD, signal.SIG_DFL)
   pid = os.fork()
   if pid == 0:
     conn.close()
     listener.close()
-    return _run(request, base_path)
+    _run(request, base_path)
   for fd in set(request.get("fds") or ()):
     os.close(fd)
   live = os.path.join(live_dir, str(pid))
@@ -187,7 +294,7 @@ def _read_request(conn):
 
 def serve(socket_path):
   """Imports once, then forks a run per connection until the parent dies.
-  Returns the exit code of a run (in the forked run process only)."""
+  The forked processes never return here: each exits."""
   # The server ends with the pytest process that started it (checked every
   # second: PR_SET_PDEATHSIG would end it with the *thread* that started it).
   parent = os.getppid()
@@ -208,12 +315,16 @@ def serve(socket_path):
   signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # Monitors reap themselves.
   live_dir = os.path.join(os.path.dirname(socket_path), "live")
   os.makedirs(live_dir, exist_ok=True)
+  conversions_dir = os.path.join(os.path.dirname(socket_path), "autograph")
+  os.makedirs(conversions_dir, exist_ok=True)
+  learned = set()
   listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
   listener.bind(socket_path)
   listener.listen(64)
   listener.settimeout(1.0)
   print("ready", flush=True)
   while os.getppid() == parent:
+    _learn_conversions(conversions_dir, learned)
     try:
       conn, _ = listener.accept()
     except socket.timeout:
@@ -229,10 +340,17 @@ def serve(socket_path):
         os.close(fd)
       conn.close()
       continue
+    # Before each fork too: the run that just ended may have converted what
+    # this one needs.
+    _learn_conversions(conversions_dir, learned)
+    request["conversions_dir"] = conversions_dir
+    # What the server made is out of the collector's reach in the run: its
+    # collections would otherwise touch, and so copy, the shared pages.
+    gc.freeze()
     sys.stdout.flush()
     sys.stderr.flush()
     if os.fork() == 0:
-      return _monitor(conn, request, listener, base_path, live_dir)
+      _monitor(conn, request, listener, base_path, live_dir)
     for fd in request["fds"]:
       os.close(fd)
     conn.close()
