@@ -77,6 +77,9 @@ def _exit_code(error):
   return 1
 
 
+# Folders of the server's directory: the live runs' command lines, and the
+# conversions that ended runs saved.
+LIVE, CONVERSIONS = "live", "autograph"
 # Only dist_train's own functions are learned: the server imports no other
 # module that a run may import (a user's or a test's task module).
 _LEARNED_PACKAGE = "dist_train"
@@ -145,13 +148,13 @@ def _convert(module, qualname, first_line, options):
           optional_features=[converter.Feature(f) for f in features])))
 
 
-def _run(request, base_path):
+def _run(request, base_path, server_dir):
   """Becomes `python ARGS` in this (forked) process, and exits."""
   try:
     code = _run_main(request, base_path)
   finally:
     try:
-      _save_conversions(request["conversions_dir"])
+      _save_conversions(os.path.join(server_dir, CONVERSIONS))
     except Exception:  # pylint: disable=broad-except
       pass  # The next runs convert for themselves.
   _exit(code)
@@ -237,7 +240,7 @@ def _wait_watching(pid, watched):
   return os.wait4(pid, 0)
 
 
-def _monitor(conn, request, listener, base_path, live_dir):
+def _monitor(conn, request, listener, base_path, server_dir):
   """In the forked monitor: forks the run, reports its pid and exit code,
   and exits (the run exits in `_run`)."""
   signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -245,10 +248,10 @@ def _monitor(conn, request, listener, base_path, live_dir):
   if pid == 0:
     conn.close()
     listener.close()
-    _run(request, base_path)
+    _run(request, base_path, server_dir)
   for fd in set(request.get("fds") or ()):
     os.close(fd)
-  live = os.path.join(live_dir, str(pid))
+  live = os.path.join(server_dir, LIVE, str(pid))
   with open(live, "w", encoding="utf-8") as f:
     f.write(" ".join([request["target"], *request["args"]]))
   try:
@@ -260,7 +263,7 @@ def _monitor(conn, request, listener, base_path, live_dir):
     os.remove(live)
     cpu_s = usage.ru_utime + usage.ru_stime
     if request.get("watch_pid"):  # Its stand-in does not report it.
-      with open(os.path.join(live_dir, os.pardir, "exec_cpu_s"), "a",
+      with open(os.path.join(server_dir, "exec_cpu_s"), "a",
                 encoding="utf-8") as f:
         f.write(f"{cpu_s}\n")
     conn.sendall(json.dumps({
@@ -313,10 +316,9 @@ def serve(socket_path):
   tensorflow.config.list_physical_devices()
   del sys.path[0]
   signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # Monitors reap themselves.
-  live_dir = os.path.join(os.path.dirname(socket_path), "live")
-  os.makedirs(live_dir, exist_ok=True)
-  conversions_dir = os.path.join(os.path.dirname(socket_path), "autograph")
-  os.makedirs(conversions_dir, exist_ok=True)
+  server_dir = os.path.dirname(socket_path)
+  for name in (LIVE, CONVERSIONS):
+    os.makedirs(os.path.join(server_dir, name), exist_ok=True)
   learned = set()
   listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
   listener.bind(socket_path)
@@ -324,7 +326,6 @@ def serve(socket_path):
   listener.settimeout(1.0)
   print("ready", flush=True)
   while os.getppid() == parent:
-    _learn_conversions(conversions_dir, learned)
     try:
       conn, _ = listener.accept()
     except socket.timeout:
@@ -340,17 +341,16 @@ def serve(socket_path):
         os.close(fd)
       conn.close()
       continue
-    # Before each fork too: the run that just ended may have converted what
+    # Before each fork: the run that just ended may have converted what
     # this one needs.
-    _learn_conversions(conversions_dir, learned)
-    request["conversions_dir"] = conversions_dir
+    _learn_conversions(os.path.join(server_dir, CONVERSIONS), learned)
     # What the server made is out of the collector's reach in the run: its
     # collections would otherwise touch, and so copy, the shared pages.
     gc.freeze()
     sys.stdout.flush()
     sys.stderr.flush()
     if os.fork() == 0:
-      _monitor(conn, request, listener, base_path, live_dir)
+      _monitor(conn, request, listener, base_path, server_dir)
     for fd in request["fds"]:
       os.close(fd)
     conn.close()

@@ -422,7 +422,8 @@ def running_processes_mentioning(text):
   the server's)."""
   pids = []
   if _SERVER:
-    live_dir = os.path.join(os.path.dirname(_SERVER[0].socket_path), "live")
+    live_dir = os.path.join(os.path.dirname(_SERVER[0].socket_path),
+                            prewarmed_lib.LIVE)
     for entry in os.listdir(live_dir):
       try:
         with open(os.path.join(live_dir, entry), encoding="utf-8") as f:
