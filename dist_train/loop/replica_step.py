@@ -27,6 +27,10 @@ split_rows = pipelines.split_rows
 unpack_batch = pipelines.unpack_batch
 
 
+class _SynchronisingMicroStep(Exception):
+  """A micro-step assigns a mirrored variable (see `_micro_loop`)."""
+
+
 class ReplicaStep:
   """One replica's training and evaluation step.
 
@@ -76,6 +80,10 @@ class ReplicaStep:
       self.term_names = ((losses.TOTAL,) + tuple(self._data_terms.values()) +
                          (losses.REGULARIZATION, losses.ADD_LOSS))
     self._gradients_fn = self._forward_backward
+    # Micro-batches run as one loop until a trace finds a synchronisation
+    # point in them (see `_micro_loop`); synchronized BatchNormalization has
+    # one by design.
+    self._micro_loop_possible = self._synchronized_state is None
     self._outputs_fn = self._eval_outputs
     if jit_compile and self._synchronized_state is None:
       self._gradients_fn = tf.function(self._gradients_fn, jit_compile=True)
@@ -182,6 +190,12 @@ class ReplicaStep:
     num_micro = self._grad_accum_steps
     num_shares = self.strategy.num_replicas_in_sync * num_micro
     share_rows = shares.num_rows(batch)
+    if num_micro > 1 and self._micro_loop_possible:
+      looped = self._micro_loop(batch, global_info, num_shares, share_rows)
+      if looped is not None:
+        accumulated, packed_terms = looped
+        self._applier.apply(accumulated, self.model.trainable_variables)
+        return packed_terms
     accumulated, packed_terms = None, None
     for micro in range(num_micro):
       micro_batch = self._share_log.record(
@@ -193,6 +207,52 @@ class ReplicaStep:
       packed_terms = packed if packed_terms is None else packed_terms + packed
     self._applier.apply(accumulated, self.model.trainable_variables)
     return packed_terms
+
+  def _micro_loop(self, batch, global_info, num_shares, share_rows):
+    """The micro-batches of `_default_step` as one `tf.while_loop`: the
+    forward and backward pass is traced once per replica, not once per
+    micro-batch (the trace, and the graph, no longer grow with
+    --grad_accum_steps). The sums are the unrolled loop's, added in the
+    same order, from zeros.
+
+    Returns:
+      (summed gradients, None where a variable has none; summed packed
+      terms), or None when the micro-step holds a synchronisation point and
+      the caller must unroll: a model's state update (BatchNorm's moving
+      statistics, a seed generator) assigns a mirrored variable, a
+      `merge_call`, which cannot run inside a loop one replica builds alone.
+      The answer is kept: later traces unroll at once.
+    """
+    num_micro = self._grad_accum_steps
+    variables = self.model.trainable_variables
+    present = {}
+
+    def body(micro, accumulated, packed_terms):
+      micro_batch = self._share_log.record(
+          split_rows(batch, micro, num_micro), step=self._step_number(),
+          share_rows=share_rows, micro=micro, after=packed_terms)
+      with losses.deferred_assignments() as updates:
+        gradients, packed = self._micro_step(micro_batch, global_info,
+                                             num_shares)
+      if updates:
+        raise _SynchronisingMicroStep()
+      present["gradients"] = [g is not None for g in gradients]
+      accumulated = [a if g is None else a + g
+                     for a, g in zip(accumulated, gradients)]
+      return micro + 1, accumulated, packed_terms + packed
+
+    try:
+      _, accumulated, packed_terms = tf.while_loop(
+          lambda micro, *_: micro < num_micro, body,
+          (tf.constant(0), [tf.zeros(v.shape, v.dtype) for v in variables],
+           tf.zeros([len(self.term_names)])),
+          maximum_iterations=num_micro)
+    except _SynchronisingMicroStep:
+      self._micro_loop_possible = False
+      return None
+    return ([a if p else None
+             for a, p in zip(accumulated, present["gradients"])],
+            packed_terms)
 
   def _micro_step(self, micro_batch, global_info, num_shares):
     """(gradients, packed terms) of one micro-batch; an empty one runs no

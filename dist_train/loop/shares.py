@@ -139,7 +139,7 @@ class ShareLog:
       self._log = tf.Variable(tf.fill([num_local, 4], tf.constant(-1, tf.int64)),
                               trainable=False, name="share_log")
 
-  def record(self, micro_batch, *, step, share_rows, micro: int,
+  def record(self, micro_batch, *, step, share_rows, micro,
              after=None):
     """Records the share about to run and returns `micro_batch`, made to
     depend on the record: the forward pass cannot start before it.
@@ -157,7 +157,7 @@ class ShareLog:
     local = context.replica_id_in_sync_group - self._first_replica
     entry = tf.cast(tf.stack([tf.cast(step, tf.int64) + 1,
                               tf.cast(share_rows, tf.int64),
-                              tf.constant(micro, tf.int64),
+                              tf.cast(micro, tf.int64),
                               tf.cast(num_rows(micro_batch), tf.int64)]),
                     tf.int64)
     update = self._log.scatter_nd_update([[local]], [entry])
