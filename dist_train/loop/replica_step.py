@@ -187,33 +187,45 @@ class ReplicaStep:
   def _default_step(self, batch, global_info):
     """The task's declarative objective on this replica's share, in
     `grad_accum_steps` micro-batches, applied once."""
-    num_micro = self._grad_accum_steps
-    num_shares = self.strategy.num_replicas_in_sync * num_micro
+    num_shares = self.strategy.num_replicas_in_sync * self._grad_accum_steps
     share_rows = shares.num_rows(batch)
-    if num_micro > 1 and self._micro_loop_possible:
-      looped = self._micro_loop(batch, global_info, num_shares, share_rows)
-      if looped is not None:
-        accumulated, packed_terms = looped
-        self._applier.apply(accumulated, self.model.trainable_variables)
-        return packed_terms
-    accumulated, packed_terms = None, None
-    for micro in range(num_micro):
+
+    def micro_batch_step(micro, after):
+      """(gradients, packed terms) of micro-batch `micro` (an int or a
+      tensor), recorded in the share log after `after`."""
       micro_batch = self._share_log.record(
-          split_rows(batch, micro, num_micro), step=self._step_number(),
-          share_rows=share_rows, micro=micro, after=packed_terms)
-      gradients, packed = self._micro_step(micro_batch, global_info,
-                                           num_shares)
-      accumulated = gradients_lib.add_gradients(accumulated, gradients)
-      packed_terms = packed if packed_terms is None else packed_terms + packed
+          split_rows(batch, micro, self._grad_accum_steps),
+          step=self._step_number(), share_rows=share_rows, micro=micro,
+          after=after)
+      return self._micro_step(micro_batch, global_info, num_shares)
+
+    summed = None
+    if self._grad_accum_steps > 1 and self._micro_loop_possible:
+      summed = self._micro_loop(micro_batch_step)
+    if summed is None:  # Unrolled: one micro-batch after another.
+      summed = None, None
+      for micro in range(self._grad_accum_steps):
+        summed = self._add_micro_batch(
+            summed, micro_batch_step(micro, after=summed[1]))
+    accumulated, packed_terms = summed
     self._applier.apply(accumulated, self.model.trainable_variables)
     return packed_terms
 
-  def _micro_loop(self, batch, global_info, num_shares, share_rows):
-    """The micro-batches of `_default_step` as one `tf.while_loop`: the
-    forward and backward pass is traced once per replica, not once per
-    micro-batch (the trace, and the graph, no longer grow with
-    --grad_accum_steps). The sums are the unrolled loop's, added in the
-    same order, from zeros.
+  @staticmethod
+  def _add_micro_batch(summed, result):
+    """(gradients, packed terms) summed so far (None before the first),
+    plus one micro-batch's `result`."""
+    accumulated, packed_terms = summed
+    gradients, packed = result
+    return (gradients_lib.add_gradients(accumulated, gradients),
+            packed if packed_terms is None else packed_terms + packed)
+
+  def _micro_loop(self, micro_batch_step):
+    """The micro-batches of `_default_step` as one `tf.while_loop` over
+    `micro_batch_step(micro, after)`: the forward and backward pass is
+    traced once per replica, not once per micro-batch (the trace, and the
+    graph, no longer grow with --grad_accum_steps). The sums are the
+    unrolled loop's, added in the same order, from zeros.
 
     Returns:
       (summed gradients, None where a variable has none; summed packed
@@ -224,27 +236,22 @@ class ReplicaStep:
       The answer is kept: later traces unroll at once.
     """
     num_micro = self._grad_accum_steps
-    variables = self.model.trainable_variables
     present = {}
 
     def body(micro, accumulated, packed_terms):
-      micro_batch = self._share_log.record(
-          split_rows(batch, micro, num_micro), step=self._step_number(),
-          share_rows=share_rows, micro=micro, after=packed_terms)
       with losses.deferred_assignments() as updates:
-        gradients, packed = self._micro_step(micro_batch, global_info,
-                                             num_shares)
+        result = micro_batch_step(micro, after=packed_terms)
       if updates:
         raise _SynchronisingMicroStep()
-      present["gradients"] = [g is not None for g in gradients]
-      accumulated = [a if g is None else a + g
-                     for a, g in zip(accumulated, gradients)]
-      return micro + 1, accumulated, packed_terms + packed
+      present["gradients"] = [g is not None for g in result[0]]
+      return (micro + 1, *self._add_micro_batch((accumulated, packed_terms),
+                                                result))
 
     try:
       _, accumulated, packed_terms = tf.while_loop(
           lambda micro, *_: micro < num_micro, body,
-          (tf.constant(0), [tf.zeros(v.shape, v.dtype) for v in variables],
+          (tf.constant(0),
+           [tf.zeros(v.shape, v.dtype) for v in self.model.trainable_variables],
            tf.zeros([len(self.term_names)])),
           maximum_iterations=num_micro)
     except _SynchronisingMicroStep:
