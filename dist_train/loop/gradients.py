@@ -65,8 +65,19 @@ class GradientApplier:
       self._health.step_started(batch)
 
   def gradients(self, tape: tf.GradientTape, loss, variables):
-    """The gradients of this share's `loss`, scaled as the optimizer expects."""
-    return tape.gradient(self._optimizer.scale_loss(loss), variables)
+    """The gradients of this share's `loss`, scaled as the optimizer expects.
+
+    A task's own step calls this after its `with tape:` block, where a
+    product `scale * loss` would not be recorded (every gradient None under
+    mixed_float16). The scale seeds the backward pass instead
+    (`output_gradients`): the gradients of `scale * loss` exactly, since
+    the multiplication's gradient with respect to `loss` is the scale
+    itself, and the backward pass still runs scaled (no float16 underflow).
+    """
+    loss = tf.convert_to_tensor(loss)
+    seed = self._optimizer.scale_loss(tf.ones_like(loss))
+    return tape.gradient(loss, variables,
+                         output_gradients=tf.cast(seed, loss.dtype))
 
   def apply(self, gradients, variables) -> None:
     """Applies one replica's gradients; the optimizer sums them over
