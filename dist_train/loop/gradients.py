@@ -65,14 +65,16 @@ class GradientApplier:
       self._health.step_started(batch)
 
   def gradients(self, tape: tf.GradientTape, loss, variables):
-    """The gradients of this share's `loss`, scaled as the optimizer expects.
+    """The gradients of this share's `loss`, scaled as the optimizer expects
+    (the loss scale under mixed_float16): every step's, dist_train's and a
+    task's own.
 
-    A task's own step calls this after its `with tape:` block, where a
-    product `scale * loss` would not be recorded (every gradient None under
-    mixed_float16). The scale seeds the backward pass instead
-    (`output_gradients`): the gradients of `scale * loss` exactly, since
-    the multiplication's gradient with respect to `loss` is the scale
-    itself, and the backward pass still runs scaled (no float16 underflow).
+    Called after the `with tape:` block, where a product `scale * loss`
+    would not be recorded (every gradient None). The scale seeds the
+    backward pass instead (`output_gradients`): the gradients of
+    `scale * loss` exactly, since the multiplication's gradient with respect
+    to `loss` is the scale itself, and the backward pass still runs scaled
+    (no float16 underflow).
     """
     loss = tf.convert_to_tensor(loss)
     seed = self._optimizer.scale_loss(tf.ones_like(loss))

@@ -176,9 +176,8 @@ class ReplicaStep:
           terms[name] = tf.where(present, terms[name],
                                  tf.zeros_like(terms[name]))
       total = tf.add_n(list(terms.values()))  # Inside the tape: recorded.
-      # Multiplied by the loss scale under mixed_float16, else unchanged.
-      scaled_loss = self.optimizer.scale_loss(total)
-    gradients = tape.gradient(scaled_loss, self.model.trainable_variables)
+    gradients = self._applier.gradients(tape, total,
+                                        self.model.trainable_variables)
     terms[losses.TOTAL] = total
     self._state_variables = [variable for variable, _ in updates]
     return (gradients, losses.pack(terms, self.term_names), outputs,
@@ -341,8 +340,7 @@ class ReplicaStep:
       return [None] * len(like), {}
     with tf.GradientTape() as tape:
       share = losses.regularization_share(self.model, num_shares)
-      scaled = self.optimizer.scale_loss(share)
-    gradients = tape.gradient(scaled, variables)
+    gradients = self._applier.gradients(tape, share, variables)
     return ([None if l is None or g is None else tf.convert_to_tensor(g)
              for g, l in zip(gradients, like)],
             {losses.REGULARIZATION: share, losses.TOTAL: share})
