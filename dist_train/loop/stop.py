@@ -107,7 +107,11 @@ def _wait_blocked():
       _STATE.aside.set()
       _STATE.taking.wait()
     info = signal.sigtimedwait(_SIGNALS, _POLL_S)
-    if info is not None:
+    # When another signal interrupts the wait just as its timeout runs out,
+    # CPython returns the siginfo of no signal (si_signo 0, or whatever the
+    # stack held) instead of None; a watcher that died on it would leave
+    # every later stop request pending, and `kept_pending` waiting forever.
+    if info is not None and info.si_signo in _SIGNALS:
       _on_signal(signal.Signals(info.si_signo))
 
 
