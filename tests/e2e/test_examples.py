@@ -36,7 +36,7 @@ TWO_HEADS = dict(task="examples.mnist_two_heads:task",
 def _train(options, model_dir) -> dict:
   result = processes.run_python(
       ["-c", _TRAIN_SCRIPT, json.dumps({**options, "model_dir": model_dir})],
-      check=True)
+      check=True, prewarmed=True)
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 

@@ -165,7 +165,7 @@ def test_op_error_text_of_a_replica():
   with holds("TensorFlow's op error text under MirroredStrategy (root "
              "errors, {{node replica_<i>/...}})", "tensorflow"):
     result = processes.run_python(["-c", textwrap.dedent(_REPLICA_ERROR)],
-                                  timeout=120)
+                                  timeout=120, prewarmed=True)
     assert result.returncode == 0, result.stderr[-2000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert found["summary"].startswith("assertion failed: [replica failed]")
