@@ -25,7 +25,8 @@ TOTAL_STEPS = 2 * EPOCHS
 DATA_FLAGS = ["--dataset=mnist_sample", "--num_train_examples=64",
               "--num_validation_examples=500", "--global_batch_size=32",
               f"--epochs={EPOCHS}", "--optimizer=adam", "--learning_rate=0.01",
-              "--log_every_steps=1000", "--keep_checkpoints=100"]
+              "--log_every_steps=1000", "--keep_checkpoints=100",
+              processes.NO_HEALTH]
 TRAIN_FLAGS = [*DATA_FLAGS, "--best_metric=loss",
                "--early_stopping_patience=3",
                "--early_stopping_min_delta=0.01"]

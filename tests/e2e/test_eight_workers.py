@@ -35,7 +35,8 @@ def _long_run_flags(model_dir, collective_timeout_s):
           "--num_validation_examples=64", "--global_batch_size=64",
           "--epochs=1000", "--log_every_steps=5", "--steps_per_loop=5",
           "--learning_rate=0.01", f"--model_dir={model_dir}",
-          f"--collective_timeout_s={collective_timeout_s}"]
+          f"--collective_timeout_s={collective_timeout_s}",
+          processes.NO_HEALTH]
 
 
 def _exited(pid):
@@ -65,7 +66,8 @@ def test_time_limit_stops_all_eight_and_the_resumed_run_is_one_devices(
   reference_dir = os.path.join(output_dir, f"{parity.PARITY_CASE}_1")
   reference = results[(parity.PARITY_CASE, 1)]
   model_dir = tmp_path / "run"
-  flags = [*parity.PARITY_FLAGS, TIMEOUT_FLAG, f"--model_dir={model_dir}"]
+  flags = [*parity.PARITY_FLAGS, TIMEOUT_FLAG, f"--model_dir={model_dir}",
+           processes.NO_HEALTH]
 
   limited = processes.Launch(NUM_WORKERS, [*flags, "--max_runtime_s=1"])
   assert limited.wait(timeout=600) == errors.EXIT_PREEMPTED, (

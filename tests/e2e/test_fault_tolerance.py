@@ -22,7 +22,8 @@ from tests.helpers import processes
 # a checkpoint every 4 steps and at epoch ends.
 RUN_FLAGS = [f"--flagfile={processes.FLAGS_DIR}/cpu_test.cfg", "--epochs=3",
              "--checkpoint_every_steps=4", "--steps_per_loop=2",
-             "--log_every_steps=4", "--keep_checkpoints=30"]
+             "--log_every_steps=4", "--keep_checkpoints=30",
+             processes.NO_HEALTH]
 TOTAL_STEPS = 57
 
 
@@ -273,7 +274,7 @@ def test_two_workers_stop_together_on_sigterm_to_one_and_resume(tmp_path,
   """SIGTERM to one worker: both agree on one step, save, exit 75, and the
   resumed run matches one device."""
   flags = [*parity.PARITY_FLAGS, "--checkpoint_every_steps=2",
-           "--steps_per_loop=1",
+           "--steps_per_loop=1", processes.NO_HEALTH,
            f"--collective_timeout_s={processes.COLLECTIVE_TIMEOUT_S}"]
   output_dir, results = parity_runs
   reference_dir = os.path.join(output_dir, f"{parity.PARITY_CASE}_1")
@@ -306,7 +307,7 @@ def test_two_workers_stop_together_on_sigterm_to_one_and_resume(tmp_path,
 
 def test_non_finite_loss_stops_every_worker(tmp_path):
   launch = processes.Launch(2, [
-      *parity.PARITY_FLAGS, "--learning_rate=1e5",
+      *parity.PARITY_FLAGS, "--learning_rate=1e5", processes.NO_HEALTH,
       f"--collective_timeout_s={processes.COLLECTIVE_TIMEOUT_S}",
       f"--model_dir={tmp_path / 'run'}"])
   assert launch.wait(timeout=300) == 3, launch.output[-6000:]

@@ -33,8 +33,9 @@ from tests.helpers import processes
 
 NUM_EXAMPLES = 641  # 10 full global batches of 64, then 1 example.
 STEPS = 22  # 11 an epoch, 2 epochs.
-FLAGS = parity_run.cli_flags("reference_sum", num_train_examples=NUM_EXAMPLES,
-                             global_batch_size=64)
+FLAGS = [*parity_run.cli_flags("reference_sum",
+                               num_train_examples=NUM_EXAMPLES,
+                               global_batch_size=64), processes.NO_HEALTH]
 TIMEOUT_FLAG = (
     f"--collective_timeout_s={processes.COLLECTIVE_TIMEOUT_S}")
 

@@ -19,7 +19,8 @@ from tests.helpers import processes
 RUN_FLAGS = ["--dataset=synthetic", "--num_train_examples=256",
              "--num_validation_examples=64", "--global_batch_size=32",
              "--epochs=2", "--learning_rate=0.05", "--steps_per_loop=2",
-             "--log_every_steps=4", "--keep_checkpoints=20"]
+             "--log_every_steps=4", "--keep_checkpoints=20",
+             processes.NO_HEALTH]
 TOTAL_STEPS = 16
 
 

@@ -229,7 +229,8 @@ def _long_run_flags(model_dir, collective_timeout_s):
           "--num_validation_examples=100", "--global_batch_size=64",
           "--epochs=1000", "--log_every_steps=5", "--steps_per_loop=5",
           "--learning_rate=0.01", f"--model_dir={model_dir}",
-          f"--collective_timeout_s={collective_timeout_s}"]
+          f"--collective_timeout_s={collective_timeout_s}",
+          processes.NO_HEALTH]
 
 
 @pytest.mark.parametrize("stop_signal, collective_timeout_s", [

@@ -27,7 +27,8 @@ FLAGS = ["--dataset=synthetic", "--num_train_examples=600",
          "--log_every_steps=2", "--steps_per_loop=2", "--eval_every_steps=4",
          "--lr_schedule=plateau", "--best_metric=loss", "--best_mode=max",
          f"--lr_plateau_patience={PATIENCE}",
-         f"--lr_plateau_factor={FACTOR}", f"--lr_min={LR_MIN}"]
+         f"--lr_plateau_factor={FACTOR}", f"--lr_min={LR_MIN}",
+         processes.NO_HEALTH]
 
 
 def _replicas(model_dir, replicas):

@@ -149,7 +149,8 @@ def test_a_stalled_worker_fails_the_run_after_the_collective_timeout(
   launch = LaunchedWorkers(2, [
       "--task=tests.helpers.task_fixtures:stalled_worker", "--global_batch_size=16",
       "--epochs=100", "--steps_per_loop=5", "--log_every_steps=5",
-      f"--collective_timeout_s={timeout_s}", f"--model_dir={model_dir}"])
+      f"--collective_timeout_s={timeout_s}", f"--model_dir={model_dir}",
+      processes.NO_HEALTH])
   try:
     line = launch.wait_for(r"^\[worker 0\] dist_train: error:", 240)
   finally:

@@ -43,7 +43,8 @@ from tests.helpers import processes
 TASK = "--task=tests.helpers.spike_fixtures:"
 FLAGS = ["--global_batch_size=8", "--shuffle_buffer=1", "--steps_per_loop=2",
          "--log_every_steps=2", "--checkpoint_every_steps=4",
-         "--optimizer=adam", "--learning_rate=0.01", "--seed=3"]
+         "--optimizer=adam", "--learning_rate=0.01", "--seed=3",
+         processes.NO_HEALTH]
 TRAIN = "--mode=train"
 BOUND = "--loss_upper_bound=10"
 TOLERANCE = 1e-6
@@ -65,7 +66,8 @@ def _run_two_workers(model_dir):
 
   def make_workers():
     envs = workers.local_worker_envs(2, base_env=processes.subprocess_env())
-    return [processes.Streamed(workers.worker_command([*flags, bound]), env)
+    return [processes.Streamed(workers.worker_command(
+        [*flags, bound], processes.python_command()), env)
             for env, bound in zip(envs, bounds)]
 
   started = processes.start_cluster(

@@ -80,7 +80,7 @@ STREAM_CLI = ["--task=tests.helpers.stream_fixtures:RepeatedSequences",
               *CLI_FLAGS]
 # At a constant rate: the resumed run changes --train_steps.
 SHARDED_CLI = ["--task=tests.helpers.stream_fixtures:ShardedSequences",
-               *CLI_FLAGS, "--lr_schedule=constant",
+               *CLI_FLAGS, "--lr_schedule=constant", processes.NO_HEALTH,
                f"--collective_timeout_s={processes.COLLECTIVE_TIMEOUT_S}"]
 STOP_STEP = 5
 

@@ -48,8 +48,11 @@ def keras_activity_model(config):
 # 0/1/1, so a replica gets none. 2 epochs give 22 steps.
 CASES = {
     # The reference model with the reference add_loss layer (a sum).
+    # With the health report on every replica count: the multi-worker runs
+    # compare their gradient and weight norms with its one-device run's.
     "reference_sum": dict(activity_regularization=1e-4,
-                          add_loss_reduction="sum", model="reference"),
+                          add_loss_reduction="sum", health_scalars=True,
+                          model="reference"),
     # A Keras activity_regularizer (a mean over the batch).
     "keras_mean": dict(add_loss_reduction="mean", model="keras_activity"),
     # Weight regularization alone, strong enough to dominate the update.
@@ -103,6 +106,21 @@ COMMON = dict(dataset="synthetic", num_train_examples=652,
               steps_per_loop=3, shuffle_buffer=1024)
 
 
+# The training-health report (--health_scalars, on by default) traces a
+# second, measured version of the training loop, and its first call builds
+# it: about 40% of a case's CPU. Its measured step must make the plain
+# step's update, so it is on wherever that is proven against the same
+# reference: every case on 2 replicas (and reference_sum everywhere); the
+# 1- and 3-replica runs train without it. Shared with task_parity_run.py.
+HEALTH_REPLICAS = 2
+
+
+def health_scalars(replicas):
+  """--health_scalars of a parity run on `replicas` replicas, unless its
+  case sets its own."""
+  return replicas == HEALTH_REPLICAS
+
+
 def settings(case):
   """The Config fields of `case`, without its model."""
   return {name: value for name, value in {**COMMON, **CASES[case]}.items()
@@ -147,7 +165,8 @@ def _train_case(case, replicas, output_dir, strategy, xla_dump_dir):
 
   config = config_lib.Config(
       model_dir=os.path.join(output_dir, f"{case}_{replicas}"),
-      cpu_replicas=replicas, **settings(case))
+      cpu_replicas=replicas,
+      **{"health_scalars": health_scalars(replicas), **settings(case)})
   modules_before = _count_modules(xla_dump_dir)
   result = train.train_and_evaluate(config, model_fn=model_fn,
                                     strategy=strategy)

@@ -232,6 +232,15 @@ def error_line(result):
 # wait in a collective.
 COLLECTIVE_TIMEOUT_S = 120
 
+# The training-health report (--health_scalars, on by default) traces a
+# measured version of the training loop beside the plain one (with several
+# workers it holds two step traces: the timed steps and the measured one)
+# and builds it at its first call: about a third of a short run's CPU after
+# the imports. Runs whose subject is neither the report nor its measured
+# step's update (proven by the parity runs and the multi-worker parity
+# tests, which keep it on) pass this flag.
+NO_HEALTH = "--health_scalars=false"
+
 # What a worker prints when it cannot bind the port its TF_CONFIG gives it.
 PORT_CLASH = "Could not start gRPC server"
 # How often a cluster is started again on other ports after a port clash.

@@ -41,8 +41,10 @@ def _parse_value(value):
 
 def _config(case, cpu_replicas, model_dir):
   from dist_train import config as config_lib  # pylint: disable=import-outside-toplevel
+  from tests.helpers import parity_run  # pylint: disable=import-outside-toplevel
   settings = dict(learning_rate=0.05, optimizer="sgd", log_every_steps=5,
-                  steps_per_loop=3, seed=7, mode="train")
+                  steps_per_loop=3, seed=7, mode="train",
+                  health_scalars=parity_run.health_scalars(cpu_replicas))
   settings.update(case.get("flags", {}))
   task = case["task"]  # A function of task_fixtures, or module:function.
   return config_lib.Config(
