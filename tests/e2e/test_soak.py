@@ -146,16 +146,16 @@ def test_a_stalled_worker_fails_the_run_after_the_collective_timeout(
   then fails with one line naming the steps it was running."""
   timeout_s = 10
   model_dir = str(tmp_path / "run")
-  launch = LaunchedWorkers(2, [
+  launch = processes.Launch(2, [
       "--task=tests.helpers.task_fixtures:stalled_worker", "--global_batch_size=16",
       "--epochs=100", "--steps_per_loop=5", "--log_every_steps=5",
       f"--collective_timeout_s={timeout_s}", f"--model_dir={model_dir}",
       processes.NO_HEALTH])
   try:
-    line = launch.wait_for(r"^\[worker 0\] dist_train: error:", 240)
+    line = launch.wait_for_line(r"^\[worker 0\] dist_train: error:", 240)
   finally:
-    returncode = launch.close()
-  assert returncode == 1, launch.output()[-6000:]
+    returncode = launch.wait(timeout=120)
+  assert returncode == 1, launch.output[-6000:]
   assert re.search(r"training steps \d+-\d+: .*Collective has timed out: "
                    rf"training steps \d+-\d+ waited more than "
                    rf"--collective_timeout_s={timeout_s}s for a peer worker",
