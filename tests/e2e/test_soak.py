@@ -11,12 +11,7 @@ step's all-reduce, fails the run after --collective_timeout_s with one line
 that says so.
 """
 
-import os
 import re
-import subprocess
-import sys
-import threading
-import time
 
 from tests.helpers import processes
 
@@ -31,80 +26,6 @@ SOAK_FLAGS = ["--dataset=synthetic", "--num_train_examples=100",
               "--steps_per_loop=1"]
 
 
-class LaunchedWorkers:
-  """`python -m launch.local` with its output read line by line as it comes,
-  and its worker processes found among its children."""
-
-  def __init__(self, num_workers, flags):
-    self.process = subprocess.Popen(
-        [sys.executable, "-m", "launch.local",
-         f"--num_workers={num_workers}", "--", *flags],
-        cwd=processes.REPO_ROOT, env=processes.subprocess_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    self.lines = []
-    self._new_line = threading.Condition()
-    self._reader = threading.Thread(target=self._read, daemon=True)
-    self._reader.start()
-
-  def _read(self):
-    for line in self.process.stdout:
-      with self._new_line:
-        self.lines.append(line)
-        self._new_line.notify_all()
-    with self._new_line:
-      self.lines.append(None)  # End of output.
-      self._new_line.notify_all()
-
-  def wait_for(self, pattern, timeout):
-    """The first line matching `pattern`; AssertionError after `timeout` s
-    or when the output ends without one."""
-    deadline = time.monotonic() + timeout
-    seen = 0
-    with self._new_line:
-      while True:
-        for line in self.lines[seen:]:
-          if line is None:
-            raise AssertionError(f"no line matches {pattern!r}:\n"
-                                 + self.output()[-6000:])
-          if re.search(pattern, line):
-            return line
-        seen = len(self.lines)
-        left = deadline - time.monotonic()
-        if left <= 0:
-          raise AssertionError(f"no line matches {pattern!r} within "
-                               f"{timeout}s:\n" + self.output()[-6000:])
-        self._new_line.wait(left)
-
-  def output(self):
-    return "".join(line for line in self.lines if line)
-
-  def worker_pids(self):
-    return sorted(pid for pid in _all_pids() if _parent(pid) ==
-                  self.process.pid)
-
-  def close(self, timeout=120):
-    if self.process.poll() is None:
-      try:
-        self.process.wait(timeout=timeout)
-      except subprocess.TimeoutExpired:
-        self.process.terminate()
-        self.process.wait(timeout=60)
-    self._reader.join(timeout=10)
-    return self.process.returncode
-
-
-def _all_pids():
-  return [int(name) for name in os.listdir("/proc") if name.isdigit()]
-
-
-def _parent(pid):
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      return int(f.read().rsplit(")", 1)[1].split()[1])
-  except (OSError, IndexError, ValueError):
-    return None
-
-
 def _usage(pid):
   """(threads, resident kB) of a running process."""
   with open(f"/proc/{pid}/status") as f:
@@ -114,29 +35,31 @@ def _usage(pid):
 
 def test_threads_and_memory_stay_flat_over_many_epochs(tmp_path):
   model_dir = str(tmp_path / "run")
-  launch = LaunchedWorkers(2, [*SOAK_FLAGS, f"--model_dir={model_dir}"])
+  # Real interpreters: their own /proc is what is sampled.
+  launch = processes.Launch(2, [*SOAK_FLAGS, f"--model_dir={model_dir}"],
+                            prewarmed=False)
   try:
-    launch.wait_for(rf"epoch {BASELINE_EPOCH}/{EPOCHS} done", 240)
-    pids = launch.worker_pids()
+    launch.wait_for_line(rf"epoch {BASELINE_EPOCH}/{EPOCHS} done", 240)
+    pids = sorted(launch.worker_pids().values())
     assert len(pids) == 2, pids
     baseline = {pid: _usage(pid) for pid in pids}
-    launch.wait_for(rf"epoch {EPOCHS}/{EPOCHS} done", 300)
+    launch.wait_for_line(rf"epoch {EPOCHS}/{EPOCHS} done", 300)
     last = {pid: _usage(pid) for pid in pids}
   finally:
-    returncode = launch.close()
+    returncode = launch.wait(timeout=120)
   report = "; ".join(
       f"worker pid {pid}: threads {baseline[pid][0]} -> {last[pid][0]}, "
       f"RSS {baseline[pid][1] // 1024} -> {last[pid][1] // 1024} MB"
       for pid in pids)
   print(f"epoch {BASELINE_EPOCH} -> epoch {EPOCHS}: {report}")
-  assert returncode == 0, launch.output()[-6000:]
+  assert returncode == 0, launch.output[-6000:]
   for pid in pids:
     threads_before, rss_before = baseline[pid]
     threads_after, rss_after = last[pid]
     assert threads_after <= 1.1 * threads_before, report
     assert rss_after <= 1.1 * rss_before, report
   # No collective runs eagerly at a boundary (an agreement, a metric read).
-  assert "eagerly" not in launch.output(), launch.output()[-6000:]
+  assert "eagerly" not in launch.output, launch.output[-6000:]
 
 
 def test_a_stalled_worker_fails_the_run_after_the_collective_timeout(
