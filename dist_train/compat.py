@@ -263,3 +263,37 @@ def wait_at_barrier(barrier_id: str, timeout_s: float) -> None:
   # pylint: disable-next=g-direct-tensorflow-import,import-outside-toplevel
   from tensorflow.python.eager import context
   context.context().wait_at_barrier(barrier_id, int(timeout_s * 1000))
+
+
+# Keras: the cross-replica sum of the gradients an optimizer applies.
+# Checked on Keras 3.15.1: keras/src/backend/tensorflow/optimizer.py
+# (TFOptimizer._backend_update_step sums the gradients over the replicas with
+# _all_reduce_sum_gradients, in replica context, after the loss scale is
+# divided out; TFOptimizer._var_key names a variable). No public API hands
+# out that sum, and a second all-reduce of the same gradients would cost a
+# collective per step.
+
+
+def observe_summed_gradients(optimizer, variables, observer) -> None:
+  """Calls `observer(summed)` in replica context each time `optimizer`
+  (or, under loss scaling, its inner optimizer) has summed the gradients
+  over the replicas: `summed[i]` is the sum for `variables[i]` (None where
+  there is none), unscaled, as the update uses it."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  inner = getattr(optimizer, "inner_optimizer", optimizer)
+  original = inner._all_reduce_sum_gradients  # pylint: disable=protected-access
+  index = {inner._var_key(v): i  # pylint: disable=protected-access
+           for i, v in enumerate(variables)}
+
+  def all_reduce_sum_gradients(grads_and_vars):
+    reduced = original(grads_and_vars)
+    if tf.distribute.get_replica_context() is not None:
+      summed = [None] * len(variables)
+      for gradient, variable in reduced:
+        position = index.get(inner._var_key(variable))  # pylint: disable=protected-access
+        if gradient is not None and position is not None:
+          summed[position] = gradient
+      observer(summed)
+    return reduced
+
+  inner._all_reduce_sum_gradients = all_reduce_sum_gradients  # pylint: disable=protected-access

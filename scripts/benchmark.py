@@ -324,10 +324,8 @@ def run_health_ab(args):
     model = task.build_model()
     optimizer = keras.optimizers.SGD(learning_rate=1e-3)
     optimizer.build(model.trainable_variables)
-  # One worker: the run times only the measured step (builder.py).
   step_health = health.StepHealth(strategy=strategy,
-                                  variables=model.trainable_variables,
-                                  timed_steps=1)
+                                  variables=model.trainable_variables)
   report = health_report.HealthReport(
       health=step_health, strategy=strategy, num_workers=1,
       num_local_replicas=strategy.num_replicas_in_sync, optimizer=optimizer)
@@ -350,7 +348,6 @@ def run_health_ab(args):
       trainer.train_steps(iterator, num_steps, measure=on and done == every)
       if on:
         report.loop_done(num_steps=num_steps,
-                         timed_steps=trainer.last_timed_steps,
                          input_seconds=trainer.last_input_seconds)
     if on:
       report.take(done)

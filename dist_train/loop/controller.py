@@ -175,7 +175,7 @@ class Controller:
         # Nothing trained yet: a stop request during the trace exits at once.
         # An error in the trace is one of these steps' (the model's call).
         with errors.phase(what):
-          self._trainer.trace_train(measure=measure)
+          self._trainer.trace_train()
         stop.check_now()
       stop.set_unsaved()
       with errors.phase(what), (
@@ -184,8 +184,9 @@ class Controller:
       seconds = time.perf_counter() - start
       if self._health is not None:
         self._health.loop_done(
-            num_steps=num_steps, timed_steps=self._trainer.last_timed_steps,
-            input_seconds=self._trainer.last_input_seconds)
+            num_steps=num_steps,
+            input_seconds=self._trainer.last_input_seconds,
+            seconds=None if compiling else seconds)
       step_in_epoch += num_steps
       if not self._spikes.recovers:
         # Checked every loop, and loops end at log steps: a NaN stops the run

@@ -57,6 +57,8 @@ class GradientApplier:
     self._health = health
     self._loss_scaling = isinstance(optimizer,
                                     keras.optimizers.LossScaleOptimizer)
+    if health is not None and clip_norm is None:
+      health.observe(optimizer)  # The norm of the sum the optimizer makes.
 
   def step_started(self, batch) -> None:
     """Marks the start of this replica's step, its share in hand (the
@@ -101,8 +103,7 @@ class GradientApplier:
     if self._loss_scaling:
       gradients, overflow = precision.finite_or_nan_and_overflow(gradients)
     summed = norm = None
-    if self._clip_norm is not None or (health is not None and
-                                       health.measuring):
+    if self._clip_norm is not None:
       summed, norm = self._summed_and_norm(gradients)
     if health is not None:
       health.record(norm=norm, clip_norm=self._clip_norm, overflow=overflow,

@@ -1,15 +1,28 @@
 """Training health measured inside the compiled loop: the norm of the summed
 gradient, how often it was clipped, overflowed (skipped) steps, and this
-worker's own compute time.
+worker's own input and compute time.
 
-What is cheap is counted at every step (a comparison, an add, where
-clipping or loss scaling computes what it counts anyway); what costs more is
-measured at the end of a loop that ends at a log step only: the norm of the
-summed gradient (a collective, unless clipping computes it) in its last
-step (`measuring`), and this worker's input wait and compute time in its
-last TIMED_STEPS steps (`timed`; the measured step alone on one worker,
-where there is no straggler to find). The Trainer traces those steps apart,
-so the other steps carry no extra op.
+Everything is measured in the one trace of the training step, so that the
+health costs no second trace (and no second first-call build) of the step:
+
+* The norm of the summed gradient needs the gradient summed over every
+  replica. The optimizer makes that sum anyway (its all-reduce); the step
+  reads it there (`compat.observe_summed_gradients`) instead of making a
+  second all-reduce, or from clipping, which computes the norm at every
+  step. The norm itself (and, for histograms, a copy of the gradient) is
+  computed in the measured step only, the last of a loop that ends at a log
+  step: a `tf.cond` on a predicate the compiled loop sets (`measured`).
+* Clipped and overflowed steps are counted at every step, from what
+  clipping and loss scaling compute anyway.
+* With several workers, every step's compute is timed on each replica: a
+  clock when its share is in hand and one when its gradients are, which
+  order nothing else in the step (a clock waits for its inputs; no op
+  waits for a clock). Those 6 ops a replica cost the reference MLP 6% of
+  its examples per second on 2 CPU replicas, where a step is a millisecond;
+  a multi-worker step, with its collectives between hosts, is far longer.
+  One worker, with no straggler to find, takes its compute time from the
+  loop's wall clock instead (`health_report.py`). The input wait is timed
+  by the compiled loop (`steps.py`), once a step.
 
 Every value lives in an ON_READ variable read from the first replica: each
 replica writes its own copy without a collective, and a read stays local.
@@ -23,11 +36,7 @@ import threading
 
 import tensorflow as tf
 
-# How many steps at the end of a loop ending at a log step are timed (their
-# input wait and compute, for the straggler report) with several workers: a
-# sample of the interval, so that the other steps carry no clock. A timed
-# step's clock waits for the step before, so each costs some overlap.
-TIMED_STEPS = 10
+from dist_train import compat
 
 _LOCAL = dict(synchronization=tf.VariableSynchronization.ON_READ,
               aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
@@ -38,15 +47,13 @@ class StepHealth:
   """The health counters of the training step, written in replica context.
 
   Attributes:
-    measuring: True while the Trainer traces the measured step (the last of
-      a loop ending at a log step); a Python flag read at trace time.
-    timed: True while it traces the timed steps (the last `timed_steps` of
-      such a loop).
-    timed_steps: how many steps end such a loop timed.
+    measured: while the compiled loop traces a step, a boolean tensor, true
+      in the step whose gradient norm is kept (the last of a loop ending at
+      a log step); set by `step`, None outside it.
   """
 
   def __init__(self, *, strategy: tf.distribute.Strategy, variables=(),
-               keep_gradients: bool = False, timed_steps: int = TIMED_STEPS):
+               keep_gradients: bool = False, time_compute: bool = False):
     """Creates the counters under the strategy's scope.
 
     Args:
@@ -55,13 +62,10 @@ class StepHealth:
         with `keep_gradients`, whose summed gradients are kept).
       keep_gradients: keep the summed gradient of each measured step, for
         histograms (a copy of the weights' size).
-      timed_steps: how many steps at the end of a measured loop are timed
-        (at least 1: the measured step): TIMED_STEPS with several workers,
-        1 on one (nothing to compare its time with).
+      time_compute: time each step's compute on each replica (several
+        workers).
     """
-    if timed_steps < 1:
-      raise ValueError(f"timed_steps must be at least 1, got {timed_steps}")
-    self.timed_steps = timed_steps
+    self.times_compute = time_compute
     self._variables = list(variables)
     with strategy.scope():
       self._gradient_norm = tf.Variable(0.0, name="health_gradient_norm",
@@ -76,31 +80,37 @@ class StepHealth:
           tf.Variable(tf.zeros(v.shape), name=f"health_gradient_{i}",
                       **_LOCAL) for i, v in enumerate(self._variables)
       ] if keep_gradients else None
-    self.measuring = False
-    self.timed = False
+    self.measured = None
     self._replica = threading.local()  # Each replica traces in its thread.
-    self._take = tf.function(self._take_fn)
 
   @property
   def keeps_gradients(self) -> bool:
     return self._gradients is not None
 
+  def observe(self, optimizer) -> None:
+    """Keeps the norm of the gradient `optimizer` sums over the replicas, in
+    the measured step (without --clip_norm, which gives `record` the norm
+    of the sum before clipping)."""
+    compat.observe_summed_gradients(optimizer, self._variables, self._summed)
+
   @contextlib.contextmanager
-  def tracing(self, *, timed: bool = False, measuring: bool = False):
-    """The steps traced inside are timed (`timed`) and the health's
-    measured step (`measuring`)."""
-    self.timed, self.measuring = timed, measuring
+  def step(self, *, measured):
+    """The compiled loop traces its step inside (cross-replica context):
+    `measured`, a boolean tensor, is true in the measured step. Outside,
+    nothing is kept: an optimizer observed here and stepped by another
+    loop records nothing."""
+    self.measured = measured
     try:
       yield
     finally:
-      self.timed, self.measuring = False, False
+      self.measured = None
 
   # In replica context, while the step is traced.
 
   def step_started(self, batch) -> None:
-    """Marks when this replica's share is in hand (after its input), in a
-    timed step."""
-    if not self.timed:
+    """Marks when this replica's share is in hand (after its input), when
+    compute is timed."""
+    if not self.times_compute:
       return
     with tf.control_dependencies(
         tf.nest.flatten(batch, expand_composites=True)):
@@ -124,45 +134,71 @@ class StepHealth:
 
     Args:
       norm: the global norm of the summed, unscaled gradient before
-        clipping (None: not computed in this step).
+        clipping, computed by clipping (None: the optimizer's sum gives it,
+        see `observe`).
       clip_norm: --clip_norm, or None.
       overflow: a boolean tensor, true when the step overflowed and is
-        skipped (mixed_float16), or None.
+        skipped (mixed_float16), or None. The measured step's norm is then
+        NaN: the optimizer sums no gradient.
       summed: the summed, unscaled gradient of each variable (None where a
-        variable has none), in the measured step.
+        variable has none), with `norm`.
     """
     if overflow is not None:
       self._skipped_steps.assign_add(tf.cast(overflow, tf.float32))
     if clip_norm is not None and norm is not None:
       self._clipped_steps.assign_add(tf.cast(norm > clip_norm, tf.float32))
-    if not self.measuring or norm is None:
+    if norm is not None:
+      self._keep(lambda: (norm, summed))
+    elif overflow is not None:
+      self._keep(lambda: (tf.constant(float("nan")), None),
+                 when=tf.logical_and(self.measured, overflow))
+
+  def _summed(self, gradients) -> None:
+    """The optimizer's summed gradients, one per variable (None where a
+    variable has none), unscaled."""
+    self._keep(lambda: (tf.linalg.global_norm(
+        [g for g in gradients if g is not None]), gradients))
+
+  def _keep(self, norm_and_summed, when=None) -> None:
+    """In the measured step (or `when`), assigns the norm and (for
+    histograms) the summed gradients that `norm_and_summed()` computes."""
+
+    def keep():
+      norm, summed = norm_and_summed()
+      updates = [self._gradient_norm.assign(tf.cast(norm, tf.float32))]
+      if self._gradients is not None and summed is not None:
+        updates += [variable.assign(tf.cast(gradient, tf.float32))
+                    for variable, gradient in zip(self._gradients, summed)
+                    if gradient is not None]
+      with tf.control_dependencies(updates):
+        return tf.constant(True)
+
+    if self.measured is None:  # Not this loop's step.
       return
-    self._gradient_norm.assign(tf.cast(norm, tf.float32))
-    if self._gradients is not None and summed is not None:
-      for variable, gradient in zip(self._gradients, summed):
-        if gradient is not None:
-          variable.assign(tf.cast(gradient, tf.float32))
+    tf.cond(self.measured if when is None else when, keep,
+            lambda: tf.constant(False))
 
   # In cross-replica context, at log steps.
-
-  def _take_fn(self):
-    values = {"gradient_norm": self._gradient_norm.read_value(),
-              "clipped_steps": self._clipped_steps.read_value(),
-              "skipped_steps": self._skipped_steps.read_value(),
-              "compute_seconds": self._compute_seconds.read_value(),
-              "weight_norm": tf.linalg.global_norm(
-                  [tf.cast(v, tf.float32) for v in self._variables])}
-    with tf.control_dependencies(list(values.values())):
-      for counter in (self._clipped_steps, self._skipped_steps,
-                      self._compute_seconds):
-        counter.assign(0.0)
-    return values
 
   def take(self) -> dict:
     """The values since the last call, as floats, and the counters reset:
     gradient_norm (of the last measured step), clipped_steps,
-    skipped_steps, compute_seconds (this worker's) and weight_norm."""
-    return {name: float(value) for name, value in self._take().items()}
+    skipped_steps, compute_seconds (this worker's) and weight_norm.
+
+    Eager: a few reads a log interval cost less than tracing a function
+    for them, which every run would pay."""
+    values = {"gradient_norm": self._gradient_norm,
+              "clipped_steps": self._clipped_steps,
+              "skipped_steps": self._skipped_steps,
+              "compute_seconds": self._compute_seconds}
+    taken = {name: float(variable.read_value())
+             for name, variable in values.items()}
+    taken["weight_norm"] = float(tf.linalg.global_norm(
+        [tf.cast(v, tf.float32) for v in self._variables]))
+    for counter in (self._clipped_steps, self._skipped_steps,
+                    self._compute_seconds):
+      counter.assign(0.0)
+    return taken
 
   def gradient_values(self) -> list:
     """The summed gradient of the last measured step, per variable, as

@@ -76,8 +76,8 @@ class Trainer:
     described here. `ema`, the average of the weights (`--ema_decay`), is
     updated after each step; with `eval_with_ema`, `evaluate` sees it.
     described here. `health` (None: off) records the training health
-    (`health.py`); a loop run with `measure=True` measures its last step's
-    gradient norm and times its last steps.
+    (`health.py`) at every step; a loop run with `measure=True` keeps its
+    last step's gradient norm.
     """
     if grad_accum_steps < 1:
       raise ValueError(
@@ -86,10 +86,9 @@ class Trainer:
     self._train_input = train_input
     self._eval_input = eval_input
     self._health = health
-    # Of this worker's last training loop: its timed steps (health.py) and
-    # the seconds they waited for their input.
+    # Of this worker's last training loop, with the health on: the seconds
+    # its steps waited for their input.
     self.last_input_seconds = 0.0
-    self.last_timed_steps = 0
     self._shuffle_buffer = shuffle_buffer
     self._seed = seed
     self._train_iterator = None
@@ -148,51 +147,45 @@ class Trainer:
   # Tier 2: many global steps in one compiled call.
 
   def _train_loop_fn(self, iterator, num_steps, loss_sums, input_seconds,
-                     measure=False):
+                     measure):
     """Runs `num_steps` global steps; returns `loss_sums` with each step's
     loss terms added and `input_seconds` with the seconds spent waiting for
-    the input in the timed steps.
+    the input (with the health on).
 
-    Without `measure` (a Python bool: a trace of its own) every step is the
-    plain step. With it, the loop is the end of a loop ending at a log step
-    (`train_steps` runs the plain steps before it in a call of their own):
-    its steps are timed (their input and compute) and the last is the
-    health's measured step. The measured version is therefore only as large
-    as the steps it times, not a second copy of the whole loop: the first
-    call's trace (and, with XLA, compilation) stays about twice the step's,
-    not four times.
+    `measure` is a boolean tensor (one trace serves both values): true for a
+    loop that ends at a log step, whose last step is then the health's
+    measured step (health.py). Every step is the same traced step.
     """
-    if not measure:
-      for _ in tf.range(num_steps):
-        loss_sums, input_seconds = self._train_step_fn(iterator, loss_sums,
-                                                       input_seconds)
-      return loss_sums, input_seconds
-    if self._health.timed_steps > 1:  # One worker times its measured step only.
-      with self._health.tracing(timed=True):
-        for _ in tf.range(num_steps - 1):
-          loss_sums, input_seconds = self._train_step_fn(
-              iterator, loss_sums, input_seconds, timed=True)
-    with self._health.tracing(timed=True, measuring=True):
+    for step in tf.range(num_steps):
       loss_sums, input_seconds = self._train_step_fn(
-          iterator, loss_sums, input_seconds, timed=True)
+          iterator, loss_sums, input_seconds,
+          tf.logical_and(measure, step == num_steps - 1))
     return loss_sums, input_seconds
 
-  def _train_step_fn(self, iterator, loss_sums, input_seconds, timed=False):
+  def _train_step_fn(self, iterator, loss_sums, input_seconds, measured):
     """One global step: (loss sums, input seconds) with this step's added
-    (`timed`: the seconds this worker waited for the step's input)."""
-    if not timed:
-      args = self._train_input.next_shares(iterator)
-    else:
-      # After the previous step's loss (the end of its collectives): else
-      # the loop may read the clock early, and count the wait for the
-      # other workers as this worker's input.
-      with tf.control_dependencies([loss_sums]):
-        start = tf.timestamp()
-      with tf.control_dependencies([start]):
-        args = self._train_input.next_shares(iterator)
-      with tf.control_dependencies(
-          tf.nest.flatten(args, expand_composites=True)):
-        input_seconds += tf.timestamp() - start
+    (with the health on: the seconds this worker waited for the step's
+    input). `measured`: a boolean tensor, true in the health's measured
+    step."""
+    if self._health is None:
+      return self._train_step(self._train_input.next_shares(iterator),
+                              loss_sums), input_seconds
+    # The wait is from the end of the previous step (its loss: the end of
+    # its collectives) to the input in hand, none if it was in hand before.
+    # The clocks wait for those tensors; nothing waits for the clocks, so
+    # the step is ordered as without them.
+    with tf.control_dependencies([loss_sums]):
+      start = tf.timestamp()
+    args = self._train_input.next_shares(iterator)
+    with tf.control_dependencies(
+        tf.nest.flatten(args, expand_composites=True)):
+      input_seconds += tf.maximum(tf.timestamp() - start, 0.0)
+    with self._health.step(measured=measured):
+      return self._train_step(args, loss_sums), input_seconds
+
+  def _train_step(self, args, loss_sums):
+    """One global step on this worker's shares `args`: `loss_sums` with the
+    step's loss terms added."""
     per_replica = self.strategy.run(self._replica_step.train, args=args)
     if self.ema is not None:
       self.ema.update()
@@ -200,7 +193,7 @@ class Trainer:
                                       per_replica, axis=None)
     if self._custom_step:
       self._step_loss.update_state(step_terms[0])
-    return loss_sums + step_terms, input_seconds
+    return loss_sums + step_terms
 
   def _eval_loop_fn(self, iterator, num_steps):
     for _ in tf.range(num_steps):
@@ -228,14 +221,10 @@ class Trainer:
     return self.train_steps(self._started_iterator(), num_steps,
                             measure=measure)
 
-  def trace_train(self, *, measure: bool = False) -> None:
+  def trace_train(self) -> None:
     """Traces the training loop without running a step (a stop request
-    during a long first trace can then end the run at once). With the
-    health on, both versions of the loop are traced: the measured one too,
-    so no log interval pays for a trace."""
-    self.trace_train_steps(self._started_iterator(), measure=measure)
-    if self._health is not None:
-      self.trace_train_steps(self._started_iterator(), measure=not measure)
+    during a long first trace can then end the run at once)."""
+    self.trace_train_steps(self._started_iterator())
 
   def _started_iterator(self):
     if self._train_iterator is None:
@@ -264,43 +253,34 @@ class Trainer:
   def train_steps(self, iterator, num_steps: int, *,
                   measure: bool = False) -> dict:
     """Runs `num_steps` global steps from `iterator`, an iterator over the
-    train input's datasets (`train` uses the trainer's own); with `measure`,
-    the last one is the health's measured step.
+    train input's datasets (`train` uses the trainer's own); with `measure`
+    (and the health on), the last one is the health's measured step.
 
     Returns:
       The mean over those steps of the global-batch objective (`loss`) and
       of its terms (the task's data terms, `regularization`, `add_loss`), as
       floats.
     """
-    timed_steps = (min(num_steps, self._health.timed_steps)
-                   if measure and self._health is not None else 0)
-    sums = tf.zeros([len(self.term_names)])
-    input_seconds = tf.zeros([], tf.float64)
     try:
-      # The plain steps, then the timed ones: the same sums carried through,
-      # so the means are those of one loop over all the steps.
-      for count, measured in ((num_steps - timed_steps, False),
-                              (timed_steps, True)):
-        if count:
-          sums, input_seconds = self._train_loop(
-              iterator, tf.constant(count, tf.int32), sums, input_seconds,
-              measured)
+      sums, input_seconds = self._train_loop(
+          iterator, tf.constant(num_steps, tf.int32),
+          tf.zeros([len(self.term_names)]), tf.zeros([], tf.float64),
+          tf.constant(measure))
     except tf.errors.OpError as e:
       raise self._share_log.describe(e) from e
     self._train_loop_calls += 1
     self.last_input_seconds = float(input_seconds)
-    self.last_timed_steps = timed_steps
     means = losses.unpack(sums / tf.cast(num_steps, tf.float32),
                           self.term_names)
     return {name: float(value) for name, value in means.items()}
 
-  def trace_train_steps(self, iterator, *, measure: bool = False):
-    """Traces the training loop (`measure`: its measured version) without
-    running a step, and returns the concrete function. The step count is a
-    tensor: one trace serves loops of every length."""
+  def trace_train_steps(self, iterator):
+    """Traces the training loop without running a step, and returns the
+    concrete function. The step count and `measure` are tensors: one trace
+    serves loops of every length, measured or not."""
     return self._train_loop.get_concrete_function(
         iterator, tf.constant(1, tf.int32), tf.zeros([len(self.term_names)]),
-        tf.zeros([], tf.float64), bool(measure and self._health is not None))
+        tf.zeros([], tf.float64), tf.constant(False))
 
   def eval_steps(self, dataset, num_steps: int, *, chunk_steps=None,
                  stop_fn=None, guard=None):

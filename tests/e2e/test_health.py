@@ -66,7 +66,7 @@ def test_gradient_norm_is_the_global_batch_gradient_on_two_replicas(
     tmp_path):
   """2 local replicas of one process: 23 examples in global batches of 6,
   shares of 3/3 and, in each epoch's last batch, 3/2; no clipping, so the
-  norm is that of the gradient summed by the measured step's all-reduce."""
+  norm is that of the gradient the optimizer's all-reduce summed."""
   model_dir = tmp_path / "run"
   processes.run_cli(
       "--task=tests.helpers.health_task:linear", f"--model_dir={model_dir}",

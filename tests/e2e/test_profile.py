@@ -62,6 +62,6 @@ def test_profile_steps_capture_a_trace_of_those_steps(tmp_path):
   traces = glob.glob(os.path.join(profile_root, "*", "*.xplane.pb"))
   assert len(traces) == 1, os.listdir(profile_root)
   assert os.path.getsize(traces[0]) > 1000
-  # Steps 3-5 and 6-7, not the first loop (1-2) or the next: 3-5 ends at
-  # a log step, so it is two calls (3-4, then the measured step 5).
-  assert _train_loop_calls(traces[0]) == {"/host:CPU": 3}
+  # Steps 3-5 and 6-7, not the first loop (1-2) or the next: one call
+  # each, the one ending at a log step (5) too.
+  assert _train_loop_calls(traces[0]) == {"/host:CPU": 2}

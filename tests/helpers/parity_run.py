@@ -106,12 +106,11 @@ COMMON = dict(dataset="synthetic", num_train_examples=652,
               steps_per_loop=3, shuffle_buffer=1024)
 
 
-# The training-health report (--health_scalars, on by default) traces a
-# second, measured version of the training loop, and its first call builds
-# it: about 40% of a case's CPU. Its measured step must make the plain
-# step's update, so it is on wherever that is proven against the same
-# reference: every case on 2 replicas (and reference_sum everywhere); the
-# 1- and 3-replica runs train without it. Shared with task_parity_run.py.
+# The training-health report (--health_scalars, on by default) reads the
+# optimizer's summed gradients and times every step, and must change no
+# update: every case trains with it on 2 replicas (and reference_sum
+# everywhere) and without it on 1 and 3, and the runs are compared. Shared
+# with task_parity_run.py.
 HEALTH_REPLICAS = 2
 
 

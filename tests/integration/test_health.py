@@ -24,7 +24,9 @@ from tests.helpers import health_task
 LEARNING_RATE = 0.2
 CLIP_NORM = 0.6
 # 2 epochs of 4 steps, logged every 2 steps (loops of 2: the measured step
-# is the second of each loop); histograms at steps 4 and 8.
+# is the second of each loop); histograms at steps 4 and 8. With clipping:
+# the norm is the one clipping computes (e2e/test_health.py has none, and
+# reads the optimizer's sum).
 RUN = dict(global_batch_size=health_task.GLOBAL_BATCH_SIZE, shuffle_buffer=1,
            epochs=2, log_every_steps=2, steps_per_loop=2,
            learning_rate=LEARNING_RATE, clip_norm=CLIP_NORM,
@@ -109,6 +111,25 @@ def test_host_memory_is_reported_on_cpu(run):
   assert len(rss) == len(LOG_STEPS) and min(rss) > 50
   assert all(p >= r for p, r in zip(peak, rss))
   assert not any(tag.startswith("memory/GPU") for tag in scalars)
+
+
+def test_one_worker_times_its_steps_by_the_wall_clock(run):
+  """One worker has no compute clocks in its step: its time per step is the
+  wall clock of its loops after the first (which traces), so the interval
+  of step 2, the first loop's alone, has none; its input wait is part of
+  it."""
+  scalars = _scalars(run)
+  steps = [step for step, _ in scalars["worker_step_time/max"]]
+  assert steps == LOG_STEPS[1:]
+  for tag in ("worker_step_time/min", "worker_step_time/slowest_worker",
+              "worker_input_time/max"):
+    assert [step for step, _ in scalars[tag]] == steps, tag
+  for (_, most), (_, least), (_, slowest), (_, waited) in zip(
+      scalars["worker_step_time/max"], scalars["worker_step_time/min"],
+      scalars["worker_step_time/slowest_worker"],
+      scalars["worker_input_time/max"]):
+    assert most == least > 0 and slowest == 0
+    assert 0 <= waited <= most
 
 
 def _check_file_matches_events(model_dir, *, every_event=True):

@@ -1,5 +1,5 @@
-"""The compiled training loop: loops of any length share one trace, and a
-loop ending at a log step (measured) trains and reports as a plain one."""
+"""The compiled training loop: loops of any length share one trace, and the
+health's measurements (health.py) change no update."""
 
 import keras
 import numpy as np
@@ -42,64 +42,54 @@ def test_loops_of_different_lengths_share_one_trace():
   assert int(optimizer.iterations.numpy()) == 3 + 1 + 2
 
 
-def _while_loops(trainer, measure):
-  """The While ops of the traced loop (`measure`: its measured version)."""
-  function = trainer.trace_train_steps(
-      iter(tf.data.Dataset.from_tensors(
-          (np.zeros([8, 784], np.float32), np.zeros([8], np.int32)))),
-      measure=measure)
-  return [op for op in function.graph.get_operations()
-          if op.type in ("While", "StatelessWhile")]
-
-
-def test_a_measured_loop_trains_and_reports_as_a_plain_one():
-  """5 steps ending at a log step: the plain steps, then the timed ones
-  (the last measured) in a call of their own, carrying the same loss sums:
-  the weights and the loss means are those of 5 plain steps. The measured
-  version holds the timed steps only: no loop at all when only the measured
-  step is timed (one worker), not a copy of the whole loop."""
+def test_the_health_keeps_the_last_steps_norm_and_changes_no_update():
+  """The health on (its compute clocks too), in the same traced step: 5
+  steps train and report as without it, and one trace serves loops with and
+  without a measured step.
+  Only a measured loop keeps a gradient norm, its last step's: 4 plain
+  steps then a measured one keep the norm that 5 steps measured at the
+  fifth keep."""
   strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
   rng = np.random.default_rng(0)
   batches = [(rng.normal(size=[8, 784]).astype(np.float32),
               rng.integers(0, 10, size=[8]).astype(np.int32))
              for _ in range(5)]
   with strategy.scope():
-    plain_model = mnist.create_mlp(hidden_units=4)
-    measured_model = mnist.create_mlp(hidden_units=4)
-  measured_model.set_weights(plain_model.get_weights())
-  initial = plain_model.get_weights()
-  results = {}
-  for name, model, timed_steps in (("plain", plain_model, None),
-                                   ("measured", measured_model, 3)):
-    health = (None if timed_steps is None else health_lib.StepHealth(
+    models = {name: mnist.create_mlp(hidden_units=4)
+              for name in ("plain", "measured", "split")}
+  initial = models["plain"].get_weights()
+  for model in models.values():
+    model.set_weights(initial)
+
+  def trainer_of(name):
+    model = models[name]
+    health = None if name == "plain" else health_lib.StepHealth(
         strategy=strategy, variables=model.trainable_variables,
-        timed_steps=timed_steps))
-    trainer = _trainer(strategy, model, health=health)
+        time_compute=name == "measured")
     iterator = iter(tf.data.Dataset.from_tensor_slices(
         tuple(np.stack(parts) for parts in zip(*batches))))
-    results[name] = trainer.train_steps(iterator, 5,
-                                        measure=health is not None)
-    assert int(trainer.optimizer.iterations.numpy()) == 5
-    if health is not None:
-      assert trainer.last_timed_steps == 3
-      assert health.take()["gradient_norm"] > 0
-  assert results["measured"].keys() == results["plain"].keys()
-  for term, value in results["plain"].items():
-    assert abs(results["measured"][term] - value) <= 1e-6, term
-  moved = max(np.max(np.abs(w - i)) for w, i in
-              zip(plain_model.get_weights(), initial))
-  assert moved > 1e-3
-  for a, b in zip(measured_model.get_weights(), plain_model.get_weights()):
-    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    return _trainer(strategy, model, health=health), health, iterator
 
-  with strategy.scope():
-    models = [mnist.create_mlp(hidden_units=4) for _ in range(2)]
-  one_worker = _trainer(strategy, models[0],
-                        health=health_lib.StepHealth(strategy=strategy,
-                                                     timed_steps=1))
-  assert len(_while_loops(one_worker, measure=False)) == 1
-  assert not _while_loops(one_worker, measure=True)
-  several = _trainer(strategy, models[1],
-                     health=health_lib.StepHealth(strategy=strategy,
-                                                  timed_steps=3))
-  assert len(_while_loops(several, measure=True)) == 1  # The timed steps.
+  plain, _, iterator = trainer_of("plain")
+  plain_losses = plain.train_steps(iterator, 5)
+  measured, measured_health, iterator = trainer_of("measured")
+  measured_losses = measured.train_steps(iterator, 5, measure=True)
+  assert measured_losses.keys() == plain_losses.keys()
+  for term, value in plain_losses.items():
+    assert abs(measured_losses[term] - value) <= 1e-6, term
+  moved = max(np.max(np.abs(w - i)) for w, i in
+              zip(models["plain"].get_weights(), initial))
+  assert moved > 1e-3
+  for a, b in zip(models["measured"].get_weights(),
+                  models["plain"].get_weights()):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+  kept = measured_health.take()
+  assert kept["gradient_norm"] > 0 and kept["compute_seconds"] > 0
+
+  split, split_health, iterator = trainer_of("split")
+  split.train_steps(iterator, 4)
+  assert split_health.take()["gradient_norm"] == 0.0  # Nothing measured.
+  split.train_steps(iterator, 1, measure=True)
+  assert split.train_traces == 1
+  np.testing.assert_allclose(split_health.take()["gradient_norm"],
+                             kept["gradient_norm"], rtol=1e-6)
