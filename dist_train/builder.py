@@ -296,7 +296,7 @@ def _build_parts(config, task, description, strategy) -> Parts:
   health = (health_lib.StepHealth(
       strategy=strategy, variables=model.trainable_variables,
       keep_gradients=bool(config.histogram_every_steps),
-      time_compute=layout.num_workers > 1)
+      timed_steps=health_lib.TIMED_STEPS if layout.num_workers > 1 else 0)
             if config.health_scalars else None)
   trainer = steps.Trainer(
       strategy=strategy, task=task, model=model, optimizer=optimizer,

@@ -348,6 +348,7 @@ def run_health_ab(args):
       trainer.train_steps(iterator, num_steps, measure=on and done == every)
       if on:
         report.loop_done(num_steps=num_steps,
+                         timed_steps=trainer.last_timed_steps,
                          input_seconds=trainer.last_input_seconds)
     if on:
       report.take(done)

@@ -184,7 +184,7 @@ class Controller:
       seconds = time.perf_counter() - start
       if self._health is not None:
         self._health.loop_done(
-            num_steps=num_steps,
+            num_steps=num_steps, timed_steps=self._trainer.last_timed_steps,
             input_seconds=self._trainer.last_input_seconds,
             seconds=None if compiling else seconds)
       step_in_epoch += num_steps

@@ -2,8 +2,9 @@
 gradient, how often it was clipped, overflowed (skipped) steps, and this
 worker's own input and compute time.
 
-Everything is measured in the one trace of the training step, so that the
-health costs no second trace (and no second first-call build) of the step:
+The norm and the counts are measured in the one trace of the training
+step, so that on one worker the health costs no second trace (and no
+second first-call build) of the step:
 
 * The norm of the summed gradient needs the gradient summed over every
   replica. The optimizer makes that sum anyway (its all-reduce); the step
@@ -14,15 +15,16 @@ health costs no second trace (and no second first-call build) of the step:
   step: a `tf.cond` on a predicate the compiled loop sets (`measured`).
 * Clipped and overflowed steps are counted at every step, from what
   clipping and loss scaling compute anyway.
-* With several workers, every step's compute is timed on each replica: a
-  clock when its share is in hand and one when its gradients are, which
-  order nothing else in the step (a clock waits for its inputs; no op
-  waits for a clock). Those 6 ops a replica cost the reference MLP 6% of
-  its examples per second on 2 CPU replicas, where a step is a millisecond;
-  a multi-worker step, with its collectives between hosts, is far longer.
-  One worker, with no straggler to find, takes its compute time from the
-  loop's wall clock instead (`health_report.py`). The input wait is timed
-  by the compiled loop (`steps.py`), once a step.
+* With several workers, the last TIMED_STEPS steps of a loop ending at a
+  log step are timed, for the straggler report: their input wait (by the
+  compiled loop, `steps.py`) and each replica's compute (a clock when its
+  share is in hand and one when its gradients are). The input clock must
+  wait for the previous step's end, which orders the step after it: timed
+  at every step, the clocks cost the reference CNN 15% of its examples per
+  second on 2 CPU replicas. The timed steps are therefore a version of the
+  loop of their own, traced with several workers only. One worker, with no
+  straggler to find, has no clock in its steps: its time per step is its
+  loops' wall clock (`health_report.py`).
 
 Every value lives in an ON_READ variable read from the first replica: each
 replica writes its own copy without a collective, and a read stays local.
@@ -37,6 +39,11 @@ import threading
 import tensorflow as tf
 
 from dist_train import compat
+
+# How many steps at the end of a loop ending at a log step are timed with
+# several workers: a sample of the interval, so that the other steps carry
+# no clock.
+TIMED_STEPS = 10
 
 _LOCAL = dict(synchronization=tf.VariableSynchronization.ON_READ,
               aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
@@ -53,7 +60,7 @@ class StepHealth:
   """
 
   def __init__(self, *, strategy: tf.distribute.Strategy, variables=(),
-               keep_gradients: bool = False, time_compute: bool = False):
+               keep_gradients: bool = False, timed_steps: int = 0):
     """Creates the counters under the strategy's scope.
 
     Args:
@@ -62,10 +69,11 @@ class StepHealth:
         with `keep_gradients`, whose summed gradients are kept).
       keep_gradients: keep the summed gradient of each measured step, for
         histograms (a copy of the weights' size).
-      time_compute: time each step's compute on each replica (several
-        workers).
+      timed_steps: how many steps end a loop ending at a log step timed:
+        TIMED_STEPS with several workers, 0 on one.
     """
-    self.times_compute = time_compute
+    self.timed_steps = timed_steps
+    self._timed = False
     self._variables = list(variables)
     with strategy.scope():
       self._gradient_norm = tf.Variable(0.0, name="health_gradient_norm",
@@ -94,23 +102,23 @@ class StepHealth:
     compat.observe_summed_gradients(optimizer, self._variables, self._summed)
 
   @contextlib.contextmanager
-  def step(self, *, measured):
+  def step(self, *, measured, timed: bool = False):
     """The compiled loop traces its step inside (cross-replica context):
-    `measured`, a boolean tensor, is true in the measured step. Outside,
-    nothing is kept: an optimizer observed here and stepped by another
-    loop records nothing."""
-    self.measured = measured
+    `measured`, a boolean tensor, is true in the measured step; `timed`,
+    the step's compute is timed. Outside, nothing is kept: an optimizer
+    observed here and stepped by another loop records nothing."""
+    self.measured, self._timed = measured, timed
     try:
       yield
     finally:
-      self.measured = None
+      self.measured, self._timed = None, False
 
   # In replica context, while the step is traced.
 
   def step_started(self, batch) -> None:
-    """Marks when this replica's share is in hand (after its input), when
-    compute is timed."""
-    if not self.times_compute:
+    """Marks when this replica's share is in hand (after its input), in a
+    timed step."""
+    if not self._timed:
       return
     with tf.control_dependencies(
         tf.nest.flatten(batch, expand_composites=True)):

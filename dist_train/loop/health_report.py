@@ -50,22 +50,24 @@ class HealthReport:
     self._histogram_every_steps = histogram_every_steps
     self._warn = warn
     self._steps = 0
+    self._timed_steps = 0
     self._input_seconds = 0.0
-    # Of the loops that did not compile (one worker's compute time).
-    self._timed = dict(steps=0, input_seconds=0.0, seconds=0.0)
+    # Steps and seconds of the loops that did not trace (one worker's time).
+    self._wall = [0, 0.0]
     self._gather = tf.function(self._gather_fn)  # One trace for the run.
 
-  def loop_done(self, *, num_steps: int, input_seconds: float,
+  def loop_done(self, *, num_steps: int, timed_steps: int,
+                input_seconds: float,
                 seconds: Optional[float] = None) -> None:
-    """Counts a compiled loop of `num_steps` steps, which waited
-    `input_seconds` for their input and took `seconds` (None: it was the
-    first, which traced and built the loop)."""
+    """Counts a compiled loop of `num_steps` steps, whose last
+    `timed_steps` waited `input_seconds` for their input, and which took
+    `seconds` (None: it was the first, which traced the loop)."""
     self._steps += num_steps
+    self._timed_steps += timed_steps
     self._input_seconds += input_seconds
     if seconds is not None:
-      self._timed["steps"] += num_steps
-      self._timed["input_seconds"] += input_seconds
-      self._timed["seconds"] += seconds
+      self._wall[0] += num_steps
+      self._wall[1] += seconds
 
   def _gather_fn(self, values):
     per_replica = self._strategy.run(tf.identity, args=(values,))
@@ -102,18 +104,18 @@ class HealthReport:
       scalars["loss_scale"] = float(tf.convert_to_tensor(scale).numpy())
       scalars["skipped_steps"] = taken["skipped_steps"]
     scalars.update(memory_scalars(self._strategy.extended.worker_devices))
-    if self._health.times_compute:  # Several workers: timed in the step.
+    if self._health.timed_steps:  # Several workers: the timed steps.
       times = self._per_worker(np.array(
           [self._input_seconds, taken["compute_seconds"]],
-          np.float64)) / steps
+          np.float64)) / max(1, self._timed_steps)
       scalars.update(self._stragglers(global_step, times))
-    elif self._timed["steps"]:  # One worker: the rest of the loops' time.
-      timed = self._timed
-      times = np.array([[timed["input_seconds"], max(
-          0.0, timed["seconds"] - timed["input_seconds"])]]) / timed["steps"]
-      scalars.update(self._stragglers(global_step, times))
-    self._steps, self._input_seconds = 0, 0.0
-    self._timed = dict(steps=0, input_seconds=0.0, seconds=0.0)
+    elif self._wall[0]:  # One worker: its loops' wall clock.
+      per_step = self._wall[1] / self._wall[0]
+      scalars.update({"worker_step_time/max": per_step,
+                      "worker_step_time/min": per_step,
+                      "worker_step_time/slowest_worker": 0.0})
+    self._steps, self._timed_steps, self._input_seconds = 0, 0, 0.0
+    self._wall = [0, 0.0]
     return scalars
 
   def _stragglers(self, global_step, times) -> dict:

@@ -76,8 +76,8 @@ class Trainer:
     described here. `ema`, the average of the weights (`--ema_decay`), is
     updated after each step; with `eval_with_ema`, `evaluate` sees it.
     described here. `health` (None: off) records the training health
-    (`health.py`) at every step; a loop run with `measure=True` keeps its
-    last step's gradient norm.
+    (`health.py`); a loop run with `measure=True` keeps its last step's
+    gradient norm and, with several workers, times its last steps.
     """
     if grad_accum_steps < 1:
       raise ValueError(
@@ -86,9 +86,10 @@ class Trainer:
     self._train_input = train_input
     self._eval_input = eval_input
     self._health = health
-    # Of this worker's last training loop, with the health on: the seconds
-    # its steps waited for their input.
+    # Of this worker's last training loop: its timed steps (health.py) and
+    # the seconds they waited for their input.
     self.last_input_seconds = 0.0
+    self.last_timed_steps = 0
     self._shuffle_buffer = shuffle_buffer
     self._seed = seed
     self._train_iterator = None
@@ -147,40 +148,45 @@ class Trainer:
   # Tier 2: many global steps in one compiled call.
 
   def _train_loop_fn(self, iterator, num_steps, loss_sums, input_seconds,
-                     measure):
+                     measure, timed=False):
     """Runs `num_steps` global steps; returns `loss_sums` with each step's
-    loss terms added and `input_seconds` with the seconds spent waiting for
-    the input (with the health on).
+    loss terms added and `input_seconds` with the seconds the timed steps
+    waited for their input.
 
     `measure` is a boolean tensor (one trace serves both values): true for a
     loop that ends at a log step, whose last step is then the health's
-    measured step (health.py). Every step is the same traced step.
+    measured step (health.py). `timed` (a Python bool: a trace of its own,
+    made only with several workers) times every step: its input wait and
+    each replica's compute, for the straggler report.
     """
     for step in tf.range(num_steps):
       loss_sums, input_seconds = self._train_step_fn(
           iterator, loss_sums, input_seconds,
-          tf.logical_and(measure, step == num_steps - 1))
+          tf.logical_and(measure, step == num_steps - 1), timed)
     return loss_sums, input_seconds
 
-  def _train_step_fn(self, iterator, loss_sums, input_seconds, measured):
+  def _train_step_fn(self, iterator, loss_sums, input_seconds, measured,
+                     timed):
     """One global step: (loss sums, input seconds) with this step's added
-    (with the health on: the seconds this worker waited for the step's
-    input). `measured`: a boolean tensor, true in the health's measured
-    step."""
+    (`timed`: the seconds this worker waited for the step's input).
+    `measured`: a boolean tensor, true in the health's measured step."""
+    if not timed:
+      args = self._train_input.next_shares(iterator)
+    else:
+      # After the previous step's loss (the end of its collectives): else
+      # the loop may read the clock early, and count the wait for the
+      # other workers as this worker's input. This orders the step after
+      # the one before, which is why only a few steps are timed.
+      with tf.control_dependencies([loss_sums]):
+        start = tf.timestamp()
+      with tf.control_dependencies([start]):
+        args = self._train_input.next_shares(iterator)
+      with tf.control_dependencies(
+          tf.nest.flatten(args, expand_composites=True)):
+        input_seconds += tf.timestamp() - start
     if self._health is None:
-      return self._train_step(self._train_input.next_shares(iterator),
-                              loss_sums), input_seconds
-    # The wait is from the end of the previous step (its loss: the end of
-    # its collectives) to the input in hand, none if it was in hand before.
-    # The clocks wait for those tensors; nothing waits for the clocks, so
-    # the step is ordered as without them.
-    with tf.control_dependencies([loss_sums]):
-      start = tf.timestamp()
-    args = self._train_input.next_shares(iterator)
-    with tf.control_dependencies(
-        tf.nest.flatten(args, expand_composites=True)):
-      input_seconds += tf.maximum(tf.timestamp() - start, 0.0)
-    with self._health.step(measured=measured):
+      return self._train_step(args, loss_sums), input_seconds
+    with self._health.step(measured=measured, timed=timed):
       return self._train_step(args, loss_sums), input_seconds
 
   def _train_step(self, args, loss_sums):
@@ -223,8 +229,12 @@ class Trainer:
 
   def trace_train(self) -> None:
     """Traces the training loop without running a step (a stop request
-    during a long first trace can then end the run at once)."""
+    during a long first trace can then end the run at once), and its timed
+    version where there is one (several workers), so that no log interval
+    pays for a trace."""
     self.trace_train_steps(self._started_iterator())
+    if self._health is not None and self._health.timed_steps:
+      self.trace_train_steps(self._started_iterator(), timed=True)
 
   def _started_iterator(self):
     if self._train_iterator is None:
@@ -261,26 +271,36 @@ class Trainer:
       of its terms (the task's data terms, `regularization`, `add_loss`), as
       floats.
     """
+    timed_steps = (min(num_steps, self._health.timed_steps)
+                   if measure and self._health is not None else 0)
+    sums = tf.zeros([len(self.term_names)])
+    input_seconds = tf.zeros([], tf.float64)
     try:
-      sums, input_seconds = self._train_loop(
-          iterator, tf.constant(num_steps, tf.int32),
-          tf.zeros([len(self.term_names)]), tf.zeros([], tf.float64),
-          tf.constant(measure))
+      # The untimed steps, then the timed ones (several workers): the same
+      # sums carried through, so the means are those of one loop.
+      for count, timed in ((num_steps - timed_steps, False),
+                           (timed_steps, True)):
+        if count:
+          sums, input_seconds = self._train_loop(
+              iterator, tf.constant(count, tf.int32), sums, input_seconds,
+              tf.constant(measure), timed)
     except tf.errors.OpError as e:
       raise self._share_log.describe(e) from e
     self._train_loop_calls += 1
     self.last_input_seconds = float(input_seconds)
+    self.last_timed_steps = timed_steps
     means = losses.unpack(sums / tf.cast(num_steps, tf.float32),
                           self.term_names)
     return {name: float(value) for name, value in means.items()}
 
-  def trace_train_steps(self, iterator):
-    """Traces the training loop without running a step, and returns the
-    concrete function. The step count and `measure` are tensors: one trace
-    serves loops of every length, measured or not."""
+  def trace_train_steps(self, iterator, *, timed: bool = False):
+    """Traces the training loop (`timed`: its timed version) without
+    running a step, and returns the concrete function. The step count and
+    `measure` are tensors: one trace serves loops of every length, measured
+    or not."""
     return self._train_loop.get_concrete_function(
         iterator, tf.constant(1, tf.int32), tf.zeros([len(self.term_names)]),
-        tf.zeros([], tf.float64), tf.constant(False))
+        tf.zeros([], tf.float64), tf.constant(False), timed)
 
   def eval_steps(self, dataset, num_steps: int, *, chunk_steps=None,
                  stop_fn=None, guard=None):

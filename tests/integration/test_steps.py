@@ -43,9 +43,10 @@ def test_loops_of_different_lengths_share_one_trace():
 
 
 def test_the_health_keeps_the_last_steps_norm_and_changes_no_update():
-  """The health on (its compute clocks too), in the same traced step: 5
-  steps train and report as without it, and one trace serves loops with and
-  without a measured step.
+  """The health on, in the same traced step: 5 steps train and report as
+  without it, also when the last 3 run timed, as with several workers (a
+  version of the loop of their own, carrying the same loss sums); without
+  timed steps, one trace serves loops with and without a measured step.
   Only a measured loop keeps a gradient norm, its last step's: 4 plain
   steps then a measured one keep the norm that 5 steps measured at the
   fifth keep."""
@@ -65,7 +66,7 @@ def test_the_health_keeps_the_last_steps_norm_and_changes_no_update():
     model = models[name]
     health = None if name == "plain" else health_lib.StepHealth(
         strategy=strategy, variables=model.trainable_variables,
-        time_compute=name == "measured")
+        timed_steps=3 if name == "measured" else 0)
     iterator = iter(tf.data.Dataset.from_tensor_slices(
         tuple(np.stack(parts) for parts in zip(*batches))))
     return _trainer(strategy, model, health=health), health, iterator
@@ -83,6 +84,7 @@ def test_the_health_keeps_the_last_steps_norm_and_changes_no_update():
   for a, b in zip(models["measured"].get_weights(),
                   models["plain"].get_weights()):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+  assert measured.last_timed_steps == 3
   kept = measured_health.take()
   assert kept["gradient_norm"] > 0 and kept["compute_seconds"] > 0
 
