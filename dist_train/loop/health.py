@@ -26,8 +26,9 @@ second first-call build) of the step:
   straggler to find, has no clock in its steps: its time per step is its
   loops' wall clock (`health_report.py`).
 
-Every value lives in an ON_READ variable read from the first replica: each
-replica writes its own copy without a collective, and a read stays local.
+Every value lives in an ON_READ variable read from this worker's first
+replica, which alone writes it (its copy, without a collective; the other
+replicas carry none of these ops), and a read stays local.
 The quantities are global (every replica computes the same norm and the
 same overflow), except the compute time, which is this worker's and is
 gathered across workers at log steps by `health_report.py`.
@@ -74,6 +75,7 @@ class StepHealth:
     """
     self.timed_steps = timed_steps
     self._timed = False
+    self._local_replicas = len(strategy.extended.worker_devices)
     self._variables = list(variables)
     with strategy.scope():
       self._gradient_norm = tf.Variable(0.0, name="health_gradient_norm",
@@ -115,10 +117,18 @@ class StepHealth:
 
   # In replica context, while the step is traced.
 
+  def _writes(self) -> bool:
+    """Whether this replica writes the values: this worker's first, whose
+    copies are read (or every replica, where its id is not known while
+    tracing)."""
+    replica = tf.get_static_value(
+        tf.distribute.get_replica_context().replica_id_in_sync_group)
+    return replica is None or replica % self._local_replicas == 0
+
   def step_started(self, batch) -> None:
     """Marks when this replica's share is in hand (after its input), in a
     timed step."""
-    if not self._timed:
+    if not self._timed or not self._writes():
       return
     with tf.control_dependencies(
         tf.nest.flatten(batch, expand_composites=True)):
@@ -151,6 +161,8 @@ class StepHealth:
       summed: the summed, unscaled gradient of each variable (None where a
         variable has none), with `norm`.
     """
+    if not self._writes():
+      return
     if overflow is not None:
       self._skipped_steps.assign_add(tf.cast(overflow, tf.float32))
     if clip_norm is not None and norm is not None:
@@ -181,7 +193,7 @@ class StepHealth:
       with tf.control_dependencies(updates):
         return tf.constant(True)
 
-    if self.measured is None:  # Not this loop's step.
+    if self.measured is None or not self._writes():  # Not this loop's step.
       return
     tf.cond(self.measured if when is None else when, keep,
             lambda: tf.constant(False))
