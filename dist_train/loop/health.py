@@ -40,6 +40,7 @@ import threading
 import tensorflow as tf
 
 from dist_train import compat
+from dist_train.distribute import inputs
 
 # How many steps at the end of a loop ending at a log step are timed with
 # several workers: a sample of the interval, so that the other steps carry
@@ -75,7 +76,8 @@ class StepHealth:
     """
     self.timed_steps = timed_steps
     self._timed = False
-    self._local_replicas = len(strategy.extended.worker_devices)
+    # This worker's first replica, which writes the values it reads.
+    self._first_replica = inputs.replica_layout(strategy).first_replica
     self._variables = list(variables)
     with strategy.scope():
       self._gradient_norm = tf.Variable(0.0, name="health_gradient_norm",
@@ -123,7 +125,7 @@ class StepHealth:
     tracing)."""
     replica = tf.get_static_value(
         tf.distribute.get_replica_context().replica_id_in_sync_group)
-    return replica is None or replica % self._local_replicas == 0
+    return replica is None or replica == self._first_replica
 
   def step_started(self, batch) -> None:
     """Marks when this replica's share is in hand (after its input), in a
