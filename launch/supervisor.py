@@ -182,6 +182,27 @@ def _all_preempted(workers):
              for w in workers)
 
 
+def _outcome(returncodes):
+  """What the launcher does, from one reading of every worker's return code
+  (None while it runs): ("wait", None), ("fail", index of the first failed
+  worker), ("done", 0) or ("done", EXIT_PREEMPTED).
+
+  One reading, not one poll per question: a worker that ends between two
+  polls would otherwise look running to one question and finished to the
+  next, and two workers that both exited 0 would be reported preempted.
+  """
+  for index, code in enumerate(returncodes):
+    # A preempted worker saved and stopped with the others at one step;
+    # wait for them rather than stop them.
+    if code not in (None, 0, errors.EXIT_PREEMPTED):
+      return "fail", index
+  if any(code is None for code in returncodes):
+    return "wait", None
+  if all(code == 0 for code in returncodes):
+    return "done", 0
+  return "done", errors.EXIT_PREEMPTED
+
+
 def _supervise(workers, signals, *, grace_s, poll_s, log):
   while True:
     if signals.received is not None:
@@ -192,21 +213,20 @@ def _supervise(workers, signals, *, grace_s, poll_s, log):
         log("every worker saved a checkpoint and stopped; rerun to resume")
         return errors.EXIT_PREEMPTED
       return 128 + signals.received
-    for worker in workers:
-      returncode = worker.process.poll()
-      # A preempted worker saved and stopped with the others at one step;
-      # wait for them rather than stop them.
-      if returncode not in (None, 0, errors.EXIT_PREEMPTED):
-        others = [w for w in workers if w is not worker]
-        log(f"{worker.name} failed: it {describe_exit(returncode)}; "
-            f"stopping the other {len(others)} worker(s)")
-        stop_workers(others, grace_s=grace_s, log=log)
-        # The worker's own code says why (3: NaN loss); a signal says less.
-        return returncode if returncode > 0 else 1
-    if all(worker.process.poll() == 0 for worker in workers):
-      log(f"all {len(workers)} worker(s) finished")
-      return 0
-    if all(worker.process.poll() is not None for worker in workers):
-      log("every worker saved a checkpoint and stopped; rerun to resume")
-      return errors.EXIT_PREEMPTED
+    what, value = _outcome([worker.process.poll() for worker in workers])
+    if what == "fail":
+      worker = workers[value]
+      returncode = worker.process.returncode
+      others = [w for w in workers if w is not worker]
+      log(f"{worker.name} failed: it {describe_exit(returncode)}; "
+          f"stopping the other {len(others)} worker(s)")
+      stop_workers(others, grace_s=grace_s, log=log)
+      # The worker's own code says why (3: NaN loss); a signal says less.
+      return returncode if returncode > 0 else 1
+    if what == "done":
+      if value == 0:
+        log(f"all {len(workers)} worker(s) finished")
+      else:
+        log("every worker saved a checkpoint and stopped; rerun to resume")
+      return value
     time.sleep(poll_s)

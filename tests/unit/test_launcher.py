@@ -181,3 +181,21 @@ def test_commands_and_environments_must_pair():
     (-9, "was killed by SIGKILL"), (-15, "was killed by SIGTERM")])
 def test_describe_exit(returncode, text):
   assert launcher.describe_exit(returncode) == text
+
+
+@pytest.mark.parametrize("returncodes, outcome", [
+    ((None, None), ("wait", None)),
+    ((0, None), ("wait", None)),
+    ((75, None), ("wait", None)),
+    ((0, 0), ("done", 0)),
+    ((0, 75), ("done", 75)),
+    ((75, 75), ("done", 75)),
+    ((None, 1), ("fail", 1)),
+    ((0, -9), ("fail", 1)),
+    ((3, 75), ("fail", 0))])
+def test_the_outcome_is_decided_from_one_reading_of_every_worker(
+    returncodes, outcome):
+  """Two workers that both exit 0 finish with 0, whenever each ends: the
+  decision reads every return code once (a worker ending between two polls
+  once made a finished run look preempted, exit 75)."""
+  assert launcher._outcome(list(returncodes)) == outcome
