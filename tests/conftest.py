@@ -12,7 +12,6 @@ import pickle
 
 import pytest
 
-from tests.helpers import parity
 from tests.helpers import processes
 
 # TensorFlow's C++ start-up banner hides the lines tests assert on; errors
@@ -106,6 +105,9 @@ def parity_runs(request, tmp_path_factory):
   the collected modules declare, trained once for the session with one
   process per replica count. A case's model_dir is output_dir/CASE_REPLICAS.
   """
+  # Here, not at the top: pytest-xdist's controller loads this file too, and
+  # parity imports TensorFlow, which only the workers need.
+  from tests.helpers import parity  # pylint: disable=import-outside-toplevel
   wanted = request.config.stash.get(_PARITY_RUNS_WANTED, {})
   return _made_once(
       tmp_path_factory, "parity",
