@@ -153,6 +153,12 @@ def _run(request, base_path, server_dir):
   try:
     code = _run_main(request, base_path)
   finally:
+    # No garbage collection from here to the exit: a collection that the
+    # bookkeeping below set off could free the run's last objects, among
+    # them a tf.data iterator, and the cancellation of
+    # `tf.data.experimental` testing's `sleep` dataset (a slow input of the
+    # tests) can deadlock there. A process that ends does not free them.
+    gc.disable()
     try:
       _save_conversions(os.path.join(server_dir, CONVERSIONS))
     except Exception:  # pylint: disable=broad-except
