@@ -19,8 +19,9 @@ Runs (each one process per replica count, or one launch.local cluster):
     and 47 in-memory examples (13 steps: 5 + 5 + 3 over 3 epochs);
   * the stream on 2 replicas from the command line, SIGKILLed after a
     checkpoint and resumed; an evaluator beside it, --mode=continuous_eval;
-  * 2 workers reading a shard each: uninterrupted, and stopped at step 5
-    (a --train_steps of 5) and resumed to step 12.
+  * 2 workers reading a shard each: uninterrupted; stopped at step 5 (a
+    --train_steps of 5) and resumed to step 12; and preempted mid-stream
+    (SIGTERM to worker 1, both stop at one step) and resumed to step 12.
 """
 
 import os
@@ -379,6 +380,36 @@ def test_sharded_stream_stopped_and_resumed_on_two_workers(two_workers):
   difference = _difference(weights, expected)
   print(f"2 workers, stopped at step {step} and resumed: max difference "
         f"from the uninterrupted run {difference:.2e}")
+  assert difference <= RESUME_TOLERANCE
+
+
+def test_sharded_stream_preempted_on_one_worker_resumes_on_two_workers(
+    two_workers, tmp_path):
+  """SIGTERM to worker 1 while both read slowly: both save at one step and
+  exit 75, and the resumed run ends with the uninterrupted run's weights
+  (each worker's shard rebuilt and skipped to that step)."""
+  model_dir = tmp_path / "run"
+  flags = [*SHARDED_CLI, f"--model_dir={model_dir}"]
+  launch = processes.Launch(
+      2, flags, env_overrides={"STREAM_FIXTURE_SLEEP_S": WORKER_SLEEP_S})
+  launch.wait_for_line(rf"step 5/{STREAM_STEPS} ", timeout=240)
+  os.kill(launch.worker_pids()[1], signal.SIGTERM)
+  assert launch.wait(timeout=120) == preemption.EXIT_PREEMPTED, (
+      launch.output[-6000:])
+  step = launch.stop_step("preempted by SIGTERM")
+  assert 5 <= step < STREAM_STEPS, launch.output[-6000:]
+
+  resumed = processes.Launch(2, flags)
+  assert resumed.wait(timeout=300) == 0, resumed.output[-6000:]
+  assert f"Resuming at step {step} of {STREAM_STEPS}" in resumed.output
+  num_weights = len(_initial_sharded_weights())
+  _, expected = _checkpoint_weights(two_workers["uninterrupted"], num_weights)
+  final_step, weights = _checkpoint_weights(model_dir, num_weights)
+  assert final_step == STREAM_STEPS
+  difference = _difference(weights, expected)
+  print(f"2 workers, SIGTERM to worker 1, stopped at step {step} and "
+        f"resumed: max difference from the uninterrupted run "
+        f"{difference:.2e}")
   assert difference <= RESUME_TOLERANCE
 
 
