@@ -18,7 +18,6 @@ import os
 import signal
 import time
 
-from launch import workers
 from dist_train import errors
 from tests.helpers import parity
 from tests.helpers import processes
@@ -120,19 +119,13 @@ def test_a_killed_worker_is_noticed_by_the_other_seven(tmp_path):
   collective_timeout_s = 30
   flags = _long_run_flags(model_dir, collective_timeout_s)
 
-  def make_workers():
-    envs = workers.local_worker_envs(NUM_WORKERS,
-                                     base_env=processes.subprocess_env())
-    return [processes.Streamed(
-        workers.worker_command(flags, processes.python_command()), env)
-            for env in envs]
-
   def chief_at_step_10(started):
     assert not any(p.ended() for p in started), "\n".join(
         p.output[-3000:] for p in started)
     return started[0].find_line(r"step 10 \| epoch 1/1000")
 
-  started = processes.start_cluster(make_workers, until=chief_at_step_10,
+  started = processes.start_workers([flags] * NUM_WORKERS,
+                                    until=chief_at_step_10,
                                     timeout=600)
   others = [p for i, p in enumerate(started) if i != 3]
   bound = collective_timeout_s + 30

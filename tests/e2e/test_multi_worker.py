@@ -25,7 +25,6 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from launch import workers
 from dist_train.outputs import summaries
 from tests.helpers import parity
 from tests.helpers import processes
@@ -289,19 +288,13 @@ def test_a_dead_worker_is_noticed_by_its_peer_without_a_launcher(tmp_path):
   collective_timeout_s = 20
   flags = _long_run_flags(model_dir, collective_timeout_s)
 
-  def make_workers():
-    envs = workers.local_worker_envs(2, base_env=processes.subprocess_env())
-    return [processes.Streamed(
-        workers.worker_command(flags, processes.python_command()), env)
-            for env in envs]
-
   def chief_at_step_10(started):
     assert not any(p.ended() for p in started), "\n".join(
         p.output[-3000:] for p in started)
     return started[0].find_line(r"step 10 \| epoch 1/1000")
 
-  chief, worker = processes.start_cluster(
-      make_workers, until=chief_at_step_10, timeout=240)
+  chief, worker = processes.start_workers(
+      [flags] * 2, until=chief_at_step_10, timeout=240)
   try:
     worker.process.kill()
     killed = time.monotonic()

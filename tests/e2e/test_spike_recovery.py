@@ -37,7 +37,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from launch import workers
 from tests.helpers import processes
 
 TASK = "--task=tests.helpers.spike_fixtures:"
@@ -64,14 +63,9 @@ def _run_two_workers(model_dir):
            f"--collective_timeout_s={processes.COLLECTIVE_TIMEOUT_S}"]
   bounds = ["--loss_upper_bound=100000", BOUND]
 
-  def make_workers():
-    envs = workers.local_worker_envs(2, base_env=processes.subprocess_env())
-    return [processes.Streamed(workers.worker_command(
-        [*flags, bound], processes.python_command()), env)
-            for env, bound in zip(envs, bounds)]
-
-  started = processes.start_cluster(
-      make_workers, until=lambda ps: all(p.ended() for p in ps), timeout=300)
+  started = processes.start_workers(
+      [[*flags, bound] for bound in bounds],
+      until=lambda ps: all(p.ended() for p in ps), timeout=300)
   return [p.process.returncode for p in started], [p.output for p in started]
 
 

@@ -423,6 +423,20 @@ def start_cluster(make_workers, until, timeout):
   raise AssertionError(f"{PORT_CLASH} on {1 + PORT_CLASH_RESTARTS} tries")
 
 
+def start_workers(worker_flags, until, timeout):
+  """Starts one `dist_train.main` worker per entry of `worker_flags` (its
+  flags), each with its own TF_CONFIG on free loopback ports and no launcher
+  (forked from the prewarmed server), through `start_cluster`."""
+  from launch import workers  # pylint: disable=import-outside-toplevel
+
+  def make_workers():
+    envs = workers.local_worker_envs(len(worker_flags),
+                                     base_env=subprocess_env())
+    return [Streamed(workers.worker_command(flags, python_command()), env)
+            for env, flags in zip(envs, worker_flags)]
+  return start_cluster(make_workers, until, timeout)
+
+
 def running_processes_mentioning(text):
   """Pids of the running processes whose command line contains `text`,
   among them the prewarmed server's live runs (their /proc command line is
