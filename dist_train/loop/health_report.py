@@ -53,7 +53,7 @@ class HealthReport:
     self._timed_steps = 0
     self._input_seconds = 0.0
     # Steps and seconds of the loops that did not trace (one worker's time).
-    self._wall = [0, 0.0]
+    self._wall_steps, self._wall_seconds = 0, 0.0
     self._gather = tf.function(self._gather_fn)  # One trace for the run.
 
   def loop_done(self, *, num_steps: int, timed_steps: int,
@@ -66,8 +66,8 @@ class HealthReport:
     self._timed_steps += timed_steps
     self._input_seconds += input_seconds
     if seconds is not None:
-      self._wall[0] += num_steps
-      self._wall[1] += seconds
+      self._wall_steps += num_steps
+      self._wall_seconds += seconds
 
   def _gather_fn(self, values):
     per_replica = self._strategy.run(tf.identity, args=(values,))
@@ -109,13 +109,13 @@ class HealthReport:
           [self._input_seconds, taken["compute_seconds"]],
           np.float64)) / max(1, self._timed_steps)
       scalars.update(self._stragglers(global_step, times))
-    elif self._wall[0]:  # One worker: its loops' wall clock.
-      per_step = self._wall[1] / self._wall[0]
+    elif self._wall_steps:  # One worker: its loops' wall clock.
+      per_step = self._wall_seconds / self._wall_steps
       scalars.update({"worker_step_time/max": per_step,
                       "worker_step_time/min": per_step,
                       "worker_step_time/slowest_worker": 0.0})
     self._steps, self._timed_steps, self._input_seconds = 0, 0, 0.0
-    self._wall = [0, 0.0]
+    self._wall_steps, self._wall_seconds = 0, 0.0
     return scalars
 
   def _stragglers(self, global_step, times) -> dict:

@@ -371,16 +371,23 @@ def test_sharded_stream_on_two_workers_matches_its_reference(two_workers):
       100 * TOLERANCE)
 
 
-def test_sharded_stream_stopped_and_resumed_on_two_workers(two_workers):
-  model_dir, step = two_workers["resumed"], STOP_STEP
+def _assert_ends_as_the_uninterrupted_run(model_dir, two_workers, run):
+  """model_dir's last checkpoint is of step STREAM_STEPS, with the weights of
+  the uninterrupted 2-worker run (within RESUME_TOLERANCE)."""
   num_weights = len(_initial_sharded_weights())
   _, expected = _checkpoint_weights(two_workers["uninterrupted"], num_weights)
   final_step, weights = _checkpoint_weights(model_dir, num_weights)
   assert final_step == STREAM_STEPS
   difference = _difference(weights, expected)
-  print(f"2 workers, stopped at step {step} and resumed: max difference "
-        f"from the uninterrupted run {difference:.2e}")
+  print(f"{run}: max difference from the uninterrupted run "
+        f"{difference:.2e}")
   assert difference <= RESUME_TOLERANCE
+
+
+def test_sharded_stream_stopped_and_resumed_on_two_workers(two_workers):
+  _assert_ends_as_the_uninterrupted_run(
+      two_workers["resumed"], two_workers,
+      f"2 workers, stopped at step {STOP_STEP} and resumed")
 
 
 def test_sharded_stream_preempted_on_one_worker_resumes_on_two_workers(
@@ -402,15 +409,9 @@ def test_sharded_stream_preempted_on_one_worker_resumes_on_two_workers(
   resumed = processes.Launch(2, flags)
   assert resumed.wait(timeout=300) == 0, resumed.output[-6000:]
   assert f"Resuming at step {step} of {STREAM_STEPS}" in resumed.output
-  num_weights = len(_initial_sharded_weights())
-  _, expected = _checkpoint_weights(two_workers["uninterrupted"], num_weights)
-  final_step, weights = _checkpoint_weights(model_dir, num_weights)
-  assert final_step == STREAM_STEPS
-  difference = _difference(weights, expected)
-  print(f"2 workers, SIGTERM to worker 1, stopped at step {step} and "
-        f"resumed: max difference from the uninterrupted run "
-        f"{difference:.2e}")
-  assert difference <= RESUME_TOLERANCE
+  _assert_ends_as_the_uninterrupted_run(
+      model_dir, two_workers,
+      f"2 workers, SIGTERM to worker 1, stopped at step {step} and resumed")
 
 
 def test_resume_cost_script_resumes_where_a_saved_iterator_does(tmp_path):

@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 
+from launch import workers
 from tests.helpers import prewarmed as prewarmed_lib
 
 
@@ -427,8 +428,6 @@ def start_workers(worker_flags, until, timeout):
   """Starts one `dist_train.main` worker per entry of `worker_flags` (its
   flags), each with its own TF_CONFIG on free loopback ports and no launcher
   (forked from the prewarmed server), through `start_cluster`."""
-  from launch import workers  # pylint: disable=import-outside-toplevel
-
   def make_workers():
     envs = workers.local_worker_envs(len(worker_flags),
                                      base_env=subprocess_env())
